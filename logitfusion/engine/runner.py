@@ -1,0 +1,109 @@
+"""The runner contract: the one seam between the decode loop and a model, wherever that model lives.
+
+A ModelRunner owns one model and, per sequence id, that model's KV cache. The Decoder talks to every model through
+this interface only, so an in-process LocalRunner, a RemoteRunner (gRPC client of a Ray actor) and a test double
+plug in interchangeably.
+
+When each call happens:
+- ``describe()`` once, at start-up: the Decoder checks vocabularies and limits before any request is admitted.
+- ``submit(plan)`` once per decoding step, for every runner concurrently. A plan carries the ops of every live
+  sequence for this model, so the runner can do one batched forward per step. Within a plan the order is fixed:
+  releases, then truncates, then extends.
+- A first extend of an unknown seq_id is its prefill. The chosen token of step n travels as the extend of step n+1.
+- ``truncate`` rolls a sequence back (speculative decoding after a rejected draft); ``release`` frees it.
+
+What a runner may assume: seq_ids in one plan are distinct across extends; a truncate never grows a sequence; the
+Decoder never submits a second plan before the future of the first has resolved.
+What the Decoder may assume: each extend returns fp32 logits ``[n, V]`` on the CPU, sliced to the tokenizer's real
+vocabulary size V (never config padding rows); n = 1 for ``want="last"``, n = len(token_ids) for ``want="all"``.
+"""
+
+from __future__ import annotations
+
+import abc
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Want = Literal["last", "all"]
+
+
+@dataclass(frozen=True)
+class RunnerInfo:
+    """What a runner reports about its model at start-up."""
+
+    name: str  # the model's name in the topology (e.g. "large", "small", "expert_capital")
+    vocab_size: int  # V: the tokenizer's real size; logits are sliced to it
+    vocab_fingerprint: str  # sha256 over the id->token map and the special tokens (models.vocab)
+    max_length_tokens: int  # the longest sequence (prompt + generated) the model accepts
+    dtype: str  # e.g. "float32", "bfloat16"
+    device: str  # e.g. "cpu", "cuda:0"
+    num_parameters: int = 0
+
+
+@dataclass(frozen=True)
+class ExtendOp:
+    """Append tokens to a sequence's cache and return logits for the last or for all appended positions."""
+
+    seq_id: str
+    token_ids: tuple[int, ...]
+    want: Want = "last"
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything one model does in one decoding step, for every live sequence at once."""
+
+    extends: tuple[ExtendOp, ...] = ()
+    truncates: tuple[tuple[str, int], ...] = ()  # (seq_id, new_length_tokens)
+    releases: tuple[str, ...] = ()
+
+    def is_empty(self) -> bool:
+        return not (self.extends or self.truncates or self.releases)
+
+
+class RunnerError(RuntimeError):
+    """A runner could not carry out a plan (bad op, over its limits). Not retried."""
+
+
+class RunnerUnavailable(RuntimeError):
+    """The runner's model is gone (worker dead, stream broken) and could not be recovered."""
+
+
+def resolved(value: list[torch.Tensor]) -> Future:
+    """An already-resolved future, for runners that compute synchronously."""
+    fut: Future = Future()
+    fut.set_result(value)
+    return fut
+
+
+def failed(exc: BaseException) -> Future:
+    """An already-failed future."""
+    fut: Future = Future()
+    fut.set_exception(exc)
+    return fut
+
+
+class ModelRunner(abc.ABC):
+    """One model and its per-sequence KV caches. See the module docstring for the call protocol."""
+
+    @abc.abstractmethod
+    def describe(self) -> RunnerInfo:
+        """Name, vocabulary fingerprint, limits, dtype and device of the model."""
+
+    @abc.abstractmethod
+    def submit(self, plan: StepPlan) -> Future:
+        """Start one step; the future resolves to a list with one fp32 ``[n, V]`` tensor per extend, in order."""
+
+    def step(self, plan: StepPlan) -> list[torch.Tensor]:
+        """Run one step synchronously."""
+        return self.submit(plan).result()
+
+    @abc.abstractmethod
+    def sequences(self) -> dict[str, int]:
+        """Live sequence ids and their cached lengths in tokens (empty when nothing leaks)."""
+
+    def close(self) -> None:
+        """Free the model and every cache. Idempotent."""
