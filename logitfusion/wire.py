@@ -187,12 +187,11 @@ def logits_response(
     )
 
 
-def error_response(
-    step_id: int, code: int, message: str, sequences_after: dict[str, int] | None = None
-) -> pb.StepResponse:
-    """A StepResponse reporting why a step failed and the stream's sequences after the failure."""
-    after = [pb.SequenceLength(seq_id=s, length_tokens=n) for s, n in sorted((sequences_after or {}).items())]
-    return pb.StepResponse(step_id=step_id, error=pb.StepError(code=code, message=message, sequences_after=after))
+def error_response(step_id: int, code: int, message: str, *, sequences_changed: bool = False) -> pb.StepResponse:
+    """A StepResponse reporting why a step failed (and whether the stream's sequences may have changed)."""
+    return pb.StepResponse(
+        step_id=step_id, error=pb.StepError(code=code, message=message, sequences_changed=sequences_changed)
+    )
 
 
 def split_logits(msg: pb.StepLogits, expected_rows: Sequence[int], vocab_size: int) -> list[torch.Tensor]:

@@ -76,24 +76,26 @@ class SequenceLength(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., length_tokens: _Optional[int] = ...) -> None: ...
 
 class StepError(_message.Message):
-    __slots__ = ("code", "message", "sequences_after")
+    __slots__ = ("code", "message", "sequences_changed")
     class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         CODE_UNSPECIFIED: _ClassVar[StepError.Code]
         CODE_INVALID_ARGUMENT: _ClassVar[StepError.Code]
         CODE_RESOURCE_EXHAUSTED: _ClassVar[StepError.Code]
         CODE_INTERNAL: _ClassVar[StepError.Code]
+        CODE_UNAVAILABLE: _ClassVar[StepError.Code]
     CODE_UNSPECIFIED: StepError.Code
     CODE_INVALID_ARGUMENT: StepError.Code
     CODE_RESOURCE_EXHAUSTED: StepError.Code
     CODE_INTERNAL: StepError.Code
+    CODE_UNAVAILABLE: StepError.Code
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
-    SEQUENCES_AFTER_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_CHANGED_FIELD_NUMBER: _ClassVar[int]
     code: StepError.Code
     message: str
-    sequences_after: _containers.RepeatedCompositeFieldContainer[SequenceLength]
-    def __init__(self, code: _Optional[_Union[StepError.Code, str]] = ..., message: _Optional[str] = ..., sequences_after: _Optional[_Iterable[_Union[SequenceLength, _Mapping]]] = ...) -> None: ...
+    sequences_changed: bool
+    def __init__(self, code: _Optional[_Union[StepError.Code, str]] = ..., message: _Optional[str] = ..., sequences_changed: _Optional[bool] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("step_id", "logits", "error")

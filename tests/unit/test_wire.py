@@ -186,10 +186,12 @@ def test_split_logits_refuses_mismatches():
         wire.split_logits(bad, [2], 7)
 
 
-def test_error_response_carries_code_message_and_sequences():
-    resp = wire.error_response(3, pb.StepError.CODE_INVALID_ARGUMENT, "bad", {"b": 2, "a": 1})
-    assert resp.WhichOneof("outcome") == "error"
-    assert [(s.seq_id, s.length_tokens) for s in resp.error.sequences_after] == [("a", 1), ("b", 2)]
+def test_error_response_carries_code_message_and_flag():
+    resp = pb.StepResponse.FromString(
+        wire.error_response(3, pb.StepError.CODE_INTERNAL, "boom", sequences_changed=True).SerializeToString()
+    )
+    assert resp.WhichOneof("outcome") == "error" and resp.step_id == 3
+    assert (resp.error.code, resp.error.message, resp.error.sequences_changed) == (pb.StepError.CODE_INTERNAL, "boom", True)
 
 
 def test_info_round_trip_and_validation():
