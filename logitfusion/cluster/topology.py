@@ -1,0 +1,375 @@
+"""The topology of a deployment: one typed config tree. YAML is only its serialisation.
+
+A topology names the models of one fusion pipeline (their roles, where their weights are, what each worker needs),
+the recipe presets the deployment serves, the limits every request must respect and how the service is exposed.
+The same file drives the embedded local service, `ray job submit` evaluations and the KubeRay manifests.
+
+    topo = load_topology("configs/zoo.yaml")
+    topo.recipe("dlf_capital")                      # -> fusion.Recipe
+    topo.resolve_recipe("proxy_capital", {"alphas": [0.5]})
+    topo.bundles(num_gpus_available=0)              # placement group bundles of one pipeline
+
+Every field has a one-line doc and a unit in its name where it has one; every cross-field check names the field to
+change and quotes the values. Per-request recipe overrides go through the very same checks as the presets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from logitfusion.errors import ConfigError, InvalidRequest
+
+if TYPE_CHECKING:
+    from logitfusion.fusion import Recipe
+
+Role = Literal["large", "small", "expert", "large_ft"]
+Method = Literal["single", "proxy_tuning", "static", "eft_up", "eft_down", "lambda_interp", "dlf"]
+Solver = Literal["grid", "newton", "joint"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+ZOO_PREFIX = "zoo:"  # a model path "zoo:<name>" is the committed zoo model of that name
+MAX_ALPHA_LIMIT = 10.0  # no recipe may weight a delta more than this
+MAX_BETA = 10.0  # EFT amplification bound
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
+
+# Which methods read which base roles. The large base is read by every method except "single"/"eft_down" variants.
+_NEEDS_LARGE = {"proxy_tuning", "static", "eft_up", "eft_down", "lambda_interp", "dlf"}
+_NEEDS_SMALL = {"proxy_tuning", "static", "eft_up", "eft_down", "lambda_interp", "dlf"}
+_EXPERT_COUNT: dict[str, tuple[int, int]] = {  # method -> (min, max) experts
+    "single": (0, 0),
+    "proxy_tuning": (1, 1),
+    "static": (1, 64),
+    "eft_up": (1, 1),
+    "eft_down": (0, 0),
+    "lambda_interp": (2, 2),
+    "dlf": (1, 64),
+}
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors (a typo in a YAML key must not be silently ignored); NaN and inf are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, validate_default=True)
+
+
+class ModelSpec(_Strict):
+    """One model of the pipeline and what its worker needs."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="name used by recipes, logs and Describe")
+    role: Role = Field(description="large | small | expert | large_ft")
+    path: str = Field(min_length=1, description="HF model dir; relative to the YAML's dir; 'zoo:<name>' for the zoo")
+    dtype: Dtype = Field("float32", description="dtype the weights are loaded in")
+    tp_size: int = Field(1, ge=1, le=64, description="tensor-parallel shards (one actor and one bundle each)")
+    num_cpus: float = Field(0.25, gt=0, le=256, description="CPUs reserved per shard")
+    num_gpus: float | None = Field(None, ge=0, le=8, description="GPUs per shard; unset: 1 if the cluster has GPUs")
+    max_restarts: int = Field(3, ge=0, le=1000, description="times Ray restarts a dead worker before giving up")
+
+
+class RecipeSpec(_Strict):
+    """A recipe preset as data: a method and its parameters. Built into a fusion.Recipe by Topology.recipe()."""
+
+    method: Method = Field(description="recipe family (see fusion.proto RecipeSelection.method)")
+    model: str | None = Field(None, description="the model of 'single', or the large_ft model of 'eft_down'")
+    experts: tuple[str, ...] = Field((), description="expert model names of the delta terms")
+    alphas: tuple[float, ...] = Field((), description="fixed weight per expert (static methods)")
+    beta: float | None = Field(None, ge=0, le=MAX_BETA, description="EFT amplification of (large - small)")
+    interp_lambda: float | None = Field(None, ge=0, le=1, description="lambda_interp weight of the first expert")
+    solver: Solver | None = Field(None, description="DLF solver; only with method dlf (default newton)")
+    max_alpha: float = Field(2.0, gt=0, le=MAX_ALPHA_LIMIT, description="upper bound of every alpha")
+    description: str = Field("", max_length=200, description="one line for humans (ListRecipes)")
+
+    @model_validator(mode="after")
+    def _shape(self) -> RecipeSpec:
+        lo, hi = _EXPERT_COUNT[self.method]
+        n = len(self.experts)
+        if not lo <= n <= hi:
+            want = f"exactly {lo}" if lo == hi else f"{lo} to {hi}"
+            raise ValueError(f"experts: method {self.method!r} takes {want} experts, got {n} ({list(self.experts)})")
+        if len(set(self.experts)) != n:
+            raise ValueError(f"experts: each expert may appear once, got {list(self.experts)}")
+        if self.alphas:
+            if self.method not in ("proxy_tuning", "static"):
+                raise ValueError(f"alphas: only methods proxy_tuning and static take fixed alphas, not {self.method!r}")
+            if len(self.alphas) != n:
+                raise ValueError(f"alphas: one per expert: got {len(self.alphas)} alphas for {n} experts")
+            for i, a in enumerate(self.alphas):
+                if not 0.0 <= a <= self.max_alpha:
+                    raise ValueError(f"alphas[{i}]: {a} is outside [0, max_alpha={self.max_alpha}]")
+        if self.model is not None and self.method not in ("single", "eft_down"):
+            raise ValueError(f"model: only methods single and eft_down name a model, not {self.method!r}")
+        if self.method in ("single", "eft_down") and self.model is None:
+            raise ValueError(f"model: method {self.method!r} needs a model name")
+        if self.beta is not None and self.method != "eft_up":
+            raise ValueError(f"beta: only method eft_up takes beta, not {self.method!r}")
+        if self.interp_lambda is not None and self.method != "lambda_interp":
+            raise ValueError(f"interp_lambda: only method lambda_interp takes it, not {self.method!r}")
+        if self.method == "lambda_interp" and self.interp_lambda is None:
+            raise ValueError("interp_lambda: method lambda_interp needs interp_lambda in [0, 1]")
+        if self.solver is not None and self.method != "dlf":
+            raise ValueError(f"solver: only method dlf solves weights, not {self.method!r}")
+        return self
+
+    def merged(self, overrides: dict[str, Any]) -> RecipeSpec:
+        """This spec with the given fields replaced (validated again). A different method starts from scratch."""
+        if "method" in overrides and overrides["method"] != self.method:
+            base: dict[str, Any] = {}
+        else:
+            base = self.model_dump(exclude={"description"})
+            if "experts" in overrides and "alphas" not in overrides:
+                base.pop("alphas")  # the preset's alphas belong to the preset's experts
+        return RecipeSpec.model_validate({**base, **overrides})
+
+
+class Limits(_Strict):
+    """What every request must respect. A request over a limit is refused with a message naming it."""
+
+    max_concurrent_requests: int = Field(16, ge=1, le=4096, description="requests running or queued; more: refused")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="sequences decoded together in one step")
+    max_new_tokens: int = Field(256, ge=1, le=1 << 20, description="upper bound of a request's max_new_tokens")
+    default_max_new_tokens: int = Field(64, ge=1, le=1 << 20, description="max_new_tokens when a request has none")
+    max_prompt_tokens: int = Field(1024, ge=1, le=1 << 20, description="longest prompt in tokens")
+    max_message_bytes: int = Field(1 << 20, ge=1024, le=1 << 30, description="largest request message in bytes")
+    request_timeout_s: float = Field(300.0, gt=0, le=86400, description="a request running longer is ended")
+    max_stop_strings: int = Field(8, ge=0, le=256, description="most stop strings per request")
+    max_stop_string_chars: int = Field(64, ge=1, le=4096, description="longest stop string in characters")
+    max_request_id_chars: int = Field(128, ge=1, le=1024, description="longest client-chosen request id")
+
+    @model_validator(mode="after")
+    def _cross(self) -> Limits:
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds max_new_tokens "
+                f"({self.max_new_tokens}): lower limits.default_max_new_tokens"
+            )
+        if self.max_batch_size > self.max_concurrent_requests:
+            raise ValueError(
+                f"max_batch_size ({self.max_batch_size}) exceeds max_concurrent_requests "
+                f"({self.max_concurrent_requests}): a batch never holds more than the running requests; "
+                "lower limits.max_batch_size"
+            )
+        return self
+
+
+class ServeSpec(_Strict):
+    """How the service is exposed."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="address the embedded Ray node binds and clients use")
+    grpc_port: int = Field(9000, ge=1, le=65535, description="port of Ray Serve's gRPC ingress")
+    replicas: int = Field(1, ge=1, le=256, description="pipelines (each: coordinator + its workers)")
+    app_name: str = Field("logitfusion", pattern=NAME_PATTERN, description="Ray Serve application name")
+    coordinator_num_cpus: float = Field(0.5, gt=0, le=64, description="CPUs of the replica running the coordinator")
+    startup_timeout_s: float = Field(600.0, gt=0, le=7200, description="longest wait for every worker to load")
+    auth_token_env: str | None = Field(
+        None, pattern=r"^[A-Z_][A-Z0-9_]*$", description="env var holding a bearer token clients must send; unset: none"
+    )
+
+
+class Topology(_Strict):
+    """One fusion pipeline: models, presets, limits, serving."""
+
+    models: tuple[ModelSpec, ...] = Field(min_length=1, description="every model of the pipeline")
+    presets: dict[str, RecipeSpec] = Field(min_length=1, description="recipe presets by name")
+    default_preset: str = Field(description="preset used when a request names none")
+    limits: Limits = Field(default_factory=Limits, description="per-request limits")
+    serve: ServeSpec = Field(default_factory=ServeSpec, description="how the service is exposed")
+    base_dir: str = Field(".", description="directory relative model paths resolve against (the YAML's dir)")
+
+    @field_validator("presets")
+    @classmethod
+    def _preset_names(cls, v: dict[str, RecipeSpec]) -> dict[str, RecipeSpec]:
+        import re
+
+        for name in v:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"preset name {name!r} must match {NAME_PATTERN}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> Topology:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"models: names must be unique, repeated: {dupes}")
+        for role in ("large", "small"):
+            holders = [m.name for m in self.models if m.role == role]
+            if len(holders) > 1:
+                raise ValueError(f"models: at most one model may have role {role!r}, got {holders}")
+        if self.default_preset not in self.presets:
+            raise ValueError(
+                f"default_preset: {self.default_preset!r} is not a preset; presets are {sorted(self.presets)}"
+            )
+        for name, spec in self.presets.items():
+            check_recipe_models(spec, self.models, f"presets.{name}")
+        return self
+
+    # ---- queries -------------------------------------------------------------------------------------------------
+
+    def model(self, name: str) -> ModelSpec:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def role_model(self, role: Role) -> str | None:
+        """The name of the (only) model with this role, or None."""
+        return next((m.name for m in self.models if m.role == role), None)
+
+    def model_path(self, name: str) -> Path:
+        """Where model `name`'s weights are: zoo names resolved, relative paths against base_dir."""
+        return resolve_model_path(self.model(name).path, Path(self.base_dir))
+
+    def recipe(self, preset: str) -> Recipe:
+        """Preset name -> fusion.Recipe."""
+        if preset not in self.presets:
+            raise InvalidRequest(
+                f"recipe.preset: unknown preset {preset!r}; this deployment serves {sorted(self.presets)}",
+                field="recipe.preset",
+            )
+        return build_recipe(self.presets[preset], self, name=preset)
+
+    def resolve_recipe(self, preset: str | None, overrides: dict[str, Any] | None = None) -> tuple[str, Recipe]:
+        """A request's recipe: the named (or default) preset with per-request overrides applied and checked.
+
+        Returns (name, recipe): the preset name when nothing was overridden, else "custom".
+        Raises InvalidRequest naming the field ("recipe.<field>") and the limit.
+        """
+        name = preset or self.default_preset
+        if name not in self.presets:
+            raise InvalidRequest(
+                f"recipe.preset: unknown preset {name!r}; this deployment serves {sorted(self.presets)}",
+                field="recipe.preset",
+            )
+        if not overrides:
+            return name, self.recipe(name)
+        overrides = dict(overrides)
+        if overrides.get("solver") == "static":  # "static" turns solving off: fixed alphas over the same experts
+            overrides.pop("solver")
+            overrides.setdefault("method", "static")
+            overrides.setdefault("experts", self.presets[name].experts)
+        try:
+            spec = self.presets[name].merged(overrides)
+        except ValidationError as e:
+            raise InvalidRequest(format_validation_error(e, "recipe"), field="recipe") from None
+        try:
+            check_recipe_models(spec, self.models, "recipe")
+        except ValueError as e:
+            raise InvalidRequest(str(e), field="recipe") from None
+        return "custom", build_recipe(spec, self, name="custom")
+
+    def bundles(self, num_gpus_available: float) -> list[dict[str, float]]:
+        """Placement group bundles of one pipeline: the coordinator's CPU bundle, then one per model shard."""
+        out = [{"CPU": self.serve.coordinator_num_cpus}]
+        for m in self.models:
+            gpus = shard_gpus(m, num_gpus_available)
+            for _ in range(m.tp_size):
+                out.append({"CPU": m.num_cpus, **({"GPU": gpus} if gpus else {})})
+        return out
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude={"base_dir"}, exclude_defaults=False)
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def shard_gpus(model: ModelSpec, num_gpus_available: float) -> float:
+    """GPUs per shard of `model`: its own setting, else one when the cluster has any."""
+    if model.num_gpus is not None:
+        return model.num_gpus
+    return 1.0 if num_gpus_available >= 1 else 0.0
+
+
+def check_recipe_models(spec: RecipeSpec, models: tuple[ModelSpec, ...], where: str) -> None:
+    """Every model the spec names exists with the right role. Raises ValueError naming `where.<field>`."""
+    roles = {m.name: m.role for m in models}
+    have = {r: [m.name for m in models if m.role == r] for r in ("large", "small", "expert", "large_ft")}
+    for i, e in enumerate(spec.experts):
+        if e not in roles:
+            raise ValueError(f"{where}.experts[{i}]: unknown expert {e!r}; experts served here: {have['expert']}")
+        if roles[e] != "expert":
+            raise ValueError(f"{where}.experts[{i}]: {e!r} has role {roles[e]!r}, not 'expert'")
+    if spec.model is not None:
+        if spec.model not in roles:
+            raise ValueError(f"{where}.model: unknown model {spec.model!r}; models served here: {sorted(roles)}")
+        if spec.method == "eft_down" and roles[spec.model] != "large_ft":
+            raise ValueError(f"{where}.model: eft_down needs a large_ft model, {spec.model!r} is {roles[spec.model]!r}")
+    if spec.method in _NEEDS_LARGE and not have["large"]:
+        raise ValueError(f"{where}.method: {spec.method!r} needs a model with role 'large'; none is configured")
+    if spec.method in _NEEDS_SMALL and not have["small"]:
+        raise ValueError(f"{where}.method: {spec.method!r} needs a model with role 'small'; none is configured")
+
+
+def build_recipe(spec: RecipeSpec, topo: Topology, name: str) -> Recipe:
+    """RecipeSpec -> fusion.Recipe through fusion.presets, then the recipe's own validation."""
+    from dataclasses import replace
+
+    from logitfusion.fusion import presets
+
+    large, small = topo.role_model("large"), topo.role_model("small")
+    experts = list(spec.experts)
+    if spec.method == "single":
+        recipe = presets.single(spec.model)
+    elif spec.method == "proxy_tuning":
+        recipe = presets.proxy_tuning(large, small, experts[0], alpha=spec.alphas[0] if spec.alphas else 1.0)
+    elif spec.method == "static":
+        recipe = presets.static(large, small, experts, alphas=list(spec.alphas) if spec.alphas else None)
+    elif spec.method == "eft_up":
+        recipe = presets.eft_up(large, small, experts[0], beta=1.0 if spec.beta is None else spec.beta)
+    elif spec.method == "eft_down":
+        recipe = presets.eft_down(small, large, spec.model)
+    elif spec.method == "lambda_interp":
+        recipe = presets.lambda_interp(large, small, experts[0], experts[1], spec.interp_lambda)
+    else:  # dlf
+        recipe = presets.dlf(large, small, experts, solver=spec.solver or "newton", max_alpha=spec.max_alpha)
+    if spec.method != "dlf" and recipe.max_alpha != spec.max_alpha:
+        recipe = replace(recipe, max_alpha=spec.max_alpha)
+    recipe = replace(recipe, name=name)
+    recipe.validate()
+    return recipe
+
+
+def resolve_model_path(path: str, base_dir: Path) -> Path:
+    """'zoo:<name>' -> the zoo's directory for that model; a relative path -> against base_dir; absolute kept."""
+    if path.startswith(ZOO_PREFIX):
+        from logitfusion.models import zoo
+
+        return Path(zoo.model_dir(path[len(ZOO_PREFIX) :]))
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (base_dir / p).resolve()
+
+
+def format_validation_error(err: ValidationError, prefix: str) -> str:
+    """pydantic's multi-line report -> one line per problem: '<prefix>.<field>: <message> (got <value>)'."""
+    parts = []
+    for e in err.errors(include_url=False):
+        loc = ".".join(str(x) for x in (prefix, *e["loc"]))
+        msg = e["msg"].removeprefix("Value error, ")
+        got = "" if e["type"] in ("value_error", "missing") else f" (got {e.get('input')!r})"
+        parts.append(f"{loc}: {msg}{got}")
+    return "; ".join(parts)
+
+
+def parse_topology(data: Any, base_dir: Path | str = ".") -> Topology:
+    """A mapping (parsed YAML) -> Topology. Raises ConfigError with one line per problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"topology: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Topology.model_validate({**data, "base_dir": str(base_dir)})
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, "topology")) from None
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Read and check a topology YAML file. Relative model paths resolve against the file's directory."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"topology: cannot read {p}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"topology: {p} is not valid YAML: {e}") from None
+    return parse_topology(data, p.resolve().parent)

@@ -1,0 +1,161 @@
+"""One error taxonomy for the whole service, mapped to gRPC status codes in exactly one place.
+
+Code anywhere below the edge raises either one of the ``FusionError`` subclasses below or a plain ``ValueError``
+whose message names the field and the limit (the fusion, sampling and decoder validation do that). The serving edge
+calls :func:`to_status` to turn any exception into ``(grpc.StatusCode, details)``; the client calls
+:func:`from_rpc_error` to turn a status back into the same exception class. Nothing else maps errors to codes.
+
+    InvalidRequest    -> INVALID_ARGUMENT     a field is malformed or out of range (ValueError maps here too)
+    MessageTooLarge   -> RESOURCE_EXHAUSTED   the request message exceeds max_message_bytes
+    Overloaded        -> RESOURCE_EXHAUSTED   max_concurrent_requests already running; refused at once
+    DeadlineExceeded  -> DEADLINE_EXCEEDED    the client's deadline or the request timeout passed
+    Cancelled         -> CANCELLED            the client went away
+    ModelUnavailable  -> UNAVAILABLE          a model worker is gone and could not be recovered
+    Unauthenticated   -> UNAUTHENTICATED      missing or wrong token
+    NotFound          -> NOT_FOUND            e.g. an unknown service name in a health check
+    InternalError     -> INTERNAL             a bug: the details never carry a stack trace
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from typing import ClassVar
+
+import grpc
+
+from logitfusion.engine.runner import RunnerError, RunnerUnavailable
+
+logger = logging.getLogger(__name__)
+
+MAX_DETAILS_CHARS = 1024  # status details travel in HTTP/2 trailers: keep them short
+
+
+class FusionError(Exception):
+    """Base of every error the service reports to a client. ``field`` names the request field at fault, if any."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRequest(FusionError, ValueError):
+    """A request field is malformed or out of range. The message names the field and the limit."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class MessageTooLarge(FusionError):
+    """The request message is larger than the deployment accepts."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Overloaded(FusionError):
+    """The deployment already runs as many requests as configured. Nothing was started; retry later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(FusionError, TimeoutError):
+    """The client's deadline or the deployment's request timeout passed."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(FusionError):
+    """The client cancelled or disconnected."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+class ModelUnavailable(FusionError):
+    """A model worker is gone and could not be recovered."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Unauthenticated(FusionError):
+    """The request carried no token or a wrong one."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class NotFound(FusionError):
+    """The named thing (e.g. a health-check service) does not exist here."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class InternalError(FusionError):
+    """Something the server did not expect. Logged with its stack on the server; the client sees only the message."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class ConfigError(ValueError):
+    """A topology or start-up check failed (bad YAML, models whose vocabularies differ). Never sent to clients."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[FusionError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,  # refined by the message below
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAVAILABLE: ModelUnavailable,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+}
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_DETAILS_CHARS else text[: MAX_DETAILS_CHARS - 3] + "..."
+
+
+def classify(exc: BaseException) -> FusionError:
+    """Any exception -> the FusionError a client should see. The one mapping of the service."""
+    if isinstance(exc, FusionError):
+        return exc
+    if isinstance(exc, ValueError):  # Decoder / Recipe / SamplingParams validation: the message names the field
+        return InvalidRequest(str(exc))
+    if isinstance(exc, RunnerUnavailable):
+        return ModelUnavailable(f"a model worker is unavailable: {exc}")
+    if isinstance(exc, (TimeoutError, concurrent.futures.TimeoutError)):
+        return DeadlineExceeded(str(exc) or "deadline exceeded")
+    if isinstance(exc, (asyncio.CancelledError, concurrent.futures.CancelledError)):
+        return Cancelled("the request was cancelled")
+    if isinstance(exc, RunnerError):
+        return InternalError(f"a model worker refused a step: {exc}")
+    return InternalError(f"internal error ({type(exc).__name__})")
+
+
+def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Any exception -> (status code, details) for the wire. Unexpected errors are logged here with their stack."""
+    err = classify(exc)
+    if isinstance(err, InternalError) and err is not exc:
+        logger.error("unexpected error mapped to INTERNAL", exc_info=exc)
+    return err.code, _clip(err.message)
+
+
+def from_status(code: grpc.StatusCode, details: str) -> FusionError:
+    """(status code, details) from the wire -> the matching FusionError (client side)."""
+    cls = _BY_CODE.get(code, InternalError)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and ("max_message_bytes" in details or "larger than max" in details):
+        cls = MessageTooLarge
+    return cls(details or code.name)
+
+
+def from_rpc_error(err: grpc.RpcError) -> FusionError:
+    """A grpc.RpcError raised by a stub call -> the matching FusionError, keeping the original as __cause__."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    out = from_status(code, details or "")
+    out.__cause__ = err
+    return out
