@@ -1,0 +1,413 @@
+"""LocalRunner: one Hugging Face causal LM in this process, with a KV cache per sequence and batched steps.
+
+A step's extends are grouped by their number of new tokens n. Each group runs ONE forward: the past caches of its
+rows are left-padded to a common length, an attention mask hides the padding and every row gets its own position
+ids, so a padded row computes exactly what it would compute alone. After the forward the grown cache is split back
+into per-sequence caches without the padding.
+
+The decode group (n = 1, every running sequence) usually has the same members step after step. Its padded batch
+is kept as it is (the "pack") while the membership does not change, so a steady decode step pads nothing: the
+cache just grows by one column. A truncate, a release or a change of membership dissolves the pack into per-row
+views, and the next forward pads afresh.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from logitfusion.engine.runner import (
+    ExtendOp,
+    ModelRunner,
+    RunnerError,
+    RunnerInfo,
+    RunnerUnavailable,
+    StepPlan,
+    failed,
+    resolved,
+)
+
+logger = logging.getLogger(__name__)
+
+KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each [b, H_kv, L, D]
+
+
+@dataclass
+class _Pack:
+    """The decode group's padded batch, kept between steps while its membership is unchanged."""
+
+    seq_ids: tuple[str, ...]  # row order
+    layers: list[KV]  # per layer: [B, H_kv, L_pad, D]
+    mask: torch.Tensor  # [B, L_pad] long, 1 = real token, 0 = left padding
+    lengths: list[int]  # real cached tokens per row
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure helpers: padding, splitting and masks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def left_pad_caches(rows: Sequence[list[KV] | None], num_layers: int, like: KV) -> tuple[list[KV], list[int]]:
+    """Stack per-row caches into one left-padded batch cache.
+
+    rows[b]: per layer (k, v) of shape [1, H, L_b, D], or None for a row with no past (L_b = 0).
+    like: any (k, v) pair giving H, D, dtype and device.
+    Returns the per-layer batch (k, v) of shape [B, H, L_max, D] (zeros in the padding) and the lengths L_b.
+    """
+    lengths = [0 if r is None else r[0][0].shape[-2] for r in rows]
+    l_max = max(lengths)
+    batch, heads, dim = len(rows), like[0].shape[1], like[0].shape[-1]
+    out: list[KV] = []
+    for layer in range(num_layers):
+        k_all = like[0].new_zeros((batch, heads, l_max, dim))  # [B, H, L_max, D]
+        v_all = like[1].new_zeros((batch, heads, l_max, like[1].shape[-1]))
+        for b, r in enumerate(rows):
+            if r is not None and lengths[b]:
+                k_all[b, :, l_max - lengths[b] :] = r[layer][0][0]
+                v_all[b, :, l_max - lengths[b] :] = r[layer][1][0]
+        out.append((k_all, v_all))
+    return out, lengths
+
+
+def split_rows(layers: Sequence[KV], lengths: Sequence[int]) -> list[list[KV]]:
+    """Per-row views of a left-padded batch cache without the padding: row b -> per layer [1, H, L_b, D]."""
+    l_pad = layers[0][0].shape[-2]
+    return [
+        [(k[b : b + 1, :, l_pad - n :], v[b : b + 1, :, l_pad - n :]) for k, v in layers]
+        for b, n in enumerate(lengths)
+    ]
+
+
+def padding_mask(lengths: Sequence[int], l_pad: int) -> torch.Tensor:
+    """[B, l_pad] long mask: 1 on the last lengths[b] columns of row b, 0 on its left padding."""
+    cols = torch.arange(l_pad).unsqueeze(0)  # [1, l_pad]
+    starts = torch.tensor([l_pad - n for n in lengths]).unsqueeze(1)  # [B, 1]
+    return (cols >= starts).long()
+
+
+def row_positions(lengths: Sequence[int], n_new: int) -> torch.Tensor:
+    """[B, n_new] position ids of the new tokens: each row continues from its own cached length."""
+    return torch.tensor(lengths).unsqueeze(1) + torch.arange(n_new).unsqueeze(0)
+
+
+def _cache_of(layers: Sequence[KV] | None):
+    """A transformers DynamicCache holding the given per-layer tensors as they are (no copy)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache()
+    for k, v in layers or ():
+        layer = DynamicLayer()
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        cache.layers.append(layer)
+    return cache
+
+
+def _layers_of(cache) -> list[KV]:
+    """Per-layer (keys, values) of a DynamicCache after a forward."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """The vocabulary fingerprint of a tokenizer (logitfusion.models.vocab)."""
+    from logitfusion.models import vocab
+
+    return vocab.fingerprint(tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The runner
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LocalRunner(ModelRunner):
+    """An in-process model behind the runner contract.
+
+    model: a transformers causal LM (any decoder-only model whose cache is a plain DynamicCache of full-attention
+    layers, e.g. Llama). vocab_size: the tokenizer's real size V (logits are sliced to it). vocab_fingerprint: the
+    tokenizer's fingerprint (logitfusion.models.vocab). max_length_tokens: defaults to the model's
+    max_position_embeddings. threaded: run each plan on the runner's own worker thread so that the Decoder's
+    concurrent submits to several runners overlap (torch releases the GIL inside its kernels). reuse_pack: keep
+    the decode group's padded batch between steps while its membership is unchanged.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        name: str,
+        vocab_size: int,
+        vocab_fingerprint: str,
+        max_length_tokens: int | None = None,
+        threaded: bool = True,
+        reuse_pack: bool = True,
+    ) -> None:
+        config = model.config
+        embed_rows = model.get_input_embeddings().weight.shape[0]
+        if not 0 < vocab_size <= embed_rows:
+            raise ValueError(f"vocab_size={vocab_size} must be in 1..{embed_rows} (the model's embedding rows)")
+        limit = int(getattr(config, "max_position_embeddings", 0) or 0)
+        if max_length_tokens is None:
+            if limit <= 0:
+                raise ValueError(f"model {name!r} has no max_position_embeddings: pass max_length_tokens")
+            max_length_tokens = limit
+        if max_length_tokens <= 0:
+            raise ValueError(f"max_length_tokens={max_length_tokens} must be > 0")
+        layer_types = getattr(config, "layer_types", None) or ()
+        odd = sorted({t for t in layer_types if t != "full_attention"})
+        if odd:
+            raise ValueError(f"model {name!r} has {odd} layers; LocalRunner serves full-attention models only")
+        model.eval()
+        param = next(model.parameters())
+        self._model = model
+        self._num_layers = int(config.num_hidden_layers)
+        self._info = RunnerInfo(
+            name=name,
+            vocab_size=int(vocab_size),
+            vocab_fingerprint=vocab_fingerprint,
+            max_length_tokens=int(max_length_tokens),
+            dtype=str(param.dtype).removeprefix("torch."),
+            device=str(param.device),
+            num_parameters=sum(p.numel() for p in model.parameters()),
+        )
+        self._device = param.device
+        self._reuse_pack = reuse_pack
+        self._lock = threading.Lock()  # guards the cache tables against sequences()/close() from other threads
+        self._caches: dict[str, list[KV] | None] = {}  # seq_id -> per-layer [1, H, L, D]; None while in the pack
+        self._lengths: dict[str, int] = {}  # seq_id -> cached tokens
+        self._pack: _Pack | None = None
+        self._closed = False
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"runner-{name}") if threaded else None
+        self.stats = {"forwards": 0, "repacks": 0, "pack_reuses": 0}
+        self.tokenizer: Any = None  # set by from_pretrained
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        name: str,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        gguf_file: str | None = None,
+        vocab_fingerprint: str | None = None,
+        max_length_tokens: int | None = None,
+        **kwargs: Any,
+    ) -> LocalRunner:
+        """Load a local checkpoint (models.loading) and wrap it; the tokenizer is kept as ``runner.tokenizer``."""
+        from logitfusion.models.loading import load_model
+
+        loaded = load_model(path, dtype=dtype, device=device, gguf_file=gguf_file, name=name)
+        runner = cls(
+            loaded.model,
+            name=name,
+            vocab_size=loaded.vocab_size,
+            vocab_fingerprint=vocab_fingerprint or tokenizer_fingerprint(loaded.tokenizer),
+            max_length_tokens=max_length_tokens or loaded.max_length_tokens,
+            **kwargs,
+        )
+        runner.tokenizer = loaded.tokenizer
+        return runner
+
+    # ------------------------------------------------------------------------------------------------ contract
+
+    def describe(self) -> RunnerInfo:
+        return self._info
+
+    def submit(self, plan: StepPlan) -> Future:
+        if self._closed:
+            return failed(RunnerUnavailable(f"runner {self._info.name!r} is closed"))
+        if self._executor is None:
+            return self._run_to_future(plan)
+        return self._executor.submit(self._run, plan)
+
+    def sequences(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._lengths)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._caches.clear()
+            self._lengths.clear()
+            self._pack = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    # ------------------------------------------------------------------------------------------------ one plan
+
+    def _run_to_future(self, plan: StepPlan) -> Future:
+        try:
+            return resolved(self._run(plan))
+        except BaseException as exc:  # noqa: BLE001 - the future carries it to the caller
+            return failed(exc)
+
+    def _run(self, plan: StepPlan) -> list[torch.Tensor]:
+        """Releases, then truncates, then the extends grouped by their number of new tokens."""
+        self._validate(plan)
+        with self._lock:
+            for seq_id in plan.releases:
+                self._release(seq_id)
+            for seq_id, length in plan.truncates:
+                self._truncate(seq_id, length)
+        out: list[torch.Tensor | None] = [None] * len(plan.extends)
+        groups: dict[int, list[int]] = {}
+        for i, op in enumerate(plan.extends):
+            groups.setdefault(len(op.token_ids), []).append(i)
+        with torch.inference_mode():
+            for n_new, idx in groups.items():
+                logits = self._extend_group([plan.extends[i] for i in idx], n_new)
+                for i in idx:
+                    out[i] = logits[plan.extends[i].seq_id]
+        return out  # type: ignore[return-value]
+
+    def _validate(self, plan: StepPlan) -> None:
+        """Check every op against the state the plan will meet, before anything changes."""
+        name, limit, vocab = self._info.name, self._info.max_length_tokens, self._info.vocab_size
+        with self._lock:
+            lengths = dict(self._lengths)
+        for seq_id in plan.releases:
+            lengths.pop(seq_id, None)
+        for seq_id, length in plan.truncates:
+            if seq_id not in lengths:
+                raise RunnerError(f"{name}: truncate of unknown seq_id {seq_id!r}")
+            if not 0 <= length <= lengths[seq_id]:
+                raise RunnerError(
+                    f"{name}: truncate of {seq_id!r} to length {length} outside 0..{lengths[seq_id]} "
+                    "(its cached length); a truncate never grows a sequence"
+                )
+            lengths[seq_id] = length
+        seen: set[str] = set()
+        for op in plan.extends:
+            if op.seq_id in seen:
+                raise RunnerError(f"{name}: seq_id {op.seq_id!r} extended twice in one plan")
+            seen.add(op.seq_id)
+            if not op.token_ids:
+                raise RunnerError(f"{name}: extend of {op.seq_id!r} has no token_ids")
+            if op.want not in ("last", "all"):
+                raise RunnerError(f"{name}: extend of {op.seq_id!r} has want={op.want!r}, expected 'last' or 'all'")
+            bad = [t for t in op.token_ids if not 0 <= t < vocab]
+            if bad:
+                raise RunnerError(f"{name}: extend of {op.seq_id!r} has token id {bad[0]} outside 0..{vocab - 1}")
+            total = lengths.get(op.seq_id, 0) + len(op.token_ids)
+            if total > limit:
+                raise RunnerError(
+                    f"{name}: extend of {op.seq_id!r} to {total} tokens exceeds max_length_tokens={limit}"
+                )
+
+    # ------------------------------------------------------------------------------------------------ cache ops
+
+    def _dissolve_pack(self) -> None:
+        """Turn the pack back into per-row views (no copy)."""
+        pack, self._pack = self._pack, None
+        if pack is None:
+            return
+        for seq_id, layers in zip(pack.seq_ids, split_rows(pack.layers, pack.lengths)):
+            self._caches[seq_id] = layers
+
+    def _release(self, seq_id: str) -> None:
+        if self._pack is not None and seq_id in self._pack.seq_ids:
+            self._dissolve_pack()
+        self._caches.pop(seq_id, None)
+        self._lengths.pop(seq_id, None)
+
+    def _truncate(self, seq_id: str, length: int) -> None:
+        if length == self._lengths[seq_id]:
+            return
+        if self._pack is not None and seq_id in self._pack.seq_ids:
+            self._dissolve_pack()
+        layers = self._caches[seq_id]
+        if length == 0 or layers is None:
+            self._caches[seq_id] = None
+        else:
+            self._caches[seq_id] = [(k[:, :, :length], v[:, :, :length]) for k, v in layers]
+        self._lengths[seq_id] = length
+
+    def _extend_group(self, ops: list[ExtendOp], n_new: int) -> dict[str, torch.Tensor]:
+        """One forward for every op of the group; returns seq_id -> fp32 [n or 1, V] CPU logits."""
+        seq_ids = tuple(op.seq_id for op in ops)
+        pack = self._pack
+        reuse = pack is not None and set(pack.seq_ids) == set(seq_ids)
+        if reuse:
+            seq_ids = pack.seq_ids  # the pack's row order
+            by_id = {op.seq_id: op for op in ops}
+            ops = [by_id[s] for s in seq_ids]
+            past, lengths, mask = pack.layers, pack.lengths, pack.mask
+            self.stats["pack_reuses"] += 1
+        else:
+            if pack is not None and set(pack.seq_ids) & set(seq_ids):
+                self._dissolve_pack()
+            past, lengths, mask = self._pad(seq_ids)
+        batch = len(ops)
+        input_ids = torch.tensor([op.token_ids for op in ops], dtype=torch.long, device=self._device)  # [B, n]
+        positions = row_positions(lengths, n_new).to(self._device)  # [B, n]
+        keep = n_new if any(op.want == "all" for op in ops) else 1
+        full_mask = None
+        if mask is not None:
+            full_mask = torch.cat([mask, mask.new_ones((batch, n_new))], dim=1).to(self._device)  # [B, L_pad + n]
+        cache = _cache_of(past)
+        out = self._model(
+            input_ids=input_ids,
+            attention_mask=full_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=keep,
+        )
+        self.stats["forwards"] += 1
+        new_layers = _layers_of(out.past_key_values)
+        new_lengths = [n + n_new for n in lengths]
+        self._store(seq_ids, new_layers, new_lengths, full_mask, n_new)
+        logits = out.logits[..., : self._info.vocab_size].float().cpu()  # [B, keep, V]
+        results: dict[str, torch.Tensor] = {}
+        for b, op in enumerate(ops):
+            rows = logits[b] if op.want == "all" else logits[b, -1:]  # [n or 1, V]
+            results[op.seq_id] = rows.contiguous()
+        return results
+
+    def _pad(self, seq_ids: tuple[str, ...]) -> tuple[list[KV] | None, list[int], torch.Tensor | None]:
+        """Left-pad the past caches of a group: (per-layer [B, H, L_pad, D] or None, lengths, [B, L_pad] or None)."""
+        rows = [self._caches.get(s) for s in seq_ids]
+        lengths = [self._lengths.get(s, 0) for s in seq_ids]
+        if max(lengths) == 0:
+            return None, lengths, None
+        like = next(r for r in rows if r is not None)[0]
+        if len(rows) == 1:
+            return rows[0], lengths, None  # a single row needs no padding and no mask
+        self.stats["repacks"] += 1
+        layers, _ = left_pad_caches(rows, self._num_layers, like)
+        l_pad = max(lengths)
+        mask = padding_mask(lengths, l_pad) if min(lengths) < l_pad else None
+        return layers, lengths, mask
+
+    def _store(
+        self,
+        seq_ids: tuple[str, ...],
+        layers: list[KV],
+        lengths: list[int],
+        mask: torch.Tensor | None,
+        n_new: int,
+    ) -> None:
+        """Keep the grown cache: as the pack (decode group) or split back per sequence."""
+        with self._lock:
+            for s, n in zip(seq_ids, lengths):
+                self._lengths[s] = n
+            if self._reuse_pack and n_new == 1 and len(seq_ids) > 1:
+                self._dissolve_pack()
+                l_pad = layers[0][0].shape[-2]
+                if mask is None:
+                    mask = torch.ones((len(seq_ids), l_pad), dtype=torch.long, device=self._device)
+                for s in seq_ids:
+                    self._caches[s] = None
+                self._pack = _Pack(seq_ids=seq_ids, layers=layers, mask=mask, lengths=lengths)
+                return
+            for s, row in zip(seq_ids, split_rows(layers, lengths)):
+                self._caches[s] = row

@@ -1,0 +1,220 @@
+"""LocalRunner: batched, cached logits equal the unbatched full recompute; the ops are validated before they run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from logitfusion.engine.local import LocalRunner, left_pad_caches, padding_mask, row_positions, split_rows
+from logitfusion.engine.runner import ExtendOp, RunnerError, RunnerUnavailable, StepPlan
+from logitfusion.engine.testing import TINY_FAMILY, TINY_FINGERPRINT, TINY_VOCAB_SIZE, tiny_llama
+
+V = TINY_VOCAB_SIZE
+TOL = 1e-4
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def full_logits(model, ids: list[int]) -> torch.Tensor:
+    """[n, V] logits of one sequence computed from scratch: the reference for every cached step."""
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0, :, :V].float()
+
+
+class Script:
+    """Drives a runner with plans and checks every returned row against the full recompute."""
+
+    def __init__(self, runner: LocalRunner, model) -> None:
+        self.runner, self.model = runner, model
+        self.tokens: dict[str, list[int]] = {}
+        self.max_diff = 0.0
+
+    def run(self, extends=(), truncates=(), releases=()) -> list[torch.Tensor]:
+        plan = StepPlan(
+            extends=tuple(ExtendOp(s, tuple(t), w) for s, t, w in extends),
+            truncates=tuple(truncates),
+            releases=tuple(releases),
+        )
+        out = self.runner.step(plan)
+        for s in releases:
+            self.tokens.pop(s, None)
+        for s, n in truncates:
+            self.tokens[s] = self.tokens[s][:n]
+        for (s, t, w), rows in zip(extends, out):
+            self.tokens.setdefault(s, []).extend(t)
+            ref = full_logits(self.model, self.tokens[s])  # [L, V]
+            ref = ref[-len(t) :] if w == "all" else ref[-1:]
+            assert rows.dtype == torch.float32 and rows.device.type == "cpu"
+            assert rows.shape == ref.shape == (len(t) if w == "all" else 1, V)
+            assert torch.isfinite(rows).all()
+            self.max_diff = max(self.max_diff, float((rows - ref).abs().max()))
+        assert self.runner.sequences() == {s: len(t) for s, t in self.tokens.items()}
+        return out
+
+
+def greedy(rows: torch.Tensor) -> int:
+    return int(rows[-1].argmax())
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("reuse_pack", [True, False])
+def test_batched_cached_logits_match_unbatched_full_recompute(attn: str, reuse_pack: bool) -> None:
+    model = tiny_llama(TINY_FAMILY["large"], attn)
+    runner = LocalRunner(model, name="large", vocab_size=V, vocab_fingerprint=TINY_FINGERPRINT, threaded=False,
+                         reuse_pack=reuse_pack)
+    sc = Script(runner, model)
+    prompts = {"a": [5, 6, 7], "b": [1, 2, 3, 4, 5, 6, 7, 8], "c": [9, 10, 11], "d": [40]}
+    # prefill: groups of different prompt lengths in one plan
+    out = sc.run(extends=[(s, p, "last") for s, p in prompts.items()])
+    last = {s: greedy(o) for s, o in zip(prompts, out)}
+    for _ in range(4):  # steady decode: one group of four rows
+        out = sc.run(extends=[(s, [last[s]], "last") for s in prompts])
+        last = {s: greedy(o) for s, o in zip(prompts, out)}
+    # a request joins (prefill) while the others decode; one finishes (release)
+    out = sc.run(extends=[("e", [3, 1, 4, 1, 5, 9], "last")] + [(s, [last[s]], "last") for s in "abc"],
+                 releases=["d"])
+    last = {s: greedy(o) for s, o in zip("eabc", out)}
+    for _ in range(3):
+        out = sc.run(extends=[(s, [last[s]], "last") for s in "abce"])
+        last = {s: greedy(o) for s, o in zip("abce", out)}
+    # a speculative verify: roll back, then extend several tokens with want="all", mixed with a prefill of equal n
+    n_b = len(sc.tokens["b"])
+    sc.run(extends=[("b", [7, 8, 9, 10], "all"), ("f", [2, 2, 2, 2], "all"), ("a", [last["a"]], "last")],
+           truncates=[("b", n_b - 2)])
+    sc.run(extends=[(s, [11], "last") for s in "abcef"], truncates=[("c", 2)])
+    assert sc.max_diff < TOL, sc.max_diff
+    if reuse_pack:
+        assert runner.stats["pack_reuses"] >= 5
+    else:
+        assert runner.stats["pack_reuses"] == 0
+    runner.close()
+
+
+def test_batched_equals_one_sequence_at_a_time() -> None:
+    """The same rows from a batch of five and from five runners of one sequence each."""
+    model = tiny_llama(TINY_FAMILY["small"])
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13], [14, 15, 16, 17]]
+    batched = LocalRunner(model, name="s", vocab_size=V, vocab_fingerprint=TINY_FINGERPRINT, threaded=False)
+    seqs = [list(p) for p in prompts]
+    out_b = batched.step(StepPlan(extends=tuple(ExtendOp(str(i), tuple(p)) for i, p in enumerate(prompts))))
+    rows_b = [[o] for o in out_b]
+    for _ in range(6):
+        for i, o in enumerate(out_b):
+            seqs[i].append(greedy(o))
+        out_b = batched.step(StepPlan(extends=tuple(ExtendOp(str(i), (s[-1],)) for i, s in enumerate(seqs))))
+        for i, o in enumerate(out_b):
+            rows_b[i].append(o)
+    diff = 0.0
+    for i, p in enumerate(prompts):
+        solo = LocalRunner(model, name="s", vocab_size=V, vocab_fingerprint=TINY_FINGERPRINT, threaded=False)
+        rows = [solo.step(StepPlan(extends=(ExtendOp("x", tuple(p)),)))[0]]
+        for t in seqs[i][len(p) :]:
+            rows.append(solo.step(StepPlan(extends=(ExtendOp("x", (t,)),)))[0])
+        diff = max(diff, max(float((a - b).abs().max()) for a, b in zip(rows, rows_b[i])))
+    assert diff < TOL, diff
+
+
+def test_threaded_submit_and_close() -> None:
+    model = tiny_llama(TINY_FAMILY["small"])
+    runner = LocalRunner(model, name="s", vocab_size=V, vocab_fingerprint=TINY_FINGERPRINT)
+    fut = runner.submit(StepPlan(extends=(ExtendOp("x", (1, 2, 3), "all"),)))
+    (rows,) = fut.result(timeout=60)
+    assert torch.allclose(rows, full_logits(model, [1, 2, 3]), atol=TOL)
+    info = runner.describe()
+    assert (info.name, info.vocab_size, info.max_length_tokens, info.dtype, info.device) == (
+        "s", V, TINY_FAMILY["small"].max_length_tokens, "float32", "cpu")
+    assert info.num_parameters == sum(p.numel() for p in model.parameters())
+    runner.close()
+    runner.close()  # idempotent
+    assert runner.sequences() == {}
+    with pytest.raises(RunnerUnavailable, match="closed"):
+        runner.step(StepPlan(extends=(ExtendOp("x", (1,)),)))
+
+
+@pytest.fixture()
+def runner() -> LocalRunner:
+    r = LocalRunner(tiny_llama(TINY_FAMILY["small"]), name="small", vocab_size=V, vocab_fingerprint=TINY_FINGERPRINT,
+                    max_length_tokens=10, threaded=False)
+    r.step(StepPlan(extends=(ExtendOp("a", (1, 2, 3)), ExtendOp("b", (4, 5, 6)))))
+    r.step(StepPlan(extends=(ExtendOp("a", (7,)), ExtendOp("b", (8,)))))  # a and b now in the pack
+    return r
+
+
+@pytest.mark.parametrize(
+    ("plan", "message"),
+    [
+        (StepPlan(truncates=(("zz", 1),)), "truncate of unknown seq_id 'zz'"),
+        (StepPlan(truncates=(("a", 5),)), r"truncate of 'a' to length 5 outside 0\.\.4"),
+        (StepPlan(truncates=(("a", -1),)), r"outside 0\.\.4"),
+        (StepPlan(releases=("a",), truncates=(("a", 1),)), "truncate of unknown seq_id 'a'"),
+        (StepPlan(extends=(ExtendOp("a", tuple(range(7))),)), "to 11 tokens exceeds max_length_tokens=10"),
+        (StepPlan(extends=(ExtendOp("new", tuple(range(11))),)), "to 11 tokens exceeds max_length_tokens=10"),
+        (StepPlan(extends=(ExtendOp("a", (1,)), ExtendOp("a", (2,)))), "'a' extended twice"),
+        (StepPlan(extends=(ExtendOp("a", ()),)), "'a' has no token_ids"),
+        (StepPlan(extends=(ExtendOp("a", (V,)),)), rf"token id {V} outside 0\.\.{V - 1}"),
+        (StepPlan(extends=(ExtendOp("a", (-1,)),)), r"token id -1 outside"),
+        (StepPlan(extends=(ExtendOp("a", (1,), "some"),)), "want='some'"),
+    ],
+)
+def test_bad_ops_raise_runner_error_and_change_nothing(runner: LocalRunner, plan: StepPlan, message: str) -> None:
+    before = runner.sequences()
+    with pytest.raises(RunnerError, match=message):
+        runner.step(plan)
+    assert runner.sequences() == before
+    # the runner still works, and its caches are intact
+    rows = runner.step(StepPlan(extends=(ExtendOp("a", (9,)),)))[0]
+    assert torch.allclose(rows, full_logits(runner._model, [1, 2, 3, 7, 9])[-1:], atol=TOL)
+
+
+def test_truncate_extend_after_max_length_is_fine_and_release_frees(runner: LocalRunner) -> None:
+    # a truncate in the same plan makes room: the limit applies to the length after the truncate
+    runner.step(StepPlan(truncates=(("a", 1),), extends=(ExtendOp("a", tuple(range(9))),)))
+    assert runner.sequences() == {"a": 10, "b": 4}
+    runner.step(StepPlan(releases=("a", "b", "never-seen")))  # releasing an unknown id is a no-op
+    assert runner.sequences() == {}
+    # a released id may be used again: it starts afresh
+    rows = runner.step(StepPlan(extends=(ExtendOp("a", (3, 4)),)))[0]
+    assert torch.allclose(rows, full_logits(runner._model, [3, 4])[-1:], atol=TOL)
+
+
+def test_truncate_to_zero_then_reprefill(runner: LocalRunner) -> None:
+    rows = runner.step(StepPlan(truncates=(("b", 0),), extends=(ExtendOp("b", (9, 9)), ExtendOp("a", (1,)))))
+    assert torch.allclose(rows[0], full_logits(runner._model, [9, 9])[-1:], atol=TOL)
+    assert torch.allclose(rows[1], full_logits(runner._model, [1, 2, 3, 7, 1])[-1:], atol=TOL)
+
+
+def test_logits_are_sliced_to_the_real_vocabulary() -> None:
+    spec = TINY_FAMILY["small"]
+    assert spec.config_vocab_size > V
+    r = LocalRunner(tiny_llama(spec), name="s", vocab_size=V, vocab_fingerprint=TINY_FINGERPRINT, threaded=False)
+    assert r.step(StepPlan(extends=(ExtendOp("x", (1, 2), "all"),)))[0].shape == (2, V)
+
+
+def test_constructor_rejects_bad_limits() -> None:
+    model = tiny_llama(TINY_FAMILY["small"])
+    with pytest.raises(ValueError, match=r"vocab_size=200 must be in 1\.\.104"):
+        LocalRunner(model, name="s", vocab_size=200, vocab_fingerprint="x")
+    with pytest.raises(ValueError, match="max_length_tokens=0 must be > 0"):
+        LocalRunner(model, name="s", vocab_size=V, vocab_fingerprint="x", max_length_tokens=0)
+
+
+def test_padding_helpers() -> None:
+    k = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2, 3, 4)  # [1, H=2, L=3, D=4]
+    short = [(k[:, :, :1], k[:, :, :1] + 1)]
+    full = [(k, k + 1)]
+    layers, lengths = left_pad_caches([short, None, full], 1, full[0])
+    assert lengths == [1, 0, 3]
+    kb = layers[0][0]  # [3, 2, 3, 4]
+    assert kb.shape == (3, 2, 3, 4)
+    assert torch.equal(kb[0, :, 2:], k[0, :, :1]) and torch.equal(kb[0, :, :2], torch.zeros(2, 2, 4))
+    assert torch.equal(kb[1], torch.zeros(2, 3, 4))
+    rows = split_rows(layers, lengths)
+    assert torch.equal(rows[0][0][0], short[0][0]) and rows[1][0][0].shape[-2] == 0
+    assert torch.equal(rows[2][0][1], full[0][1])
+    assert padding_mask([1, 0, 3], 3).tolist() == [[0, 0, 1], [0, 0, 0], [1, 1, 1]]
+    assert row_positions([1, 0, 3], 2).tolist() == [[1, 2], [0, 1], [3, 4]]
