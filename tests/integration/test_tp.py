@@ -1,0 +1,224 @@
+"""Tensor parallelism on the CPU: a Llama sharded over 2 Ray actors (gloo + DeepSpeed AutoTP) must compute what the
+unsharded model computes, step for step, and leave nothing behind when closed.
+
+The model is the zoo's "large" model when it has been built, otherwise a tiny random Llama with the zoo's shape
+habits (tied embeddings, config vocabulary padded above the tokenizer's). Ray runs locally on loopback with token
+authentication on, the token held in this process's environment (nothing is written to ~/.ray).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+import torch
+
+from logitfusion.cluster.tp import TensorParallelRunner, TPConfig, _load, shm_segment_path
+from logitfusion.engine.local import LocalRunner
+from logitfusion.engine.runner import ExtendOp, RunnerError, RunnerUnavailable, StepPlan
+
+ray = pytest.importorskip("ray")
+
+pytestmark = [pytest.mark.integration]
+
+logger = logging.getLogger(__name__)
+ZOO_LARGE = Path(__file__).resolve().parents[2] / "logitfusion" / "models" / "zoo" / "data" / "large"
+ATOL = 1e-4  # fp32; the sharded sums only reorder additions (measured 2e-6..6e-6 on the tiny model)
+
+
+def _tiny_llama_dir(root: Path) -> Path:
+    """A tiny random Llama (fixed seed) with a real tokenizers tokenizer, saved in the Hugging Face layout."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(96)]  # V = 100
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    config = LlamaConfig(
+        vocab_size=128,  # padded above V, as real checkpoints are
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    torch.manual_seed(1234)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger-than-default weights so that logits differ visibly between tokens
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    out = root / "tiny-llama"
+    model.save_pretrained(out)
+    hf_tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if (ZOO_LARGE / "config.json").exists():
+        return ZOO_LARGE
+    return _tiny_llama_dir(tmp_path_factory.mktemp("tp"))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray on loopback with token authentication, the token only in this process's environment.
+
+    Ray 2.60 turns token authentication on by default for a new local cluster and, unless a token is at hand,
+    writes a fresh one to ~/.ray/auth_token. Handing it one through RAY_AUTH_TOKEN keeps authentication on and the
+    home directory untouched; raylets and workers inherit the variable. RAY_AUTH_MODE is left to Ray: Ray reads its
+    config once at import, so setting the mode here (after ``import ray``) would not be seen by this process.
+    """
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))  # one token per test process, never on disk
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> LocalRunner:
+    """The unsharded model in this process."""
+    torch.set_num_threads(1)
+    model, vocab_size, fingerprint = _load(str(model_dir), torch.float32)
+    runner = LocalRunner(model, name="large", vocab_size=vocab_size, vocab_fingerprint=fingerprint, threaded=False)
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="module")
+def tp2(ray_local, model_dir: Path) -> TensorParallelRunner:
+    runner = TensorParallelRunner(TPConfig(model_dir=str(model_dir), name="large", tp_size=2, device="cpu"))
+    yield runner
+    runner.close()
+
+
+def _ids(runner, n: int, seed: int) -> tuple[int, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randint(4, runner.describe().vocab_size, (n,), generator=g).tolist())
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    if [t.shape for t in a] != [t.shape for t in b]:
+        raise AssertionError(f"shapes differ: {[t.shape for t in a]} vs {[t.shape for t in b]}")
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+@pytest.mark.timeout(600)
+def test_tp2_logits_match_unsharded_model(tp2: TensorParallelRunner, reference: LocalRunner) -> None:
+    info, ref_info = tp2.describe(), reference.describe()
+    assert (info.vocab_size, info.vocab_fingerprint) == (ref_info.vocab_size, ref_info.vocab_fingerprint)
+    assert info.num_parameters == ref_info.num_parameters  # the whole model's count, not one shard's
+    a, b = _ids(reference, 7, 0), _ids(reference, 12, 1)
+    plans = [  # prefill of two sequences of different lengths, one wanting every position
+        StepPlan(extends=(ExtendOp("a", a, "all"), ExtendOp("b", b))),
+    ]
+    for step in range(5):  # cached decode steps, batched
+        plans.append(StepPlan(extends=(ExtendOp("a", (10 + step,)), ExtendOp("b", (20 + step,)))))
+    plans += [
+        StepPlan(extends=(ExtendOp("b", (5, 6, 7), "all"),), truncates=(("a", 4),)),  # a speculative verify
+        StepPlan(extends=(ExtendOp("a", (8,)), ExtendOp("c", _ids(reference, 3, 2)))),  # after a rollback
+        StepPlan(releases=("b",), extends=(ExtendOp("a", (9,)), ExtendOp("c", (11,)))),
+    ]
+    diffs = []
+    for plan in plans:
+        got, want = tp2.step(plan), reference.step(plan)
+        diffs.append(_max_diff(got, want))
+        assert all(t.dtype == torch.float32 and t.shape[-1] == info.vocab_size for t in got)
+    logger.info("tp=2 vs unsharded: max abs logits difference per step %s", [f"{d:.2e}" for d in diffs])
+    assert max(diffs) <= ATOL, f"max abs logits difference per step {diffs} exceeds {ATOL}"
+    assert tp2.sequences() == reference.sequences() == {"a": 6, "c": 4}
+    tp2.step(StepPlan(releases=("a", "c")))
+    reference.step(StepPlan(releases=("a", "c")))
+    assert tp2.sequences() == {}
+
+
+def _greedy(runner, prompt: tuple[int, ...], steps: int) -> list[int]:
+    out: list[int] = []
+    plan = StepPlan(extends=(ExtendOp("g", prompt),))
+    for _ in range(steps):
+        token = int(runner.step(plan)[0][-1].argmax())
+        out.append(token)
+        plan = StepPlan(extends=(ExtendOp("g", (token,)),))
+    runner.step(StepPlan(releases=("g",)))
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_tp2_greedy_generation_is_identical(tp2: TensorParallelRunner, reference: LocalRunner) -> None:
+    prompt = _ids(reference, 6, 3)
+    want = _greedy(reference, prompt, 24)
+    assert len(set(want)) > 1  # the reference does not collapse onto one token, so a match means something
+    assert _greedy(tp2, prompt, 24) == want
+
+
+@pytest.mark.timeout(600)
+def test_bad_plan_is_refused_by_every_rank_and_the_group_goes_on(tp2: TensorParallelRunner) -> None:
+    vocab = tp2.describe().vocab_size
+    with pytest.raises(RunnerError, match="outside"):
+        tp2.step(StepPlan(extends=(ExtendOp("x", (1, vocab + 5)),)))
+    with pytest.raises(RunnerError, match="unknown seq_id"):
+        tp2.step(StepPlan(truncates=(("nobody", 0),)))
+    assert tp2.sequences() == {}
+    assert tp2.step(StepPlan(extends=(ExtendOp("x", (1, 2)),)))[0].shape == (1, vocab)
+    tp2.step(StepPlan(releases=("x",)))
+
+
+def _pg_state(pg) -> str:
+    return ray.util.placement_group_table(pg)["state"]
+
+
+@pytest.mark.timeout(600)
+def test_close_removes_shards_placement_group_and_shm(ray_local, model_dir: Path) -> None:
+    runner = TensorParallelRunner(TPConfig(model_dir=str(model_dir), name="large", tp_size=2, device="cpu"))
+    pg, shards = runner.placement_group, runner.shards
+    assert _pg_state(pg) == "CREATED" and len(shards) == 2
+    assert ray.util.placement_group_table(pg)["strategy"] == "STRICT_PACK"
+    segments = [shm_segment_path("127.0.0.1", runner.master_port, rank) for rank in range(2)]
+    assert not any(p.exists() for p in segments)  # unlinked once every rank had mapped them
+    assert runner.step(StepPlan(extends=(ExtendOp("s", (1, 2, 3)),)))[0].shape[0] == 1
+    runner.close()
+    runner.close()  # idempotent
+    assert _pg_state(pg) == "REMOVED"
+    for shard in shards:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(shard.sequences.remote(), timeout=60)
+    assert runner.sequences() == {}
+    with pytest.raises(RunnerUnavailable, match="closed"):
+        runner.step(StepPlan(extends=(ExtendOp("s", (1,)),)))
+    assert not any(p.exists() for p in segments)
+
+
+@pytest.mark.timeout(600)
+def test_a_dead_rank_makes_the_runner_unavailable_and_close_still_cleans_up(ray_local, model_dir: Path) -> None:
+    runner = TensorParallelRunner(TPConfig(model_dir=str(model_dir), name="large", tp_size=2, device="cpu"))
+    pg = runner.placement_group
+    ray.kill(runner.shards[1], no_restart=True)
+    with pytest.raises(RunnerUnavailable, match="rank 1"):
+        runner.step(StepPlan(extends=(ExtendOp("s", (1, 2, 3)),)))
+    with pytest.raises(RunnerUnavailable, match="rank 1"):  # broken for good: no second plan reaches rank 0
+        runner.step(StepPlan(extends=(ExtendOp("t", (1,)),)))
+    runner.close()
+    assert _pg_state(pg) == "REMOVED"
