@@ -1,0 +1,298 @@
+"""The model worker: one ModelRunner served over worker.proto, and the Ray actor that hosts it.
+
+``WorkerServer`` is plain gRPC (testable without Ray): it serves the ``Step`` stream, ``Describe``, ``Sequences`` and
+the standard health service over any ModelRunner. ``ModelWorker`` is the Ray actor: it builds the runner from a
+``WorkerSpec`` and starts a WorkerServer; a coordinator asks it for ``address()`` and then talks gRPC only
+(``actors.remote.RemoteRunner``), because a bidirectional stream costs a fraction of a Ray actor call per step.
+
+Per stream the server keeps the stream's sequences apart from every other stream's: a client seq_id ``s`` lives in
+the runner as ``"<stream_id>/s"``. When a stream ends (the client half-closed it, cancelled it, or died) every
+sequence of that stream is released, so a vanished coordinator leaks no KV cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from logitfusion import wire
+from logitfusion.engine.runner import ExtendOp, ModelRunner, RunnerError, RunnerInfo, RunnerUnavailable, StepPlan
+from logitfusion.v1 import worker_pb2 as pb
+from logitfusion.v1 import worker_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # gRPC's default of 4 MiB holds only ~30 rows of a 32k vocabulary
+STREAM_ID_METADATA_KEY = "lf-stream-id"
+HEALTH_SERVICE_NAME = "logitfusion.v1.Worker"
+_STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# framing of a StepResponse around its logits bytes: fixed fields, plus a varint row count per extend (generous)
+_RESPONSE_OVERHEAD_BYTES = 64
+_RESPONSE_BYTES_PER_EXTEND = 6
+
+
+def grpc_channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Options both ends use: raised message limits, and keepalive so a dead peer is noticed on an idle stream."""
+    if not 0 < max_message_bytes < 2**31:
+        raise ValueError(f"max_message_bytes={max_message_bytes} must be in 1..{2**31 - 1} (gRPC's int32 limit)")
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ pure helpers
+
+
+def scope_plan(plan: StepPlan, prefix: str) -> StepPlan:
+    """The plan with every seq_id prefixed by its stream's scope."""
+    return StepPlan(
+        extends=tuple(ExtendOp(prefix + e.seq_id, e.token_ids, e.want) for e in plan.extends),
+        truncates=tuple((prefix + s, n) for s, n in plan.truncates),
+        releases=tuple(prefix + s for s in plan.releases),
+    )
+
+
+def logits_rows(plan: StepPlan) -> int:
+    """Rows of the step's joined logits tensor: len(token_ids) for want="all", else 1, summed over extends."""
+    return sum(len(e.token_ids) if e.want == "all" else 1 for e in plan.extends)
+
+
+def check_response_size(plan: StepPlan, vocab_size: int, dtype: torch.dtype, max_message_bytes: int) -> None:
+    """Refuse, before anything runs, a step whose logits would not fit in one message."""
+    rows = logits_rows(plan)
+    need = rows * vocab_size * dtype.itemsize + _RESPONSE_OVERHEAD_BYTES + _RESPONSE_BYTES_PER_EXTEND * len(plan.extends)
+    if need > max_message_bytes:
+        raise _TooLarge(
+            f"StepRequest.extends: the logits of {rows} rows x {vocab_size} columns of "
+            f"{str(dtype).removeprefix('torch.')} need about {need} bytes, over the worker's "
+            f"max_message_bytes={max_message_bytes}; ask for fewer want_all rows per step or bfloat16 logits"
+        )
+
+
+class _TooLarge(ValueError):
+    """A step's response would exceed the message limit."""
+
+
+# ------------------------------------------------------------------------------------------------- the server
+
+
+@dataclass
+class _Stream:
+    """One open Step stream."""
+
+    stream_id: str
+    prefix: str  # "<stream_id>/": the runner-side scope of this stream's seq ids
+    closed: bool = False
+
+
+class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    """worker.proto over one runner. Runner calls are serialised: one step at a time, from any stream."""
+
+    def __init__(self, runner: ModelRunner, max_message_bytes: int, max_streams: int) -> None:
+        self._runner = runner
+        self._info = runner.describe()
+        self._max_message_bytes = max_message_bytes
+        self._max_streams = max_streams
+        self._runner_lock = threading.Lock()  # one plan at a time; also orders cleanup against steps
+        self._streams_lock = threading.Condition()
+        self._streams: dict[str, _Stream] = {}
+        self.steps_served = 0
+
+    # ------------------------------------------------------------------------------------------- streams
+
+    def _open_stream(self, context: grpc.ServicerContext) -> _Stream:
+        metadata = dict(context.invocation_metadata() or ())
+        stream_id = metadata.get(STREAM_ID_METADATA_KEY) or uuid.uuid4().hex
+        if not _STREAM_ID_PATTERN.fullmatch(stream_id):
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"metadata {STREAM_ID_METADATA_KEY}: {stream_id[:80]!r} must match {_STREAM_ID_PATTERN.pattern}",
+            )
+        with self._streams_lock:
+            if stream_id in self._streams:
+                context.abort(grpc.StatusCode.ALREADY_EXISTS, f"stream {stream_id!r} is already open on this worker")
+            if len(self._streams) >= self._max_streams:
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{len(self._streams)} Step streams already open, the worker's max_streams={self._max_streams}",
+                )
+            stream = _Stream(stream_id=stream_id, prefix=f"{stream_id}/")
+            self._streams[stream_id] = stream
+        logger.info("worker %s: stream %s opened", self._info.name, stream_id)
+        return stream
+
+    def _close_stream(self, stream: _Stream) -> None:
+        """Release every sequence of the stream. Idempotent (runs from the handler and from the RPC callback)."""
+        with self._streams_lock:
+            if stream.closed:
+                return
+            stream.closed = True
+        leftover: list[str] = []
+        try:
+            with self._runner_lock:
+                leftover = [s for s in self._runner.sequences() if s.startswith(stream.prefix)]
+                if leftover:
+                    self._runner.submit(StepPlan(releases=tuple(leftover))).result()
+        except Exception:  # noqa: BLE001 - a closed runner has nothing left to release; never kill the server
+            logger.warning("worker %s: releasing stream %s failed", self._info.name, stream.stream_id, exc_info=True)
+        with self._streams_lock:
+            self._streams.pop(stream.stream_id, None)
+            self._streams_lock.notify_all()
+        logger.info("worker %s: stream %s closed, released %d sequences", self._info.name, stream.stream_id,
+                    len(leftover))
+
+    def active_streams(self) -> list[str]:
+        with self._streams_lock:
+            return sorted(self._streams)
+
+    def wait_streams(self, at_most: int, timeout_s: float) -> bool:
+        """Block until at most ``at_most`` streams are open (every ended stream's sequences released); False on
+        timeout."""
+        with self._streams_lock:
+            return self._streams_lock.wait_for(lambda: len(self._streams) <= at_most, timeout=timeout_s)
+
+    # ------------------------------------------------------------------------------------------- rpcs
+
+    def Step(self, request_iterator: Iterator[pb.StepRequest], context: grpc.ServicerContext):
+        stream = self._open_stream(context)
+        context.add_callback(lambda: self._close_stream(stream))  # cancellation may never resume this generator
+        try:
+            for request in request_iterator:
+                yield self._step(stream, request)
+        finally:
+            self._close_stream(stream)
+
+    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.RunnerInfo:
+        return wire.info_to_proto(self._info, pid=os.getpid())
+
+    def Sequences(self, request: pb.SequencesRequest, context: grpc.ServicerContext) -> pb.SequencesResponse:
+        live = self._runner.sequences()
+        if request.stream_id:
+            prefix = f"{request.stream_id}/"
+            live = {s[len(prefix) :]: n for s, n in live.items() if s.startswith(prefix)}
+        return pb.SequencesResponse(
+            sequences=[pb.SequenceLength(seq_id=s, length_tokens=n) for s, n in sorted(live.items())]
+        )
+
+    # ------------------------------------------------------------------------------------------- one step
+
+    def _stream_lengths(self, prefix: str) -> dict[str, int]:
+        return {s: n for s, n in self._runner.sequences().items() if s.startswith(prefix)}
+
+    def _step(self, stream: _Stream, request: pb.StepRequest) -> pb.StepResponse:
+        step_id = request.step_id
+        vocab = self._info.vocab_size
+        try:
+            plan, dtype = wire.request_to_plan(request)
+            wire.check_plan_limits(plan, vocab)
+            check_response_size(plan, vocab, dtype, self._max_message_bytes)
+        except _TooLarge as exc:
+            return wire.error_response(step_id, pb.StepError.CODE_RESOURCE_EXHAUSTED, str(exc))
+        except wire.WireError as exc:
+            return wire.error_response(step_id, pb.StepError.CODE_INVALID_ARGUMENT, str(exc))
+        if plan.is_empty():  # nothing for the model to do (a ping, or a step in which this model has no ops)
+            return wire.logits_response(step_id, [], dtype, vocab)
+        with self._runner_lock:
+            before = self._stream_lengths(stream.prefix)
+            try:
+                logits = self._runner.submit(scope_plan(plan, stream.prefix)).result()
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a response; the stream stays open
+                # a RunnerError is refused before anything changes (checked below); anything else may leave a half step
+                changed = not isinstance(exc, RunnerError) or self._stream_lengths(stream.prefix) != before
+                return self._failure(stream, step_id, exc, changed)
+        self.steps_served += 1
+        return wire.logits_response(step_id, logits, dtype, vocab)  # encoding runs outside the runner lock
+
+    def _failure(self, stream: _Stream, step_id: int, exc: Exception, changed: bool) -> pb.StepResponse:
+        message = str(exc).replace(stream.prefix, "")  # the client knows its seq ids without our scope
+        if isinstance(exc, RunnerUnavailable):
+            code = pb.StepError.CODE_UNAVAILABLE
+        elif isinstance(exc, RunnerError):
+            code = pb.StepError.CODE_INVALID_ARGUMENT
+        else:
+            code = pb.StepError.CODE_INTERNAL
+            logger.error("worker %s: step %d of stream %s failed", self._info.name, step_id, stream.stream_id,
+                         exc_info=exc)
+            message = f"{type(exc).__name__}: {message}"
+        return wire.error_response(step_id, code, message, sequences_changed=changed)
+
+
+class WorkerServer:
+    """A gRPC server (thread pool) serving worker.proto over ``runner``. Binds ``host:port`` (port 0: any free)."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_streams: int = 16,
+    ) -> None:
+        if max_streams < 1:
+            raise ValueError(f"max_streams={max_streams} must be >= 1")
+        options = grpc_channel_options(max_message_bytes)
+        self.runner = runner
+        self.host = host
+        self.servicer = _WorkerServicer(runner, max_message_bytes, max_streams)
+        # one thread per open stream, plus room for Describe/Sequences/health while every stream is busy
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_streams + 4, thread_name_prefix="worker-rpc"),
+            options=options,
+        )
+        worker_pb2_grpc.add_WorkerServicer_to_server(self.servicer, self._server)
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        bound = self._server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"worker server could not bind {host}:{port}")
+        self.port = bound
+        self._server.start()
+        for service in ("", HEALTH_SERVICE_NAME):
+            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._stopped = False
+        logger.info("worker %s serving on %s", runner.describe().name, self.address)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as a client dials it."""
+        return f"{self.host}:{self.port}"
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until no stream is open and every ended stream has released its sequences; False on timeout."""
+        return self.servicer.wait_streams(0, timeout_s)
+
+    def wait_streams(self, at_most: int, timeout_s: float) -> bool:
+        """Block until at most ``at_most`` streams are open; False on timeout."""
+        return self.servicer.wait_streams(at_most, timeout_s)
+
+    def stop(self, grace: float | None = 1.0, *, wait_s: float = 10.0) -> bool:
+        """Stop serving: health turns NOT_SERVING, new RPCs are refused, open streams are cancelled after ``grace``
+        seconds (their sequences released). Waits at most ``wait_s`` for running handlers (a handler stuck inside
+        the runner cannot be interrupted); returns whether shutdown completed. Idempotent; the runner stays open
+        (its owner closes it)."""
+        if self._stopped:
+            return True
+        self._stopped = True
+        self._health.enter_graceful_shutdown()
+        done = self._server.stop(grace).wait(timeout=wait_s)
+        if not done:
+            logger.warning("worker server %s: handlers still running %.1f s after stop", self.address, wait_s)
+        return done
