@@ -1,0 +1,26 @@
+"""Pure tensor math of logit fusion on [B, V]: recipes, DLF solvers, sampling, speculative acceptance.
+
+No models and no I/O here: every function takes fp32 log-probs (or raw logits) batched over rows and is testable
+on its own. ALGORITHMS.md sections 1-5 is the specification.
+"""
+
+from . import presets
+from .dlf import SOLVERS, dlf_loss, solve_alphas
+from .recipe import FusionResult, Recipe, fuse
+from .sampling import SamplingParams, make_generator, sample, to_probs
+from .speculative import speculative_accept
+
+__all__ = [
+    "Recipe",
+    "FusionResult",
+    "fuse",
+    "presets",
+    "SamplingParams",
+    "make_generator",
+    "sample",
+    "to_probs",
+    "dlf_loss",
+    "solve_alphas",
+    "speculative_accept",
+    "SOLVERS",
+]

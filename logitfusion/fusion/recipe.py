@@ -1,0 +1,204 @@
+"""Recipes (which models a fusion reads, with which weights) and fuse(): one decoding step of fusion on [B, V].
+
+Every method of ALGORITHMS.md sections 1-3 is one formula over log-probs:
+
+    fused = sum_m coeffs[m] * l_m  +  sum_t alpha_t * (l_{experts[t]} - l_{small})
+
+with fixed alphas (static: proxy-tuning, DExperts, lambda interpolation), no deltas at all (EFT, whose weights sit
+in coeffs), or alphas solved per row and step (DLF). Named constructors live in presets.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import torch
+
+from .dlf import SOLVERS, check_max_alpha, check_solver, prepare, solve_problem
+from .support import joint_log_probs, zero_filled
+
+logger = logging.getLogger(__name__)
+
+_UNSET = object()  # "not given" for with_overrides, so None can be passed on purpose
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_name(x: object) -> bool:
+    return isinstance(x, str) and x != ""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """fused = sum_m coeffs[m] * l_m  +  sum_t alpha_t * (l_{experts[t]} - l_{small})"""
+
+    name: str  # preset name or "custom"
+    coeffs: tuple[tuple[str, float], ...]  # fixed linear part, e.g. (("large", 1.0),); weights any finite real
+    experts: tuple[str, ...] = ()  # expert model names of the delta terms, in order
+    small: str | None = None  # small base subtracted in each delta (required if experts)
+    alphas: tuple[float, ...] = ()  # static alpha per expert (used when solver is None), each in [0, max_alpha]
+    solver: str | None = None  # None (static) | "grid" | "newton" | "joint": DLF, alphas solved per row and step
+    anchor: str | None = None  # DLF: the large base whose distribution is P (coeffs must be exactly ((anchor, 1.0),))
+    max_alpha: float = 2.0  # upper bound of every alpha, static or solved; in (0, 10]
+    method: str = "custom"  # recipe family (presets.METHODS), for listings; does not change the math
+
+    def __post_init__(self) -> None:
+        # Lists are accepted for convenience and stored as tuples so a recipe stays hashable.
+        for field in ("coeffs", "experts", "alphas"):
+            value = getattr(self, field)
+            if isinstance(value, list):
+                object.__setattr__(self, field, tuple(value))
+        if isinstance(self.coeffs, tuple):
+            fixed = tuple(tuple(c) if isinstance(c, list) else c for c in self.coeffs)
+            object.__setattr__(self, "coeffs", fixed)
+
+    def model_names(self) -> tuple[str, ...]:
+        """Every model this recipe reads, sorted."""
+        names = {n for n, _ in self.coeffs} | set(self.experts)
+        if self.experts and self.small is not None:
+            names.add(self.small)
+        return tuple(sorted(names))
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field and its limit."""
+        if not _is_name(self.name):
+            raise ValueError(f"name={self.name!r}: must be a non-empty string")
+        if not _is_name(self.method):
+            raise ValueError(f"method={self.method!r}: must be a non-empty string")
+        check_max_alpha(self.max_alpha)
+        _check_coeffs(self.coeffs)
+        _check_experts(self.experts, self.small)
+        _check_alphas(self.alphas, self.experts, self.solver, self.max_alpha)
+        _check_solver_fields(self)
+
+    def with_overrides(
+        self, *, solver=_UNSET, alphas=_UNSET, experts=_UNSET, max_alpha=_UNSET
+    ) -> Recipe:
+        """A validated copy with some fields replaced (per-request overrides from the serving layer).
+
+        Replacing the experts without alphas gives alpha 1.0 per expert (static) or none (DLF); turning a solver
+        on for a recipe whose only coeff is (m, 1.0) makes m the anchor.
+        """
+        changes: dict = {}
+        if experts is not _UNSET:
+            changes["experts"] = tuple(experts) if isinstance(experts, (list, tuple)) else experts
+        if alphas is not _UNSET:
+            changes["alphas"] = tuple(alphas) if isinstance(alphas, (list, tuple)) else alphas
+        if solver is not _UNSET:
+            changes["solver"] = solver
+        if max_alpha is not _UNSET:
+            changes["max_alpha"] = max_alpha
+        new = replace(self, **changes)
+        if alphas is _UNSET and isinstance(new.experts, tuple) and len(new.alphas) != len(new.experts):
+            new = replace(new, alphas=(1.0,) * len(new.experts) if new.solver is None else ())
+        if new.solver is not None and new.anchor is None and len(new.coeffs) == 1:
+            (only, weight), = new.coeffs
+            if weight == 1.0:
+                new = replace(new, anchor=only)
+        new.validate()
+        return new
+
+
+def _check_coeffs(coeffs: object) -> None:
+    if not isinstance(coeffs, tuple) or not coeffs:
+        raise ValueError(f"coeffs={coeffs!r}: must be a non-empty tuple of (model name, weight) pairs")
+    seen: set[str] = set()
+    for i, c in enumerate(coeffs):
+        if not (isinstance(c, tuple) and len(c) == 2 and _is_name(c[0]) and _is_real(c[1])):
+            raise ValueError(f"coeffs[{i}]={c!r}: must be a (model name, weight) pair")
+        if not math.isfinite(c[1]):
+            raise ValueError(f"coeffs[{i}]={c!r}: weight must be finite")
+        if c[0] in seen:
+            raise ValueError(f"coeffs[{i}]={c!r}: model {c[0]!r} appears twice")
+        seen.add(c[0])
+
+
+def _check_experts(experts: object, small: object) -> None:
+    if not isinstance(experts, tuple):
+        raise ValueError(f"experts={experts!r}: must be a tuple of model names")
+    for i, e in enumerate(experts):
+        if not _is_name(e):
+            raise ValueError(f"experts[{i}]={e!r}: must be a non-empty string")
+        if e in experts[:i]:
+            raise ValueError(f"experts[{i}]={e!r}: named twice")
+    if small is not None and not _is_name(small):
+        raise ValueError(f"small={small!r}: must be a non-empty string or None")
+    if experts and small is None:
+        raise ValueError("small=None: required when experts is not empty (each delta is l_expert - l_small)")
+    if small in experts:
+        raise ValueError(f"small={small!r}: must not also be an expert")
+
+
+def _check_alphas(alphas: object, experts: tuple, solver: object, max_alpha: float) -> None:
+    if not isinstance(alphas, tuple):
+        raise ValueError(f"alphas={alphas!r}: must be a tuple of floats")
+    if solver is None and len(alphas) != len(experts):
+        raise ValueError(
+            f"alphas={alphas!r}: has {len(alphas)} entries for {len(experts)} experts; give one alpha per expert"
+        )
+    if solver is not None and len(alphas) not in (0, len(experts)):
+        raise ValueError(f"alphas={alphas!r}: a DLF recipe solves its alphas; give none or one per expert")
+    for i, a in enumerate(alphas):
+        if not (_is_real(a) and math.isfinite(a) and 0.0 <= a <= max_alpha):
+            raise ValueError(f"alphas[{i}]={a!r}: must be finite and in [0, max_alpha={max_alpha}]")
+
+
+def _check_solver_fields(r: Recipe) -> None:
+    if r.solver is not None:
+        check_solver(r.solver)
+        if not r.experts:
+            raise ValueError(f"experts=(): solver={r.solver!r} needs at least one expert")
+        if r.anchor is None:
+            raise ValueError(f"anchor=None: required when solver={r.solver!r} (the large base whose distribution is P)")
+    if r.anchor is None:
+        return
+    if not _is_name(r.anchor):
+        raise ValueError(f"anchor={r.anchor!r}: must be a non-empty string or None")
+    if dict(r.coeffs).get(r.anchor) != 1.0:
+        raise ValueError(f"anchor={r.anchor!r}: must be in coeffs with weight 1.0, got coeffs={r.coeffs!r}")
+    if r.solver is not None and len(r.coeffs) != 1:
+        raise ValueError(
+            f"coeffs={r.coeffs!r}: a DLF recipe fuses exactly anchor + deltas, so coeffs must be "
+            f"(({r.anchor!r}, 1.0),)"
+        )
+
+
+@dataclass
+class FusionResult:
+    """One fused step for every row of the batch."""
+
+    logprobs: torch.Tensor  # [B, V] fused, renormalised log-probs; -inf where any read model masks the token
+    alphas: torch.Tensor  # [B, T] weight used per expert (static or solved); [B, 0] without experts
+    loss: torch.Tensor | None  # [B] DLF objective at the chosen alphas; None for static recipes
+
+
+def fuse(logits: Mapping[str, torch.Tensor], recipe: Recipe) -> FusionResult:
+    """Fuse one step. logits[name]: [B, V] raw logits or log-probs of every model the recipe reads."""
+    recipe.validate()
+    lp, mask = joint_log_probs(logits, recipe.model_names())  # {name: [B, V]}, [B, V]
+    B = mask.shape[0]
+    T = len(recipe.experts)
+    zero = {n: zero_filled(x, mask) for n, x in lp.items()}  # masked entries 0: no inf - inf below
+    loss = None
+    if T and recipe.solver is not None:
+        experts = torch.stack([lp[e] for e in recipe.experts])  # [T, B, V]
+        pb = prepare(lp[recipe.anchor], lp[recipe.small], experts, mask)
+        alphas, loss = solve_problem(pb, recipe.solver, recipe.max_alpha)  # [B, T], [B]
+    else:
+        dtype = next(iter(lp.values())).dtype
+        alphas = torch.tensor(recipe.alphas, dtype=dtype, device=mask.device).expand(B, T)  # [B, T]
+    scores = torch.zeros_like(zero[recipe.model_names()[0]])  # [B, V]
+    for name, weight in recipe.coeffs:
+        scores = scores + weight * zero[name]
+    for t, e in enumerate(recipe.experts):
+        scores = scores + alphas[:, t : t + 1] * (zero[e] - zero[recipe.small])
+    fused = torch.log_softmax(scores.masked_fill(mask, float("-inf")), dim=-1)  # [B, V]
+    return FusionResult(logprobs=fused, alphas=alphas.contiguous(), loss=loss)
+
+
+__all__ = ["Recipe", "FusionResult", "fuse", "SOLVERS"]
