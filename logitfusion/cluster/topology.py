@@ -302,7 +302,7 @@ def check_recipe_models(spec: RecipeSpec, models: tuple[ModelSpec, ...], where: 
 
 
 def build_recipe(spec: RecipeSpec, topo: Topology, name: str) -> Recipe:
-    """RecipeSpec -> fusion.Recipe through fusion.presets, then the recipe's own validation."""
+    """RecipeSpec -> fusion.Recipe through fusion.presets (which validates it), named after the preset."""
     from dataclasses import replace
 
     from logitfusion.fusion import presets
@@ -312,9 +312,11 @@ def build_recipe(spec: RecipeSpec, topo: Topology, name: str) -> Recipe:
     if spec.method == "single":
         recipe = presets.single(spec.model)
     elif spec.method == "proxy_tuning":
-        recipe = presets.proxy_tuning(large, small, experts[0], alpha=spec.alphas[0] if spec.alphas else 1.0)
+        alpha = spec.alphas[0] if spec.alphas else 1.0
+        recipe = presets.proxy_tuning(large, small, experts[0], alpha=alpha, max_alpha=spec.max_alpha)
     elif spec.method == "static":
-        recipe = presets.static(large, small, experts, alphas=list(spec.alphas) if spec.alphas else None)
+        alphas = list(spec.alphas) if spec.alphas else None
+        recipe = presets.static(large, small, experts, alphas=alphas, max_alpha=spec.max_alpha)
     elif spec.method == "eft_up":
         recipe = presets.eft_up(large, small, experts[0], beta=1.0 if spec.beta is None else spec.beta)
     elif spec.method == "eft_down":
@@ -323,11 +325,7 @@ def build_recipe(spec: RecipeSpec, topo: Topology, name: str) -> Recipe:
         recipe = presets.lambda_interp(large, small, experts[0], experts[1], spec.interp_lambda)
     else:  # dlf
         recipe = presets.dlf(large, small, experts, solver=spec.solver or "newton", max_alpha=spec.max_alpha)
-    if spec.method != "dlf" and recipe.max_alpha != spec.max_alpha:
-        recipe = replace(recipe, max_alpha=spec.max_alpha)
-    recipe = replace(recipe, name=name)
-    recipe.validate()
-    return recipe
+    return replace(recipe, name=name)
 
 
 def resolve_model_path(path: str, base_dir: Path) -> Path:

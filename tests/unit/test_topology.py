@@ -249,3 +249,29 @@ def test_yaml_text_with_comments_parses(tmp_path: Path):
     )
     topo = load_topology(cfg)
     assert topo.default_preset == "base" and topo.limits.max_concurrent_requests == 16
+
+
+def test_presets_build_fusion_recipes_named_after_the_preset():
+    topo = _topo()
+    proxy = topo.recipe("proxy_a")
+    assert proxy.name == "proxy_a" and proxy.method == "proxy_tuning"
+    assert proxy.coeffs == (("large", 1.0),) and proxy.experts == ("expert_a",) and proxy.small == "small"
+    assert proxy.alphas == (1.0,) and proxy.solver is None
+    multi = topo.recipe("dlf_multi")
+    assert multi.solver == "joint" and multi.experts == ("expert_a", "expert_b") and multi.anchor == "large"
+    down = topo.recipe("down_a")
+    assert down.model_names() == ("large", "large_ft_a", "small")
+    assert topo.recipe("large_base").model_names() == ("large",)
+
+
+def test_overrides_build_a_custom_recipe():
+    topo = _topo()
+    name, r = topo.resolve_recipe("dlf_multi", {"solver": "grid"})
+    assert name == "custom" and r.solver == "grid" and r.experts == ("expert_a", "expert_b")
+    name, r = topo.resolve_recipe("dlf_multi", {"solver": "static"})  # solving off: fixed alphas, same experts
+    assert r.solver is None and r.alphas == (1.0, 1.0) and r.experts == ("expert_a", "expert_b")
+    _, r = topo.resolve_recipe("proxy_a", {"method": "eft_up", "experts": ("expert_b",), "beta": 0.5})
+    assert r.method == "eft_up" and dict(r.coeffs) == {"expert_b": 1.0, "large": 0.5, "small": -0.5}
+    _, r = topo.resolve_recipe(None, {"alphas": (0.25,)})  # the default preset (proxy_a) with another alpha
+    assert r.alphas == (0.25,)
+    assert topo.resolve_recipe(None, {}) == ("proxy_a", topo.recipe("proxy_a"))

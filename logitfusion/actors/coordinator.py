@@ -1,0 +1,485 @@
+"""The Coordinator: one Decoder over the pipeline's runners, and the loop thread that drives it.
+
+    coordinator = Coordinator(runners, codec=TextCodec.from_tokenizer(tok), limits=topology.limits)
+    stream = coordinator.submit(request)             # Overloaded at once when max_concurrent_requests are running
+    for chunk in stream: ...                         # or `async for` in an event loop; one StreamChunk per step
+    coordinator.abort(request.request_id)            # client went away: its sequences are freed on every model
+
+One loop thread owns the Decoder's step: while there is work it admits new requests (they join the running batch at
+the next step), runs one batched step over every runner at once (RemoteRunners: one gRPC stream per worker, all
+called concurrently; the token chosen at step n travels in the plan of step n + 1), and hands each request's tokens
+to that request's own bounded stream. Submitting, aborting and consuming happen on any other thread (the Serve
+replica's event loop); none of them waits for a step. A request's deadline (limits.request_timeout_s) is enforced
+by the loop: the request is aborted and its stream ends with DeadlineExceeded.
+
+A runner that fails a step is retried (RemoteRunner has already reconnected to a restarted worker and replayed
+every sequence if it could); a runner that stays unavailable fails only the requests that read its model.
+No Ray and no protobuf here: the Serve deployment (cluster.serve_app) converts at the edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from logitfusion.cluster.topology import Limits
+from logitfusion.engine.decoder import (
+    FINISH_ABORT,
+    FINISH_LENGTH,
+    Decoder,
+    DecoderOverloaded,
+    GenerationRequest,
+    StepEvent,
+    StepFailed,
+)
+from logitfusion.engine.runner import ModelRunner, RunnerInfo, RunnerUnavailable
+from logitfusion.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FusionError,
+    InternalError,
+    InvalidRequest,
+    ModelUnavailable,
+    Overloaded,
+    classify,
+)
+
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 1.0  # longest sleep of an idle loop between deadline checks (it also wakes on every submit/abort)
+
+
+# ------------------------------------------------------------------------------------------------ public types
+
+
+@dataclass(frozen=True)
+class TextCodec:
+    """The shared tokenizer as the coordinator needs it."""
+
+    encode: Callable[[str], list[int]]  # text -> prompt ids (with BOS if the tokenizer adds one)
+    decode: Callable[[Sequence[int]], str]  # completion ids -> text (special tokens skipped)
+    eos_token_ids: tuple[int, ...] = ()  # default stop tokens
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> TextCodec:
+        """A transformers tokenizer -> codec (encode with the tokenizer's own special tokens, decode without)."""
+        eos = getattr(tokenizer, "eos_token_id", None)
+        return cls(
+            encode=lambda text: list(tokenizer.encode(text)),
+            decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True),
+            eos_token_ids=() if eos is None else (int(eos),),
+        )
+
+
+@dataclass(frozen=True)
+class TokenOut:
+    """One generated token."""
+
+    token_id: int
+    text: str  # the text it adds to the completion
+    index: int  # position in the completion, from 0
+
+
+@dataclass(frozen=True)
+class FinishInfo:
+    """How a request ended."""
+
+    reason: str  # "length" | "eos" | "stop"
+    text: str  # the whole completion text (stop string excluded)
+    stop: str  # the stop string that ended it ("" otherwise)
+    prompt_tokens: int
+    completion_tokens: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """What a request gets from one decoding step: its new tokens, the expert weights, and the end if it ended."""
+
+    request_id: str
+    step: int  # request-local step, from 0
+    tokens: tuple[TokenOut, ...]
+    weights: tuple[tuple[str, float], ...]  # (expert, alpha) in recipe order
+    finished: FinishInfo | None = None
+
+
+# ------------------------------------------------------------------------------------------------ per-request stream
+
+
+class RequestStream:
+    """The chunks of one request, in order. Thread-safe; iterate it (blocking) or ``async for`` it (event loop).
+
+    Bounded by construction: a request produces at most max_new_tokens chunks plus one end, and the capacity is that.
+    Iteration raises the request's FusionError if it failed (deadline, model unavailable, shutdown).
+    """
+
+    def __init__(self, request_id: str, capacity: int) -> None:
+        self.request_id = request_id
+        self.capacity = capacity
+        self._items: deque[StreamChunk | FusionError] = deque()
+        self._cond = threading.Condition()
+        self._ended = False  # the last item has been pushed
+        self._consumed_end = False
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    @property
+    def ended(self) -> bool:
+        """True once the request finished or failed (its last item is queued)."""
+        with self._cond:
+            return self._ended
+
+    def _push(self, item: StreamChunk | FusionError) -> None:
+        with self._cond:
+            if self._ended:
+                return
+            if len(self._items) >= self.capacity:  # cannot happen with the capacity the coordinator picks
+                item = InternalError(f"request {self.request_id}: stream capacity {self.capacity} exceeded")
+            self._items.append(item)
+            self._ended = isinstance(item, FusionError) or item.finished is not None
+            self._cond.notify_all()
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that loop is closed: nobody is waiting there any more
+                pass
+
+    def _pop(self) -> StreamChunk | FusionError | None:
+        """Next item, or None if none is queued yet. Raises StopIteration after the end."""
+        if self._items:
+            item = self._items.popleft()
+            if isinstance(item, FusionError) or item.finished is not None:
+                self._consumed_end = True
+            return item
+        if self._consumed_end:
+            raise StopIteration
+        return None
+
+    def get(self, timeout_s: float | None = None) -> StreamChunk:
+        """The next chunk (blocking). Raises the request's FusionError, StopIteration after the end, TimeoutError."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._items or self._consumed_end, timeout=timeout_s):
+                raise TimeoutError(f"request {self.request_id}: no chunk within {timeout_s} s")
+            item = self._pop()
+        if isinstance(item, FusionError):
+            raise item
+        return item  # type: ignore[return-value]
+
+    def __iter__(self) -> Iterator[StreamChunk]:
+        while True:
+            try:
+                yield self.get()
+            except StopIteration:
+                return
+
+    async def __aiter__(self):
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+        with self._cond:
+            self._waiters.append((loop, event))
+        try:
+            while True:
+                event.clear()
+                with self._cond:
+                    try:
+                        item = self._pop()
+                    except StopIteration:
+                        return
+                if item is None:
+                    await event.wait()
+                    continue
+                if isinstance(item, FusionError):
+                    raise item
+                yield item
+        finally:
+            with self._cond:
+                self._waiters.remove((loop, event))
+
+
+# ------------------------------------------------------------------------------------------------ the coordinator
+
+
+@dataclass
+class _Entry:
+    """The coordinator's book-keeping for one request."""
+
+    request: GenerationRequest
+    stream: RequestStream
+    models: frozenset[str]
+    deadline: float  # time.monotonic() after which the request is aborted
+    timeout_s: float  # the time it was given (for the message)
+    steps: int = 0  # chunks handed out
+    token_ids: list[int] = field(default_factory=list)  # the completion so far
+    text: str = ""  # its text so far
+    error: FusionError | None = None  # set when the coordinator aborts it on purpose
+
+
+class Coordinator:
+    """A Decoder over ``runners`` (model name -> ModelRunner), stepped by one loop thread. See the module docstring.
+
+    codec: the shared tokenizer (encode prompts, decode completions, EOS). limits: admission and per-request limits.
+    max_step_retries: consecutive failed steps of one runner tolerated before its requests fail.
+    """
+
+    def __init__(
+        self,
+        runners: Mapping[str, ModelRunner],
+        *,
+        codec: TextCodec,
+        limits: Limits,
+        max_step_retries: int = 3,
+        name: str = "coordinator",
+    ) -> None:
+        if max_step_retries < 0:
+            raise ValueError(f"max_step_retries={max_step_retries} must be >= 0")
+        self.name = name
+        self.limits = limits
+        self.codec = codec
+        self.runners = dict(runners)
+        # The Decoder checks the vocabularies (ValueError naming both models) before anything is admitted.
+        self.decoder = Decoder(
+            self.runners,
+            eos_token_ids=codec.eos_token_ids,
+            decode_fn=codec.decode,
+            max_batch_size=limits.max_batch_size,
+            max_new_tokens_limit=limits.max_new_tokens,
+            max_waiting_requests=limits.max_concurrent_requests,
+        )
+        self.max_step_retries = max_step_retries
+        self._cv = threading.Condition()
+        self._entries: dict[str, _Entry] = {}
+        self._aborts: dict[str, FusionError | None] = {}  # request id -> why (None: the client went away)
+        self._failures: dict[str, int] = {}  # model -> consecutive failed steps
+        self._closed = False
+        self._ids = itertools.count(1)
+        self.steps_run = 0
+        self._thread = threading.Thread(target=self._run, name=f"{name}-loop", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------------- queries
+
+    def models(self) -> dict[str, RunnerInfo]:
+        return {name: r.describe() for name, r in self.runners.items()}
+
+    def active_requests(self) -> list[str]:
+        with self._cv:
+            return sorted(self._entries)
+
+    def sequences(self) -> dict[str, dict[str, int]]:
+        """model -> that runner's live sequences (seq id -> cached tokens); all empty when nothing leaks."""
+        return {name: r.sequences() for name, r in self.runners.items()}
+
+    def new_request_id(self) -> str:
+        return f"{self.name}-{next(self._ids)}"
+
+    # ------------------------------------------------------------------------------------------- requests
+
+    def submit(self, request: GenerationRequest, *, timeout_s: float | None = None) -> RequestStream:
+        """Admit a request; it joins the running batch at the next step. Raises Overloaded at once when
+        max_concurrent_requests requests are running or waiting, InvalidRequest (or the Decoder's ValueError, which
+        names the field and the limit) for a bad request, ModelUnavailable after close()."""
+        timeout = self.limits.request_timeout_s if timeout_s is None else min(timeout_s, self.limits.request_timeout_s)
+        rid = request.request_id
+        with self._cv:
+            if self._closed:
+                raise ModelUnavailable("the pipeline is shutting down")
+            if len(self._entries) >= self.limits.max_concurrent_requests:
+                raise Overloaded(
+                    f"{len(self._entries)} requests are running, the limit max_concurrent_requests is "
+                    f"{self.limits.max_concurrent_requests}; retry later"
+                )
+            if rid in self._entries:
+                raise InvalidRequest(f"request_id: {rid!r} is already in use by a running request", field="request_id")
+            stream = RequestStream(rid, capacity=request.max_new_tokens + 2)
+            models = frozenset(request.recipe.model_names()) | (
+                {request.speculative.draft_model} if request.speculative else frozenset()
+            )
+            self._entries[rid] = _Entry(request, stream, frozenset(models), time.monotonic() + timeout, timeout)
+        try:
+            self.decoder.add_request(request)
+        except DecoderOverloaded as exc:
+            self._drop(rid)
+            raise Overloaded(str(exc)) from None
+        except BaseException:
+            self._drop(rid)
+            raise
+        with self._cv:
+            self._cv.notify_all()
+        logger.debug("request %s admitted (%d running)", rid, len(self._entries))
+        return stream
+
+    def abort(self, request_id: str, error: FusionError | None = None) -> bool:
+        """Stop a request and free its sequences on every runner (done by the loop thread, never blocking the
+        caller). ``error`` ends its stream with that error; None (client went away) just ends it."""
+        with self._cv:
+            entry = self._entries.get(request_id)
+            if entry is None or entry.stream.ended:
+                return False
+            self._aborts[request_id] = error
+            self._cv.notify_all()
+        return True
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Fail every request (ModelUnavailable), free their sequences, stop the loop. Runners stay open."""
+        with self._cv:
+            if self._closed:
+                return
+            for rid in self._entries:
+                self._aborts.setdefault(rid, ModelUnavailable("the pipeline is shutting down"))
+            self._cv.notify_all()
+        deadline = time.monotonic() + timeout_s
+        with self._cv:  # let the loop retire the aborts (frees the sequences) before it stops
+            self._cv.wait_for(lambda: not self._entries, timeout=max(0.0, deadline - time.monotonic()))
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=max(0.1, deadline - time.monotonic()))
+
+    # ------------------------------------------------------------------------------------------- the loop
+
+    def _drop(self, rid: str) -> None:
+        with self._cv:
+            self._entries.pop(rid, None)
+            self._cv.notify_all()
+
+    def _wait_for_work(self) -> bool:
+        """Sleep until there is something to do; False when the coordinator is closed."""
+        with self._cv:
+            while not self._closed and not self._aborts and not self.decoder.has_work():
+                self._expire_locked()
+                if self._aborts:
+                    break
+                self._cv.wait(timeout=_IDLE_WAIT_S)
+            return not self._closed
+
+    def _expire_locked(self) -> None:
+        now = time.monotonic()
+        for rid, e in self._entries.items():
+            if now >= e.deadline and rid not in self._aborts and not e.stream.ended:
+                self._aborts[rid] = DeadlineExceeded(
+                    f"request {rid} ran longer than its timeout of {e.timeout_s:g} s "
+                    f"(limits.request_timeout_s is {self.limits.request_timeout_s:g} s)"
+                )
+
+    def _run(self) -> None:
+        logger.info("%s: loop started over models %s", self.name, sorted(self.runners))
+        while self._wait_for_work():
+            try:
+                self._retire_aborts()
+                events = self.decoder.step()
+            except StepFailed as exc:
+                self._on_step_failed(exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a bug must not kill the loop: fail what is running
+                logger.exception("%s: step failed unexpectedly", self.name)
+                self._fail_models(set(self.runners), classify(exc))
+                continue
+            self.steps_run += 1
+            self._failures.clear()
+            self._dispatch(events)
+        logger.info("%s: loop stopped", self.name)
+
+    def _retire_aborts(self) -> None:
+        with self._cv:
+            self._expire_locked()
+            aborts, self._aborts = self._aborts, {}
+        for rid, error in aborts.items():
+            with self._cv:
+                entry = self._entries.get(rid)
+                if entry is None:
+                    continue
+                entry.error = error
+            if error is not None:
+                entry.stream._push(error)  # the client learns at once; the Decoder's final event is swallowed
+            logger.info("request %s aborted: %s", rid, error or "client went away")
+            try:
+                known = self.decoder.abort(rid)  # frees its sequences now (no step is running: we are the loop)
+            except StepFailed as exc:  # the request is retired; its release on that runner is retried next step
+                logger.warning("%s: releasing %s on %s failed: %s", self.name, rid, exc.model, exc.cause)
+                known = True
+            if not known:
+                self._drop(rid)  # already finished inside the Decoder: nothing left to free
+
+    def _on_step_failed(self, exc: StepFailed) -> None:
+        """Retry the step (its requests stay live), or fail the requests of a runner that stays down."""
+        n = self._failures.get(exc.model, 0) + 1
+        self._failures[exc.model] = n
+        if isinstance(exc.cause, RunnerUnavailable) or n > self.max_step_retries:
+            logger.error("%s: model %s failed %d step(s): %s", self.name, exc.model, n, exc.cause)
+            self._failures.pop(exc.model, None)
+            self._fail_models({exc.model}, ModelUnavailable(f"model {exc.model!r} is unavailable: {exc.cause}"))
+        else:
+            logger.warning("%s: model %s failed a step (%d/%d), retrying: %s", self.name, exc.model, n,
+                           self.max_step_retries, exc.cause)
+
+    def _fail_models(self, models: set[str], error: FusionError) -> None:
+        """Abort every request that reads one of ``models`` with ``error``."""
+        with self._cv:
+            doomed = [rid for rid, e in self._entries.items() if e.models & models and not e.stream.ended]
+            for rid in doomed:
+                self._aborts[rid] = error
+        self._retire_aborts()
+        if isinstance(error, ModelUnavailable):
+            for m in models:  # forget what the dead runner held: its releases would stall every later step
+                self.decoder.resync(m)
+
+    def _dispatch(self, events: Sequence[StepEvent]) -> None:
+        """Group the step's events per request into one chunk each and hand them out."""
+        by_request: dict[str, list[StepEvent]] = {}
+        for ev in events:
+            by_request.setdefault(ev.request_id, []).append(ev)
+        for rid, evs in by_request.items():
+            with self._cv:
+                entry = self._entries.get(rid)
+            if entry is None:
+                continue
+            chunk = self._chunk(entry, evs)
+            if chunk is not None and entry.error is None:
+                entry.stream._push(chunk)
+            if evs[-1].finished:
+                # aborted because the client went away: end the stream for anyone still holding it
+                entry.stream._push(Cancelled(f"request {rid} was cancelled"))
+                self._drop(rid)
+
+    def _chunk(self, entry: _Entry, evs: Sequence[StepEvent]) -> StreamChunk | None:
+        """One request's events of one step -> its chunk (None for a bare abort event)."""
+        tokens = []
+        for ev in evs:
+            if ev.token_id is None:
+                continue
+            tokens.append(TokenOut(ev.token_id, ev.text_delta, len(entry.token_ids)))
+            entry.token_ids.append(ev.token_id)
+            entry.text += ev.text_delta
+        last = evs[-1]
+        if not tokens:
+            return None
+        weights = tuple(zip(entry.request.recipe.experts, last.alphas))
+        finished = self._finish_info(entry, last.finish_reason) if last.finished else None
+        chunk = StreamChunk(entry.request.request_id, entry.steps, tuple(tokens), weights, finished)
+        entry.steps += 1
+        return chunk
+
+    def _finish_info(self, entry: _Entry, reason: str | None) -> FinishInfo | None:
+        """The Decoder's finish reason -> ours: "length", "eos" (a stop token) or "stop" (a stop string)."""
+        if reason is None or reason == FINISH_ABORT:
+            return None
+        req = entry.request
+        stop = ""
+        if reason == FINISH_LENGTH:
+            kind = "length"
+        elif entry.token_ids[-1] in self._stop_ids(req):
+            kind = "eos"
+        else:
+            kind = "stop"
+            full = self.codec.decode(entry.token_ids)
+            stop = next((s for s in req.stop_strings if full.startswith(s, len(entry.text))), "")
+        return FinishInfo(kind, entry.text, stop, len(req.prompt_ids), len(entry.token_ids), entry.steps + 1)
+
+    def _stop_ids(self, req: GenerationRequest) -> tuple[int, ...]:
+        return tuple(req.stop_token_ids) if req.stop_token_ids is not None else self.codec.eos_token_ids
