@@ -120,7 +120,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     """The vocabulary fingerprint of a tokenizer (logitfusion.models.vocab)."""
     from logitfusion.models import vocab
 
-    return vocab.fingerprint(tokenizer)
+    return vocab.vocab_fingerprint(tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------------------

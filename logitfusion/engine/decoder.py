@@ -1,0 +1,731 @@
+"""The Decoder: continuous batching of fused requests over any set of ModelRunners.
+
+One step, for every live request at once:
+  plan     per runner, one StepPlan: prefill of newly admitted requests, the last chosen token of running ones,
+           truncates after a speculative rollback, releases of finished and aborted ones;
+  execute  submit every plan, then wait on every future: the models run concurrently;
+  fuse     group rows by recipe, fuse (the DLF weights are solved per row) and sample with each request's own
+           seeded generator (speculative requests: accept or reject the drafted tokens);
+  update   append the tokens, check the stops, emit one StepEvent per token.
+
+A request reads only the models of its recipe (plus its draft model when speculative): a request for the large
+base alone never touches an expert. Each model may see its own prompt (``model_prompts``, e.g. a chat template or
+few-shot examples for the large model); all share the generated continuation.
+
+The Decoder keeps, per request and model, how many tokens the runner holds (``held``) and how many of those are
+still right (``valid``); a plan sends the missing suffix of the model's history, so a prefill, a decode step, the
+catch-up after a speculative rollback and the re-send after a worker restart (``resync``) are one code path.
+
+Threads: ``step()`` is driven by one loop thread; ``add_request`` and ``abort`` may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from logitfusion.engine.runner import ExtendOp, ModelRunner, RunnerInfo, StepPlan, Want
+from logitfusion.fusion import Recipe, SamplingParams, fuse, make_generator, sample, speculative_accept, to_probs
+
+logger = logging.getLogger(__name__)
+
+FINISH_STOP = "stop"  # a stop token (EOS by default) or a stop string
+FINISH_LENGTH = "length"  # max_new_tokens reached
+FINISH_ABORT = "abort"  # abort(request_id)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public types
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative fused decoding (ALGORITHMS.md s.5): a small model drafts, every other model verifies at once."""
+
+    draft_model: str  # the model that proposes tokens (usually a small expert of the recipe)
+    num_draft_tokens: int = 4  # k: tokens drafted per step (the starting k when adaptive)
+    adaptive: bool = False  # grow k after a fully accepted draft, shrink it after a mostly rejected one
+    max_draft_tokens: int = 8  # upper bound of k when adaptive
+
+    def validate(self) -> None:
+        if not self.draft_model:
+            raise ValueError("speculative.draft_model must name a model")
+        if not 1 <= self.num_draft_tokens <= 64:
+            raise ValueError(f"speculative.num_draft_tokens={self.num_draft_tokens} must be in 1..64")
+        if not self.num_draft_tokens <= self.max_draft_tokens <= 64:
+            raise ValueError(
+                f"speculative.max_draft_tokens={self.max_draft_tokens} must be in "
+                f"num_draft_tokens ({self.num_draft_tokens})..64"
+            )
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One fused generation."""
+
+    request_id: str
+    prompt_ids: Sequence[int]  # the prompt every model sees unless model_prompts overrides it
+    recipe: Recipe
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int = 64
+    stop_strings: tuple[str, ...] = ()  # needs the Decoder's decode_fn
+    stop_token_ids: tuple[int, ...] | None = None  # None -> the Decoder's eos_token_ids; () -> none
+    model_prompts: Mapping[str, Sequence[int]] = field(default_factory=dict)  # model name -> its own prompt
+    speculative: SpeculativeConfig | None = None
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One generated token of one request (or the end of an aborted request, with token_id None)."""
+
+    request_id: str
+    token_id: int | None
+    text_delta: str  # new text since the last event ("" without a decode_fn)
+    alphas: tuple[float, ...]  # the fusion weight of each recipe expert for this token
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    step: int  # the Decoder step that produced the event
+
+
+@dataclass
+class GenerationResult:
+    """A finished request."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    weights: list[list[float]]  # [steps][T]: the alphas of every generated token
+    experts: tuple[str, ...]  # the names of the T experts, in weights' column order
+    num_steps: int  # Decoder steps the request took part in
+    num_drafted_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / drafted tokens (None when nothing was drafted)."""
+        return self.num_accepted_tokens / self.num_drafted_tokens if self.num_drafted_tokens else None
+
+
+class DecoderOverloaded(RuntimeError):
+    """The waiting queue is full; retry later."""
+
+
+class StepFailed(RuntimeError):
+    """A runner failed during a step. The step's tokens were not emitted; the requests stay live, so the caller
+    can retry the step (after ``resync(model)`` if that model lost its caches) or abort them."""
+
+    def __init__(self, model: str, cause: BaseException) -> None:
+        super().__init__(f"runner {model!r} failed: {cause}")
+        self.model = model
+        self.cause = cause
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-request state
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Live:
+    request: GenerationRequest
+    models: tuple[str, ...]  # every model the request reads: the recipe's, plus the draft model
+    prompts: dict[str, tuple[int, ...]]  # model -> its prompt
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None
+    keep_result: bool
+    draft_k: int = 0  # current k (0: not speculative)
+    generated: list[int] = field(default_factory=list)
+    weights: list[list[float]] = field(default_factory=list)
+    held: dict[str, int] = field(default_factory=dict)  # model -> tokens the runner holds for this request
+    valid: dict[str, int] = field(default_factory=dict)  # model -> of those, the prefix that is still right
+    text: str = ""  # text emitted so far
+    finish_reason: str | None = None
+    num_steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def rid(self) -> str:
+        return self.request.request_id
+
+    def history(self, model: str) -> tuple[int, ...]:
+        """What the model should have cached for this request: its prompt and every generated token."""
+        return self.prompts[model] + tuple(self.generated)
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            request_id=self.rid,
+            token_ids=list(self.generated),
+            text=self.text,
+            finish_reason=self.finish_reason or FINISH_ABORT,
+            weights=[list(w) for w in self.weights],
+            experts=tuple(self.request.recipe.experts),
+            num_steps=self.num_steps,
+            num_drafted_tokens=self.drafted,
+            num_accepted_tokens=self.accepted,
+        )
+
+
+@dataclass
+class _Draft:
+    """What the draft model proposed for one request in this step."""
+
+    k: int  # tokens to draft
+    tokens: list[int] = field(default_factory=list)  # y_1..y_k
+    raw: list[torch.Tensor] = field(default_factory=list)  # the draft's logits before each y_i: k x [V]
+    q: list[torch.Tensor] = field(default_factory=list)  # the draft's sampling distribution before each y_i
+
+
+@dataclass
+class _Round:
+    """The ops of one round of runner calls, per model, and whose rows each extend carries."""
+
+    extends: dict[str, list[ExtendOp]] = field(default_factory=dict)
+    truncates: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    releases: dict[str, list[str]] = field(default_factory=dict)
+    owners: dict[str, list[tuple[_Live, int, int]]] = field(default_factory=dict)  # (request, new held, rows kept)
+
+    def plans(self) -> dict[str, StepPlan]:
+        names = set(self.extends) | set(self.truncates) | set(self.releases)
+        return {
+            m: StepPlan(
+                extends=tuple(self.extends.get(m, ())),
+                truncates=tuple(self.truncates.get(m, ())),
+                releases=tuple(self.releases.get(m, ())),
+            )
+            for m in sorted(names)
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small pure helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _find_stop(text: str, stops: Sequence[str], start: int) -> int:
+    """The earliest index >= start - (longest stop - 1) where a stop string begins in text, or -1."""
+    if not stops:
+        return -1
+    lo = max(0, start - max(len(s) for s in stops) + 1)
+    hits = [i for i in (text.find(s, lo) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def _adapt_k(k: int, accepted: int, cfg: SpeculativeConfig) -> int:
+    """Adaptive draft length: one more after a fully accepted draft, one fewer after accepting less than half."""
+    if accepted == k:
+        return min(k + 1, cfg.max_draft_tokens)
+    if accepted < k // 2:
+        return max(1, k - 1)
+    return k
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Decoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Decoder:
+    """Fused decoding with continuous batching over ``runners`` (model name -> ModelRunner).
+
+    eos_token_ids: the default stop tokens. decode_fn: token ids -> text, for text output and stop strings.
+    max_batch_size: requests decoded at once (the rest wait, first come first served). max_new_tokens_limit: the
+    largest max_new_tokens a request may ask for. max_waiting_requests: the queue bound (DecoderOverloaded beyond).
+    """
+
+    def __init__(
+        self,
+        runners: Mapping[str, ModelRunner],
+        *,
+        eos_token_ids: Iterable[int] = (),
+        decode_fn: Callable[[Sequence[int]], str] | None = None,
+        max_batch_size: int = 16,
+        max_new_tokens_limit: int = 1024,
+        max_waiting_requests: int = 1024,
+    ) -> None:
+        if not runners:
+            raise ValueError("runners must name at least one model")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
+        if max_new_tokens_limit < 1:
+            raise ValueError(f"max_new_tokens_limit={max_new_tokens_limit} must be >= 1")
+        if max_waiting_requests < 1:
+            raise ValueError(f"max_waiting_requests={max_waiting_requests} must be >= 1")
+        self._runners = dict(runners)
+        self._info: dict[str, RunnerInfo] = {name: r.describe() for name, r in self._runners.items()}
+        self.vocab_size = self._check_vocabularies(self._info)
+        self._eos = tuple(int(t) for t in eos_token_ids)
+        bad = [t for t in self._eos if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"eos_token_ids has {bad[0]} outside 0..{self.vocab_size - 1}")
+        self._decode = decode_fn
+        self.max_batch_size = max_batch_size
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self.max_waiting_requests = max_waiting_requests
+
+        self._lock = threading.Lock()  # guards _waiting, _aborts, _outbox, _ids (touched by other threads)
+        self._step_lock = threading.Lock()  # one step (or release flush) at a time
+        self._waiting: deque[tuple[GenerationRequest, bool]] = deque()
+        self._aborts: set[str] = set()
+        self._outbox: list[StepEvent] = []
+        self._ids: set[str] = set()  # every request id not finished yet (waiting or live)
+        self._live: dict[str, _Live] = {}  # admission order
+        self._releases: dict[str, set[str]] = {m: set() for m in self._runners}  # model -> seq ids to free
+        self._results: dict[str, GenerationResult] = {}
+        self._step = 0
+
+    @staticmethod
+    def _check_vocabularies(info: Mapping[str, RunnerInfo]) -> int:
+        names = sorted(info)
+        first = info[names[0]]
+        for name in names[1:]:
+            other = info[name]
+            if other.vocab_fingerprint != first.vocab_fingerprint:
+                raise ValueError(
+                    f"models {names[0]!r} and {name!r} have different vocabularies (fingerprints "
+                    f"{first.vocab_fingerprint[:12]}.. vs {other.vocab_fingerprint[:12]}..): fusion needs one tokenizer"
+                )
+            if other.vocab_size != first.vocab_size:
+                raise ValueError(
+                    f"models {names[0]!r} and {name!r} report vocab_size {first.vocab_size} vs {other.vocab_size}"
+                )
+        return first.vocab_size
+
+    # ------------------------------------------------------------------------------------------------ requests
+
+    def add_request(self, request: GenerationRequest, *, keep_result: bool = False) -> None:
+        """Validate and queue a request; it joins the batch at the next step.
+
+        keep_result: keep its GenerationResult for ``take_result`` when it finishes.
+        """
+        self._validate(request)
+        with self._lock:
+            if request.request_id in self._ids:
+                raise ValueError(f"request_id {request.request_id!r} is already in use by an unfinished request")
+            if len(self._waiting) >= self.max_waiting_requests:
+                raise DecoderOverloaded(
+                    f"{len(self._waiting)} requests are waiting (max_waiting_requests={self.max_waiting_requests})"
+                )
+            self._ids.add(request.request_id)
+            self._waiting.append((request, keep_result))
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its caches on every runner. Returns False if it is unknown or finished.
+
+        The caches are freed at once when no step is running, else by the next step; either way the next step
+        returns the request's final event (finish_reason "abort").
+        """
+        with self._lock:
+            if request_id not in self._ids:
+                return False
+            self._aborts.add(request_id)
+        if self._step_lock.acquire(blocking=False):
+            try:
+                self._retire_aborted()
+                self._flush_releases()
+            finally:
+                self._step_lock.release()
+        return True
+
+    def has_work(self) -> bool:
+        """True while a step() call would do anything: requests to run, events to hand out or caches to free."""
+        with self._lock:
+            if self._waiting or self._aborts or self._outbox:
+                return True
+        return bool(self._live) or any(self._releases.values())
+
+    def live_request_ids(self) -> list[str]:
+        """Ids of every unfinished request, running or waiting."""
+        with self._lock:
+            return sorted(self._ids)
+
+    def take_result(self, request_id: str) -> GenerationResult | None:
+        """The result of a finished request added with keep_result=True (once)."""
+        with self._lock:
+            return self._results.pop(request_id, None)
+
+    def resync(self, model: str) -> None:
+        """Forget what ``model`` holds (e.g. its worker restarted empty): the next step re-sends every history."""
+        if model not in self._runners:
+            raise ValueError(f"unknown model {model!r}; known: {sorted(self._runners)}")
+        with self._step_lock:
+            for live in self._live.values():
+                if model in live.held:
+                    live.held[model] = live.valid[model] = 0
+            self._releases[model].clear()
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Run the given requests to completion (with any already queued) and return their results in order."""
+        for req in requests:
+            self.add_request(req, keep_result=True)
+        wanted = [r.request_id for r in requests]
+        results: dict[str, GenerationResult] = {}
+        try:
+            while len(results) < len(wanted):
+                for ev in self.step():
+                    if ev.finished and ev.request_id in wanted:
+                        res = self.take_result(ev.request_id)
+                        if res is not None:
+                            results[ev.request_id] = res
+        except BaseException:
+            for rid in wanted:
+                if rid not in results:
+                    self.abort(rid)
+            raise
+        return [results[rid] for rid in wanted]
+
+    # ------------------------------------------------------------------------------------------------ validation
+
+    def _validate(self, req: GenerationRequest) -> None:
+        """Raise ValueError naming the field and the limit."""
+        if not isinstance(req.request_id, str) or not req.request_id:
+            raise ValueError("request_id must be a non-empty string")
+        if not isinstance(req.recipe, Recipe):
+            raise ValueError(f"recipe must be a fusion.Recipe, got {type(req.recipe).__name__}")
+        req.recipe.validate()
+        if not isinstance(req.sampling, SamplingParams):
+            raise ValueError(f"sampling must be a fusion.SamplingParams, got {type(req.sampling).__name__}")
+        req.sampling.validate()
+        models = set(req.recipe.model_names())
+        unknown = sorted(models - set(self._runners))
+        if unknown:
+            raise ValueError(f"recipe {req.recipe.name!r} reads unknown models {unknown}; known: {sorted(self._runners)}")
+        if req.speculative is not None:
+            req.speculative.validate()
+            if req.speculative.draft_model not in self._runners:
+                raise ValueError(
+                    f"speculative.draft_model {req.speculative.draft_model!r} is unknown; known: {sorted(self._runners)}"
+                )
+            models.add(req.speculative.draft_model)
+        if not isinstance(req.max_new_tokens, int) or not 1 <= req.max_new_tokens <= self.max_new_tokens_limit:
+            raise ValueError(f"max_new_tokens={req.max_new_tokens} must be in 1..{self.max_new_tokens_limit}")
+        self._check_ids("prompt_ids", req.prompt_ids)
+        stray = sorted(set(req.model_prompts) - models)
+        if stray:
+            raise ValueError(f"model_prompts names {stray}, which the request does not read (it reads {sorted(models)})")
+        for name, ids in req.model_prompts.items():
+            self._check_ids(f"model_prompts[{name!r}]", ids)
+        for name in sorted(models):
+            n = len(req.model_prompts.get(name, req.prompt_ids))
+            limit = self._info[name].max_length_tokens
+            if n + req.max_new_tokens > limit:
+                raise ValueError(
+                    f"prompt ({n} tokens for model {name!r}) + max_new_tokens ({req.max_new_tokens}) exceeds "
+                    f"{name!r} max_length_tokens={limit}"
+                )
+        if req.stop_strings:
+            if self._decode is None:
+                raise ValueError("stop_strings need a Decoder with a decode_fn")
+            if any(not isinstance(s, str) or not s for s in req.stop_strings):
+                raise ValueError("stop_strings must be non-empty strings")
+        if req.stop_token_ids is not None:
+            bad = [t for t in req.stop_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"stop_token_ids has {bad[0]!r} outside 0..{self.vocab_size - 1}")
+
+    def _check_ids(self, name: str, ids: Sequence[int]) -> None:
+        if len(ids) == 0:
+            raise ValueError(f"{name} must not be empty")
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"{name} has token id {bad[0]!r} outside 0..{self.vocab_size - 1}")
+
+    # ------------------------------------------------------------------------------------------------ the step
+
+    def step(self) -> list[StepEvent]:
+        """One fused decoding step for every live request: plan -> execute -> fuse and sample -> update."""
+        with self._step_lock:
+            self._step += 1
+            self._retire_aborted()
+            self._admit()
+            try:
+                drafts = self._draft()  # speculative requests: the draft model proposes k tokens
+                logits = self._execute(self._plan(drafts))  # every model, one plan each, concurrently
+            except StepFailed:
+                self._forget_drafts()
+                raise
+            events = self._fuse_and_update(logits, drafts)  # fuse + solve + sample, append, stop
+            if not self._live:
+                self._flush_releases()  # an idle decoder holds no cache anywhere
+            with self._lock:
+                events, self._outbox = self._outbox + events, []
+            return events
+
+    def _forget_drafts(self) -> None:
+        """After a failed step: drafted tokens a runner may hold are not part of any history."""
+        for live in self._live.values():
+            for m in live.models:
+                live.valid[m] = min(live.valid[m], len(live.prompts[m]) + len(live.generated))
+
+    def _retire_aborted(self) -> None:
+        """Take aborted requests out (waiting or live); their caches go on the release lists, their final
+        events into the outbox that the next step hands out."""
+        with self._lock:
+            aborts, self._aborts = self._aborts, set()
+            kept = deque((r, k) for r, k in self._waiting if r.request_id not in aborts)
+            dropped = [r.request_id for r, _ in self._waiting if r.request_id in aborts]
+            self._waiting = kept
+        events = []
+        for rid in dropped:
+            events.append(StepEvent(rid, None, "", (), True, FINISH_ABORT, self._step))
+            with self._lock:
+                self._ids.discard(rid)
+        for rid in sorted(aborts):
+            live = self._live.get(rid)
+            if live is not None:
+                live.finish_reason = FINISH_ABORT
+                self._finish(live)
+                events.append(StepEvent(rid, None, "", (), True, FINISH_ABORT, self._step))
+        with self._lock:
+            self._outbox.extend(events)
+
+    def _admit(self) -> None:
+        """Move waiting requests into the batch, up to max_batch_size."""
+        with self._lock:
+            while self._waiting and len(self._live) < self.max_batch_size:
+                req, keep = self._waiting.popleft()
+                self._live[req.request_id] = self._new_live(req, keep)
+                logger.debug("step %d: admitted request %s", self._step, req.request_id)
+
+    def _new_live(self, req: GenerationRequest, keep: bool) -> _Live:
+        models = set(req.recipe.model_names())
+        k = 0
+        if req.speculative is not None:
+            models.add(req.speculative.draft_model)
+            k = req.speculative.num_draft_tokens
+        gen = make_generator(req.sampling)  # None (the global RNG) for an unseeded request
+        prompts = {m: tuple(int(t) for t in req.model_prompts.get(m, req.prompt_ids)) for m in models}
+        stops = req.stop_token_ids if req.stop_token_ids is not None else self._eos
+        return _Live(
+            request=req,
+            models=tuple(sorted(models)),
+            prompts=prompts,
+            stop_ids=frozenset(stops),
+            generator=gen,
+            keep_result=keep,
+            draft_k=k,
+            held={m: 0 for m in models},
+            valid={m: 0 for m in models},
+        )
+
+    # ------------------------------------------------------------------------------------------------ planning
+
+    def _draft_k(self, live: _Live) -> int:
+        """Tokens to draft this step: never past max_new_tokens (a verified draft emits up to k + 1 tokens)."""
+        if live.request.speculative is None:
+            return 0
+        return max(0, min(live.draft_k, live.request.max_new_tokens - len(live.generated) - 1))
+
+    def _add_extend(self, rnd: _Round, live: _Live, model: str, seq: Sequence[int], want: Want, rows: int) -> None:
+        """Bring ``model``'s cache of ``live`` to ``seq`` with one extend (after a truncate if it holds stale
+        tokens), keeping the logits of the last ``rows`` positions. At least ``rows`` tokens are always sent, so a
+        model that is already further (after a failed step, say) re-sends its last tokens to give logits again."""
+        start = min(live.valid[model], len(seq) - rows)
+        if live.held[model] > start:
+            rnd.truncates.setdefault(model, []).append((live.rid, start))
+        tokens = tuple(seq[start:])
+        rnd.extends.setdefault(model, []).append(ExtendOp(live.rid, tokens, want))
+        rnd.owners.setdefault(model, []).append((live, start + len(tokens), rows))
+
+    def _plan(self, drafts: Mapping[str, _Draft]) -> _Round:
+        """The main round: every row's extends, speculative verifies, and the pending releases."""
+        rnd = _Round()
+        for model, ids in self._releases.items():
+            if ids:
+                rnd.releases[model] = sorted(ids)
+        for live in self._live.values():
+            draft = drafts.get(live.rid)
+            if draft is None:
+                for m in live.request.recipe.model_names():
+                    self._add_extend(rnd, live, m, live.history(m), "last", 1)
+                continue
+            d = live.request.speculative.draft_model  # type: ignore[union-attr]
+            for m in live.request.recipe.model_names():
+                seq = live.history(m) + tuple(draft.tokens)
+                # the draft model already gave its logits before y_1..y_k while drafting: it only needs y_k's
+                rows = 1 if m == d else draft.k + 1
+                self._add_extend(rnd, live, m, seq, "all", rows)
+        return rnd
+
+    # ------------------------------------------------------------------------------------------------ execution
+
+    def _execute(self, rnd: _Round) -> dict[tuple[str, str], torch.Tensor]:
+        """Submit every plan, wait on every future, record what each runner now holds.
+
+        Returns (request id, model) -> the kept logits rows [rows, V]. Raises StepFailed after every future has
+        resolved, so no plan is ever in flight when the step returns.
+        """
+        plans = rnd.plans()
+        futures: dict[str, Future] = {m: self._runners[m].submit(plan) for m, plan in plans.items()}
+        out: dict[tuple[str, str], torch.Tensor] = {}
+        failure: StepFailed | None = None
+        for m, fut in futures.items():
+            try:
+                logits = fut.result()
+            except BaseException as exc:  # noqa: BLE001 - reported as StepFailed below
+                logger.warning("step %d: runner %s failed: %s", self._step, m, exc)
+                failure = failure or StepFailed(m, exc)
+                continue
+            self._releases[m] -= set(plans[m].releases)
+            for (live, held, rows), rows_out in zip(rnd.owners.get(m, ()), logits):
+                live.held[m] = live.valid[m] = held
+                out[(live.rid, m)] = rows_out[-rows:]
+        if failure is not None:
+            raise failure
+        return out
+
+    def _flush_releases(self) -> None:
+        """Free finished requests' caches now, with release-only plans."""
+        rnd = _Round()
+        for model, ids in self._releases.items():
+            if ids:
+                rnd.releases[model] = sorted(ids)
+        if rnd.releases:
+            self._execute(rnd)
+
+    # ------------------------------------------------------------------------------------------------ speculative
+
+    def _draft(self) -> dict[str, _Draft]:
+        """Draft rounds: the draft model of each speculative request proposes k tokens, one per round."""
+        drafts = {live.rid: _Draft(k) for live in self._live.values() if (k := self._draft_k(live)) > 0}
+        if not drafts:
+            return drafts
+        for i in range(max(d.k for d in drafts.values())):
+            rnd = _Round()
+            rows = [self._live[rid] for rid, d in drafts.items() if d.k > i]
+            for live in rows:
+                d = live.request.speculative.draft_model  # type: ignore[union-attr]
+                self._add_extend(rnd, live, d, live.history(d) + tuple(drafts[live.rid].tokens), "last", 1)
+            logits = self._execute(rnd)
+            raw = torch.cat(
+                [logits[(live.rid, live.request.speculative.draft_model)] for live in rows]  # type: ignore[union-attr]
+            )  # [R, V]
+            logprobs = torch.log_softmax(raw, dim=-1)  # [R, V]
+            params = [live.request.sampling for live in rows]
+            q = to_probs(logprobs, params)  # [R, V]
+            ys = sample(logprobs, params, [live.generator for live in rows])  # [R]
+            for r, live in enumerate(rows):
+                dr = drafts[live.rid]
+                dr.raw.append(raw[r])
+                dr.q.append(q[r])
+                dr.tokens.append(int(ys[r]))
+        return drafts
+
+    # ------------------------------------------------------------------------------------------------ fuse + update
+
+    def _fused_rows(
+        self, logits: Mapping[tuple[str, str], torch.Tensor], drafts: Mapping[str, _Draft]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Fuse every request's rows, batched per recipe: request id -> (log-probs [r, V], alphas [r, T])."""
+        groups: dict[Recipe, list[_Live]] = {}
+        for live in self._live.values():
+            groups.setdefault(live.request.recipe, []).append(live)
+        fused: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for recipe, lives in groups.items():
+            per_model: dict[str, list[torch.Tensor]] = {m: [] for m in recipe.model_names()}
+            sizes = []
+            for live in lives:
+                draft = drafts.get(live.rid)
+                for m in per_model:
+                    rows = logits[(live.rid, m)]  # [r, V]
+                    if draft is not None and m == live.request.speculative.draft_model:  # type: ignore[union-attr]
+                        rows = torch.cat([torch.stack(draft.raw), rows])  # [k + 1, V]
+                    per_model[m].append(rows)
+                sizes.append(per_model[next(iter(per_model))][-1].shape[0])
+            result = fuse({m: torch.cat(rows) for m, rows in per_model.items()}, recipe)
+            for live, lp, al in zip(lives, result.logprobs.split(sizes), result.alphas.split(sizes)):
+                fused[live.rid] = (lp, al)
+        return fused
+
+    def _fuse_and_update(
+        self, logits: Mapping[tuple[str, str], torch.Tensor], drafts: Mapping[str, _Draft]
+    ) -> list[StepEvent]:
+        """Fuse, pick the tokens (sample, or accept/reject a draft), append them and check the stops."""
+        if not self._live:
+            return []
+        fused = self._fused_rows(logits, drafts)
+        plain = [live for live in self._live.values() if live.rid not in drafts]
+        picked: dict[str, tuple[list[int], list[torch.Tensor]]] = {}
+        if plain:
+            lp = torch.cat([fused[live.rid][0] for live in plain])  # [B, V]
+            tokens = sample(lp, [live.request.sampling for live in plain], [live.generator for live in plain])
+            for b, live in enumerate(plain):
+                picked[live.rid] = ([int(tokens[b])], [fused[live.rid][1][0]])
+        for rid, draft in drafts.items():
+            live = self._live[rid]
+            lp, alphas = fused[rid]  # [k + 1, V], [k + 1, T]
+            params = live.request.sampling
+            p = to_probs(lp, [params] * lp.shape[0])  # [k + 1, V]
+            drafted = torch.tensor(draft.tokens, dtype=torch.long)  # [k]
+            n_acc, nxt = speculative_accept(p, torch.stack(draft.q), drafted, params.temperature == 0, live.generator)
+            live.drafted += draft.k
+            live.accepted += n_acc
+            if live.request.speculative.adaptive:  # type: ignore[union-attr]
+                live.draft_k = _adapt_k(live.draft_k, n_acc, live.request.speculative)  # type: ignore[arg-type]
+            base = len(live.generated)
+            for m in live.models:  # roll back to the accepted prefix: the truncate rides the next plan
+                live.valid[m] = min(live.held[m], len(live.prompts[m]) + base + n_acc)
+            picked[rid] = (draft.tokens[:n_acc] + [int(nxt)], [alphas[j] for j in range(n_acc + 1)])
+        events: list[StepEvent] = []
+        for live in list(self._live.values()):
+            tokens, alphas = picked[live.rid]
+            live.num_steps += 1
+            for token, al in zip(tokens, alphas):
+                events.append(self._append(live, token, al))
+                if live.finish_reason is not None:
+                    self._finish(live)
+                    break
+        return events
+
+    def _append(self, live: _Live, token: int, alphas: torch.Tensor) -> StepEvent:
+        """Add one token to a request, check its stops and return its event."""
+        live.generated.append(token)
+        weights = [float(a) for a in alphas]
+        live.weights.append(weights)
+        reason = None
+        if token in live.stop_ids:
+            reason = FINISH_STOP
+        delta = ""
+        if self._decode is not None:
+            ids = live.generated[:-1] if reason == FINISH_STOP else live.generated
+            text = self._decode(ids)
+            cut = _find_stop(text, live.request.stop_strings, len(live.text))
+            if cut >= 0:
+                text, reason = text[:cut], FINISH_STOP
+            if reason is None and len(live.generated) < live.request.max_new_tokens:
+                text = text.rstrip("\ufffd")  # hold back a partial multi-byte character
+            keep = _common_prefix_len(live.text, text)
+            delta = text[keep:]
+            live.text = live.text[:keep] + delta
+        if reason is None and len(live.generated) >= live.request.max_new_tokens:
+            reason = FINISH_LENGTH
+        live.finish_reason = reason
+        return StepEvent(live.rid, token, delta, tuple(weights), reason is not None, reason, self._step)
+
+    def _finish(self, live: _Live) -> None:
+        """Take a finished request out of the batch; its caches are freed by the next plans."""
+        self._live.pop(live.rid, None)
+        for m in live.models:
+            if live.held[m] > 0:
+                self._releases[m].add(live.rid)
+        with self._lock:
+            self._ids.discard(live.rid)
+            if live.keep_result:
+                self._results[live.rid] = live.result()
+        logger.debug("step %d: request %s finished (%s)", self._step, live.rid, live.finish_reason)

@@ -1,0 +1,327 @@
+"""The Decoder on tiny random Llama models: cached, batched fused decoding equals the full-recompute reference."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from logitfusion.engine.decoder import Decoder, GenerationRequest, SpeculativeConfig, StepFailed
+from logitfusion.engine.local import LocalRunner
+from logitfusion.engine.reference import naive_decode, sequential_decode
+from logitfusion.engine.runner import ModelRunner, RunnerInfo, RunnerUnavailable, StepPlan, failed
+from logitfusion.engine.testing import TINY_FAMILY, TINY_FINGERPRINT, TINY_VOCAB_SIZE, tiny_decode, tiny_llama
+from logitfusion.fusion import SamplingParams, presets
+
+V = TINY_VOCAB_SIZE
+PROMPTS = [[5, 17, 3], [40, 41, 42, 43, 44, 45, 46, 47], [9], [60, 2, 71, 33, 12]]
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.set_num_threads(1)
+    return {name: tiny_llama(spec) for name, spec in TINY_FAMILY.items()}
+
+
+@pytest.fixture()
+def runners(models):
+    rs = {
+        name: LocalRunner(m, name=name, vocab_size=V, vocab_fingerprint=TINY_FINGERPRINT,
+                          max_length_tokens=TINY_FAMILY[name].max_length_tokens)
+        for name, m in models.items()
+    }
+    yield rs
+    for r in rs.values():
+        r.close()
+
+
+def make_decoder(runners, **kw) -> Decoder:
+    kw.setdefault("decode_fn", tiny_decode)
+    kw.setdefault("max_batch_size", 8)
+    kw.setdefault("max_new_tokens_limit", 64)
+    return Decoder(runners, **kw)
+
+
+def assert_no_leaks(runners) -> None:
+    for name, r in runners.items():
+        assert r.sequences() == {}, name
+
+
+RECIPES = {
+    "single_large": presets.single("large"),
+    "single_expert": presets.single("expert_a"),
+    "proxy": presets.proxy_tuning("large", "small", "expert_a"),
+    "static2": presets.static("large", "small", ["expert_a", "expert_b"], alphas=[0.7, 1.2]),
+    "eft_up": presets.eft_up("large", "small", "expert_a", beta=1.5),
+    "eft_down": presets.eft_down("small", "large", "large_ft"),
+    "lambda": presets.lambda_interp("large", "small", "expert_a", "expert_b", 0.3),
+    "dlf_grid": presets.dlf("large", "small", ["expert_a", "expert_b"], solver="grid"),
+    "dlf_newton": presets.dlf("large", "small", ["expert_a"], solver="newton"),
+    "dlf_joint": presets.dlf("large", "small", ["expert_a", "expert_b"], solver="joint"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(RECIPES))
+def test_greedy_fused_decode_matches_full_recompute(models, runners, kind) -> None:
+    recipe = RECIPES[kind]
+    dec = make_decoder(runners)
+    reqs = [GenerationRequest(f"r{i}", p, recipe, max_new_tokens=10, stop_token_ids=()) for i, p in enumerate(PROMPTS)]
+    results = dec.generate(reqs)
+    for req, res in zip(reqs, results):
+        ref = naive_decode(models, req.prompt_ids, recipe, vocab_size=V, max_new_tokens=10)
+        assert res.token_ids == ref.token_ids, (kind, req.request_id)
+        assert res.finish_reason == "length" and res.num_steps == 10
+        assert res.experts == recipe.experts
+        assert len(res.weights) == 10 and all(len(w) == len(recipe.experts) for w in res.weights)
+        # joint: a flat objective, so ~1e-7 of batching noise may move alpha by a few hundredths at equal loss
+        atol = 0.1 if kind == "dlf_joint" else 1e-3
+        assert torch.allclose(torch.tensor(res.weights), torch.tensor(ref.weights).reshape(10, -1), atol=atol)
+        assert res.text == tiny_decode(res.token_ids)
+    assert_no_leaks(runners)
+
+
+def test_sequential_reference_matches_naive(models) -> None:
+    recipe = RECIPES["dlf_newton"]
+    a = naive_decode(models, PROMPTS[1], recipe, vocab_size=V, max_new_tokens=8)
+    b = sequential_decode(models, PROMPTS[1], recipe, vocab_size=V, max_new_tokens=8)
+    assert a.token_ids == b.token_ids
+
+
+def test_sampled_decode_is_seeded_per_request_and_independent_of_the_batch(models, runners) -> None:
+    recipe = RECIPES["dlf_newton"]
+    sp = SamplingParams(temperature=0.9, top_p=0.95, seed=1234)
+    req = GenerationRequest("s", PROMPTS[3], recipe, sampling=sp, max_new_tokens=12, stop_token_ids=())
+    others = [GenerationRequest(f"o{i}", p, recipe, sampling=SamplingParams(temperature=1.0, seed=i),
+                                max_new_tokens=12, stop_token_ids=()) for i, p in enumerate(PROMPTS[:3])]
+    dec = make_decoder(runners)
+    alone = dec.generate([req])[0]
+    batched = dec.generate(others + [req])[-1]
+    ref = naive_decode(models, req.prompt_ids, recipe, vocab_size=V, sampling=sp, max_new_tokens=12)
+    assert alone.token_ids == batched.token_ids == ref.token_ids
+    assert_no_leaks(runners)
+
+
+def test_continuous_batching_joins_mid_way_identical_to_solo(models, runners) -> None:
+    recipe = RECIPES["proxy"]
+    dec = make_decoder(runners, max_batch_size=2)
+    reqs = [GenerationRequest(f"r{i}", p, recipe, max_new_tokens=6 + 2 * i, stop_token_ids=())
+            for i, p in enumerate(PROMPTS)]
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+    finished: set[str] = set()
+    dec.add_request(reqs[0])
+    steps = 0
+    while len(finished) < len(reqs):
+        if steps == 2:
+            dec.add_request(reqs[1])
+        if steps == 3:
+            dec.add_request(reqs[2])  # waits: max_batch_size=2
+            dec.add_request(reqs[3])
+        for ev in dec.step():
+            tokens[ev.request_id].append(ev.token_id)
+            if ev.finished:
+                finished.add(ev.request_id)
+        assert len(dec._live) <= 2
+        steps += 1
+    assert not dec.has_work()
+    for r in reqs:
+        ref = naive_decode(models, r.prompt_ids, recipe, vocab_size=V, max_new_tokens=r.max_new_tokens)
+        assert tokens[r.request_id] == ref.token_ids, r.request_id
+    assert_no_leaks(runners)
+
+
+def test_per_model_prompts(models, runners) -> None:
+    recipe = RECIPES["proxy"]
+    mp = {"large": [1, 2, 3, 4, 5, 6] + PROMPTS[0], "expert_a": [7, 7] + PROMPTS[0]}
+    req = GenerationRequest("m", PROMPTS[0], recipe, max_new_tokens=8, stop_token_ids=(), model_prompts=mp)
+    res = make_decoder(runners).generate([req])[0]
+    ref = naive_decode(models, PROMPTS[0], recipe, vocab_size=V, max_new_tokens=8, model_prompts=mp)
+    plain = naive_decode(models, PROMPTS[0], recipe, vocab_size=V, max_new_tokens=8)
+    assert res.token_ids == ref.token_ids
+    assert ref.token_ids != plain.token_ids  # the overrides really changed what the models saw
+
+
+def test_only_the_recipes_models_are_touched(runners) -> None:
+    dec = make_decoder(runners)
+    dec.add_request(GenerationRequest("a", PROMPTS[0], RECIPES["single_large"], max_new_tokens=5))
+    dec.step()
+    assert set(runners["large"].sequences()) == {"a"}
+    for name in ("small", "expert_a", "expert_b", "large_ft"):
+        assert runners[name].sequences() == {} and runners[name].stats["forwards"] == 0, name
+    dec.abort("a")
+    assert_no_leaks(runners)
+
+
+def test_stop_tokens_and_stop_strings(models, runners) -> None:
+    recipe = RECIPES["proxy"]
+    ref = naive_decode(models, PROMPTS[1], recipe, vocab_size=V, max_new_tokens=12).token_ids
+    # EOS: the decoder's default stop tokens; the stop token is returned, its text is not
+    eos = ref[4]
+    first = ref.index(eos)
+    dec = make_decoder(runners, eos_token_ids=[eos])
+    res = dec.generate([GenerationRequest("e", PROMPTS[1], recipe, max_new_tokens=12)])[0]
+    assert res.token_ids == ref[: first + 1] and res.finish_reason == "stop"
+    assert res.text == tiny_decode(ref[:first])
+    # explicit stop_token_ids override the default; () disables it
+    res = dec.generate([GenerationRequest("e2", PROMPTS[1], recipe, max_new_tokens=12, stop_token_ids=())])[0]
+    assert res.token_ids == ref and res.finish_reason == "length"
+    # a stop string spanning two tokens: generation stops at the token completing it, the text ends before it
+    text = tiny_decode(ref)
+    stop = text[6:8]
+    cut = text.index(stop)
+    res = dec.generate([GenerationRequest("s", PROMPTS[1], recipe, max_new_tokens=12, stop_token_ids=(),
+                                          stop_strings=("zzzz-never", stop))])[0]
+    assert res.finish_reason == "stop"
+    assert res.token_ids == ref[: cut + 2]
+    assert res.text == text[:cut]
+    assert_no_leaks(runners)
+
+
+def test_streamed_text_deltas_add_up(runners) -> None:
+    dec = make_decoder(runners)
+    dec.add_request(GenerationRequest("t", PROMPTS[2], RECIPES["lambda"], max_new_tokens=7, stop_token_ids=()))
+    evs = []
+    while dec.has_work():
+        evs += dec.step()
+    assert [e.step for e in evs] == list(range(1, 8))
+    assert "".join(e.text_delta for e in evs) == tiny_decode([e.token_id for e in evs])
+    assert [e.finished for e in evs] == [False] * 6 + [True] and evs[-1].finish_reason == "length"
+    assert all(len(e.alphas) == 2 for e in evs)
+
+
+def test_abort_releases_every_cache(runners) -> None:
+    dec = make_decoder(runners)
+    recipe = RECIPES["dlf_grid"]
+    for i in range(3):
+        dec.add_request(GenerationRequest(f"r{i}", PROMPTS[i], recipe, max_new_tokens=20, stop_token_ids=()))
+    dec.step()
+    dec.step()
+    assert set(runners["large"].sequences()) == {"r0", "r1", "r2"}
+    assert "large_ft" not in {n for n, r in runners.items() if r.sequences()}
+    # idle (no step running): the caches are freed at once; the abort event comes with the next step
+    assert dec.abort("r1") is True
+    for name in ("large", "small", "expert_a", "expert_b"):
+        assert set(runners[name].sequences()) == {"r0", "r2"}, name
+    evs = dec.step()
+    ab = [e for e in evs if e.request_id == "r1"]
+    assert len(ab) == 1 and ab[0].finished and ab[0].finish_reason == "abort" and ab[0].token_id is None
+    assert {e.request_id for e in evs if e.token_id is not None} == {"r0", "r2"}
+    # an abort of a waiting request, and of an unknown or finished one
+    dec.add_request(GenerationRequest("w", PROMPTS[3], recipe, max_new_tokens=5))
+    assert dec.abort("w") is True and dec.abort("nope") is False and dec.abort("r1") is False
+    dec.abort("r0")
+    dec.abort("r2")
+    evs = dec.step()
+    assert sorted(e.request_id for e in evs) == ["r0", "r2", "w"] and all(e.finish_reason == "abort" for e in evs)
+    assert not dec.has_work() and dec.live_request_ids() == []
+    assert_no_leaks(runners)
+
+
+def test_finished_requests_free_their_caches(runners) -> None:
+    dec = make_decoder(runners)
+    dec.generate([GenerationRequest("a", PROMPTS[0], RECIPES["static2"], max_new_tokens=3),
+                  GenerationRequest("b", PROMPTS[1], RECIPES["static2"], max_new_tokens=9)])
+    assert_no_leaks(runners)
+    assert not dec.has_work()
+
+
+def test_bad_requests_raise_precise_errors(runners) -> None:
+    dec = make_decoder(runners, max_new_tokens_limit=50)
+    ok = GenerationRequest("x", [1, 2], RECIPES["proxy"], max_new_tokens=5)
+
+    def bad(message: str, **changes) -> None:
+        fields = {**ok.__dict__, **changes}
+        with pytest.raises(ValueError, match=message):
+            dec.add_request(GenerationRequest(**fields))
+
+    bad(r"max_new_tokens=0 must be in 1\.\.50", max_new_tokens=0)
+    bad(r"max_new_tokens=51 must be in 1\.\.50", max_new_tokens=51)
+    bad("prompt_ids must not be empty", prompt_ids=[])
+    bad(rf"prompt_ids has token id {V} outside 0\.\.{V - 1}", prompt_ids=[1, V])
+    bad("request_id must be a non-empty string", request_id="")
+    bad(r"reads unknown models \['nobody'\]", recipe=presets.proxy_tuning("large", "small", "nobody"))
+    bad(r"model_prompts names \['expert_b'\]", model_prompts={"expert_b": [1]})
+    bad(r"model_prompts\['large'\] must not be empty", model_prompts={"large": []})
+    bad(r"stop_token_ids has 500 outside", stop_token_ids=(500,))
+    bad(r"speculative.draft_model 'ghost' is unknown", speculative=SpeculativeConfig("ghost"))
+    bad(r"speculative.num_draft_tokens=0", speculative=SpeculativeConfig("expert_a", num_draft_tokens=0))
+    limit = TINY_FAMILY["large"].max_length_tokens
+    long_prompt = [1] * (limit - 10)
+    bad(rf"prompt \({limit - 10} tokens for model 'large'\) \+ max_new_tokens \(20\) exceeds 'large' "
+        rf"max_length_tokens={limit}", model_prompts={"large": long_prompt}, max_new_tokens=20)
+    no_text = make_decoder(runners, decode_fn=None)
+    with pytest.raises(ValueError, match="stop_strings need a Decoder with a decode_fn"):
+        no_text.add_request(GenerationRequest("x", [1], RECIPES["proxy"], stop_strings=("a",)))
+    dec.add_request(ok)
+    with pytest.raises(ValueError, match="request_id 'x' is already in use"):
+        dec.add_request(ok)
+    assert dec.abort("x")
+
+
+def test_mismatched_vocabularies_are_refused_naming_the_models(models) -> None:
+    good = LocalRunner(models["large"], name="large", vocab_size=V, vocab_fingerprint=TINY_FINGERPRINT)
+    other = LocalRunner(models["small"], name="small", vocab_size=V, vocab_fingerprint="f" * 64)
+    with pytest.raises(ValueError, match="models 'large' and 'small' have different vocabularies"):
+        Decoder({"large": good, "small": other})
+    smaller = LocalRunner(models["small"], name="small", vocab_size=V - 1, vocab_fingerprint=TINY_FINGERPRINT)
+    with pytest.raises(ValueError, match=rf"models 'large' and 'small' report vocab_size {V} vs {V - 1}"):
+        Decoder({"large": good, "small": smaller})
+    for r in (good, other, smaller):
+        r.close()
+
+
+class Flaky(ModelRunner):
+    """A runner that fails chosen submits (fault injection), else delegates."""
+
+    def __init__(self, inner: ModelRunner, fail_at: set[int], exc: BaseException) -> None:
+        self.inner, self.fail_at, self.exc, self.calls = inner, fail_at, exc, 0
+
+    def describe(self) -> RunnerInfo:
+        return self.inner.describe()
+
+    def submit(self, plan: StepPlan) -> Future:
+        self.calls += 1
+        if self.calls in self.fail_at:
+            return failed(self.exc)
+        return self.inner.submit(plan)
+
+    def sequences(self) -> dict[str, int]:
+        return self.inner.sequences()
+
+
+@pytest.mark.parametrize("kind", ["proxy", "spec"])
+def test_a_failed_step_can_be_retried_and_output_is_unchanged(models, runners, kind) -> None:
+    recipe = RECIPES["proxy"]
+    spec = SpeculativeConfig("expert_a", num_draft_tokens=3) if kind == "spec" else None
+    ref = naive_decode(models, PROMPTS[1], recipe, vocab_size=V, max_new_tokens=10).token_ids
+    flaky = dict(runners)
+    flaky["small"] = Flaky(runners["small"], {3, 5}, RunnerUnavailable("worker lost"))
+    dec = make_decoder(flaky)
+    dec.add_request(GenerationRequest("f", PROMPTS[1], recipe, max_new_tokens=10, stop_token_ids=(), speculative=spec))
+    tokens, failures = [], 0
+    while dec.has_work():
+        try:
+            tokens += [e.token_id for e in dec.step()]
+        except StepFailed as err:
+            assert err.model == "small" and "worker lost" in str(err)
+            failures += 1
+    assert failures == 2 and tokens == ref
+    assert_no_leaks(runners)
+
+
+def test_resync_after_a_worker_lost_its_caches(models, runners) -> None:
+    recipe = RECIPES["dlf_newton"]
+    ref = naive_decode(models, PROMPTS[0], recipe, vocab_size=V, max_new_tokens=9).token_ids
+    dec = make_decoder(runners)
+    dec.add_request(GenerationRequest("r", PROMPTS[0], recipe, max_new_tokens=9, stop_token_ids=()))
+    tokens = []
+    for _ in range(4):
+        tokens += [e.token_id for e in dec.step()]
+    runners["large"].step(StepPlan(releases=("r",)))  # the "restarted worker" is empty
+    dec.resync("large")
+    while dec.has_work():
+        tokens += [e.token_id for e in dec.step()]
+    assert tokens == ref
+    assert_no_leaks(runners)
