@@ -54,12 +54,12 @@ from logitfusion.engine.runner import (
     StepPlan,
     failed,
 )
+from logitfusion.models.loading import DTYPES
 
 logger = logging.getLogger(__name__)
 
 DeviceKind = Literal["auto", "cpu", "cuda"]
 SHM_BUFFER_PREFIX = "deepspeed_allreduce_buffer"  # DeepSpeed's SHM_BUFFER_NAME (csrc/cpu/comm/shm.cpp)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,19 +159,14 @@ def _reserve_port() -> socket.socket:
     return sock
 
 
-def _load(model_dir: str, dtype: torch.dtype) -> tuple[Any, int, str]:
-    """The unsharded model, the tokenizer's real vocabulary size V and its fingerprint (from local files only)."""
-    import hashlib
-    import json
+def _load(model_dir: str, dtype: str) -> tuple[Any, int, str, int]:
+    """The unsharded model on the CPU (DeepSpeed moves each shard to its device), the tokenizer's real vocabulary
+    size V, its fingerprint and the model's maximum length in tokens."""
+    from logitfusion.engine.local import tokenizer_fingerprint
+    from logitfusion.models.loading import load_model
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    specials = sorted(str(t) for t in tokenizer.all_special_tokens)
-    digest = hashlib.sha256(json.dumps([vocab, specials]).encode()).hexdigest()
-    return model.eval(), len(tokenizer), digest
+    loaded = load_model(model_dir, dtype=dtype, device="cpu")
+    return loaded.model, loaded.vocab_size, tokenizer_fingerprint(loaded.tokenizer), loaded.max_length_tokens
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,11 +239,10 @@ class TPShard:
 
         from logitfusion.engine.local import LocalRunner
 
-        dtype = DTYPES[cfg.dtype]
-        model, vocab_size, fingerprint = _load(cfg.model_dir, dtype)
+        model, vocab_size, fingerprint, max_length = _load(cfg.model_dir, cfg.dtype)
         num_parameters = sum(p.numel() for p in model.parameters())
         engine = deepspeed.init_inference(
-            model, tensor_parallel={"tp_size": cfg.tp_size}, dtype=dtype, replace_with_kernel_inject=False
+            model, tensor_parallel={"tp_size": cfg.tp_size}, dtype=DTYPES[cfg.dtype], replace_with_kernel_inject=False
         )
         dist.barrier()  # every rank has mapped every shm segment: each may now unlink its own
         shm_segment_path("127.0.0.1", setup.master_port, setup.rank).unlink(missing_ok=True)
@@ -257,7 +251,7 @@ class TPShard:
             name=cfg.name,
             vocab_size=vocab_size,
             vocab_fingerprint=fingerprint,
-            max_length_tokens=cfg.max_length_tokens,
+            max_length_tokens=cfg.max_length_tokens or max_length,
             threaded=False,
         )
         info = dataclasses.replace(self._runner.describe(), num_parameters=num_parameters)

@@ -16,60 +16,87 @@ from pathlib import Path
 import pytest
 import torch
 
-from logitfusion.cluster.tp import TensorParallelRunner, TPConfig, _load, shm_segment_path
+from logitfusion.cluster.tp import TensorParallelRunner, TPConfig, shm_segment_path
 from logitfusion.engine.local import LocalRunner
 from logitfusion.engine.runner import ExtendOp, RunnerError, RunnerUnavailable, StepPlan
+from logitfusion.fusion import SamplingParams, presets
 
 ray = pytest.importorskip("ray")
 
 pytestmark = [pytest.mark.integration]
 
 logger = logging.getLogger(__name__)
-ZOO_LARGE = Path(__file__).resolve().parents[2] / "logitfusion" / "models" / "zoo" / "data" / "large"
+ZOO_DATA = Path(__file__).resolve().parents[2] / "logitfusion" / "models" / "zoo" / "data"
 ATOL = 1e-4  # fp32; the sharded sums only reorder additions (measured 2e-6..6e-6 on the tiny model)
 
 
-def _tiny_llama_dir(root: Path) -> Path:
-    """A tiny random Llama (fixed seed) with a real tokenizers tokenizer, saved in the Hugging Face layout."""
+def _tokenizer():
+    """A real tokenizers WordLevel tokenizer: 4 specials and 96 words (V = 100)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    words = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(96)]  # V = 100
+    words = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(96)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf_tok = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
+
+
+def _tiny_llama(out: Path, *, hidden: int, heads: int, kv_heads: int, seed: int) -> Path:
+    """A tiny random Llama (fixed seed) with the zoo's habits: tied embeddings, config vocabulary padded above V."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(
-        vocab_size=128,  # padded above V, as real checkpoints are
-        hidden_size=64,
-        intermediate_size=160,
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=hidden * 5 // 2,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=128,
         tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=3,
     )
-    torch.manual_seed(1234)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # larger-than-default weights so that logits differ visibly between tokens
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.2)
-    out = root / "tiny-llama"
     model.save_pretrained(out)
-    hf_tok.save_pretrained(out)
+    _tokenizer().save_pretrained(out)
     return out
 
 
+def _zoo_models() -> dict[str, Path] | None:
+    """large, small and one expert from the committed zoo, when it has been built."""
+    experts = sorted(ZOO_DATA.glob("expert_*/config.json"))
+    if not ((ZOO_DATA / "large" / "config.json").exists() and (ZOO_DATA / "small" / "config.json").exists()):
+        return None
+    if not experts:
+        return None
+    return {"large": ZOO_DATA / "large", "small": ZOO_DATA / "small", "expert": experts[0].parent}
+
+
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if (ZOO_LARGE / "config.json").exists():
-        return ZOO_LARGE
-    return _tiny_llama_dir(tmp_path_factory.mktemp("tp"))
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    zoo = _zoo_models()
+    if zoo is not None:
+        return zoo
+    root = tmp_path_factory.mktemp("tp")
+    return {
+        "large": _tiny_llama(root / "large", hidden=64, heads=4, kv_heads=2, seed=1234),
+        "small": _tiny_llama(root / "small", hidden=32, heads=2, kv_heads=2, seed=5),
+        "expert": _tiny_llama(root / "expert", hidden=32, heads=2, kv_heads=2, seed=6),
+    }
+
+
+@pytest.fixture(scope="module")
+def model_dir(model_dirs: dict[str, Path]) -> Path:
+    return model_dirs["large"]
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +125,15 @@ def ray_local():
         ray.shutdown()
 
 
+def _local(path: Path, name: str) -> LocalRunner:
+    return LocalRunner.from_pretrained(path, name, threaded=False)
+
+
 @pytest.fixture(scope="module")
 def reference(model_dir: Path) -> LocalRunner:
     """The unsharded model in this process."""
     torch.set_num_threads(1)
-    model, vocab_size, fingerprint = _load(str(model_dir), torch.float32)
-    runner = LocalRunner(model, name="large", vocab_size=vocab_size, vocab_fingerprint=fingerprint, threaded=False)
+    runner = _local(model_dir, "large")
     yield runner
     runner.close()
 
@@ -172,6 +202,42 @@ def test_tp2_greedy_generation_is_identical(tp2: TensorParallelRunner, reference
     want = _greedy(reference, prompt, 24)
     assert len(set(want)) > 1  # the reference does not collapse onto one token, so a match means something
     assert _greedy(tp2, prompt, 24) == want
+
+
+def _fused_generation(large, dirs: dict[str, Path]) -> list[list[int]]:
+    """Proxy-tuning (large + (expert - small)), greedy, two requests batched, through the Decoder."""
+    from logitfusion.engine.decoder import Decoder, GenerationRequest
+
+    small, expert = _local(dirs["small"], "small"), _local(dirs["expert"], "expert")
+    try:
+        decoder = Decoder({"large": large, "small": small, "expert": expert}, max_batch_size=4)
+        recipe = presets.proxy_tuning("large", "small", "expert", alpha=1.0)
+        requests = [
+            GenerationRequest(
+                request_id=f"r{i}",
+                prompt_ids=_ids(small, 5 + 4 * i, 10 + i),
+                recipe=recipe,
+                sampling=SamplingParams(temperature=0.0),
+                max_new_tokens=20,
+                stop_token_ids=(),
+            )
+            for i in range(2)
+        ]
+        results = decoder.generate(requests)
+        assert large.sequences() == {}  # the Decoder released every sequence it opened
+        return [r.token_ids for r in results]
+    finally:
+        small.close()
+        expert.close()
+
+
+@pytest.mark.timeout(600)
+def test_tp2_fused_generation_through_the_decoder_is_identical(
+    tp2: TensorParallelRunner, reference: LocalRunner, model_dirs: dict[str, Path]
+) -> None:
+    want = _fused_generation(reference, model_dirs)
+    assert all(len(t) == 20 for t in want) and want[0] != want[1]
+    assert _fused_generation(tp2, model_dirs) == want
 
 
 @pytest.mark.timeout(600)
