@@ -106,7 +106,7 @@ def prepare(l_large: torch.Tensor, l_small: torch.Tensor, l_experts: torch.Tenso
     a = (l_experts.exp() * deltas).sum(-1).clamp_min(0.0)  # [T, B]  KL(Q_t || Q)
     b = (-(l_small.exp() * deltas).sum(-1)).clamp_min(0.0)  # [T, B]  KL(Q || Q_t)
     m = (l_large.exp() * deltas).sum(-1, keepdim=True)  # [T, B, 1]  E_P[Delta_t]
-    lse0 = torch.logsumexp(l_large, dim=-1)  # [B]
+    lse0, _ = _softmax_parts(l_large)  # [B], the same arithmetic as every later evaluation: g(0) is exactly 0
     return Problem(l_large, deltas.sub_(m), a.T.contiguous(), b.T.contiguous(), lse0)
 
 

@@ -1,0 +1,342 @@
+"""Recipes, presets and fuse(): the formulas of ALGORITHMS.md sections 1-3, masking, validation messages."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from logitfusion.fusion import FusionResult, Recipe, fuse, presets, solve_alphas
+
+pytestmark = pytest.mark.timeout(120)
+torch.set_num_threads(1)
+
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
+NEG_INF = float("-inf")
+NAMES = ("large", "small", "ea", "eb", "large_ft")
+
+
+def make_logits(seed: int, B: int, V: int, scale: float = 2.0, mask_rate: float = 0.0) -> dict[str, torch.Tensor]:
+    """Raw logits per model (not normalised: fuse must apply log_softmax itself), optional random -inf masks."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for n in NAMES:
+        z = torch.randn(B, V, generator=g) * scale + torch.randn(B, 1, generator=g) * 5  # a per-row offset
+        if mask_rate > 0:
+            m = torch.rand(B, V, generator=g) < mask_rate
+            m[:, 0] = False
+            z = z.masked_fill(m, NEG_INF)
+        out[n] = z
+    return out
+
+
+logit_sets = st.builds(make_logits, seed=st.integers(0, 2**31 - 1), B=st.integers(1, 4), V=st.integers(2, 60),
+                       scale=st.floats(0.1, 4.0))
+
+
+def lsm(z: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(z.double(), -1)
+
+
+def assert_same_distribution(x: torch.Tensor, y: torch.Tensor) -> None:
+    torch.testing.assert_close(x.double().exp(), y.double().exp(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The formulas
+
+
+@SETTINGS
+@given(z=logit_sets)
+def test_alpha_zero_gives_the_large_base(z):
+    base = lsm(z["large"])
+    assert_same_distribution(fuse(z, presets.proxy_tuning("large", "small", "ea", alpha=0.0)).logprobs, base)
+    assert_same_distribution(fuse(z, presets.static("large", "small", ["ea", "eb"], [0.0, 0.0])).logprobs, base)
+    assert_same_distribution(fuse(z, presets.single("large")).logprobs, base)
+
+
+@SETTINGS
+@given(z=logit_sets, alpha=st.floats(0.0, 2.0))
+def test_proxy_tuning_is_large_plus_alpha_times_the_expert_delta(z, alpha):
+    want = torch.log_softmax(lsm(z["large"]) + alpha * (lsm(z["ea"]) - lsm(z["small"])), -1)
+    res = fuse(z, presets.proxy_tuning("large", "small", "ea", alpha=alpha))
+    assert_same_distribution(res.logprobs, want)
+    assert res.alphas.shape == (z["large"].shape[0], 1) and bool((res.alphas == alpha).all())
+    assert res.loss is None
+
+
+@SETTINGS
+@given(z=logit_sets)
+def test_eft_up_scaling_equals_proxy_tuning_with_alpha_one(z):
+    eft = fuse(z, presets.eft_up("large", "small", "ea"))
+    proxy = fuse(z, presets.proxy_tuning("large", "small", "ea", alpha=1.0))
+    assert_same_distribution(eft.logprobs, proxy.logprobs)
+    assert eft.alphas.shape == (z["large"].shape[0], 0)
+
+
+@SETTINGS
+@given(z=logit_sets, beta=st.floats(0.0, 10.0))
+def test_eft_beta_scales_the_base_delta_not_the_expert(z, beta):
+    want = torch.log_softmax(lsm(z["ea"]) + beta * (lsm(z["large"]) - lsm(z["small"])), -1)
+    assert_same_distribution(fuse(z, presets.eft_up("large", "small", "ea", beta=beta)).logprobs, want)
+
+
+@SETTINGS
+@given(z=logit_sets)
+def test_eft_down_scaling(z):
+    want = torch.log_softmax(lsm(z["small"]) + lsm(z["large_ft"]) - lsm(z["large"]), -1)
+    assert_same_distribution(fuse(z, presets.eft_down("small", "large", "large_ft")).logprobs, want)
+
+
+@SETTINGS
+@given(z=logit_sets, lam=st.floats(0.0, 1.0))
+def test_lambda_interpolation_and_its_endpoints(z, lam):
+    L, S, A, B = (lsm(z[n]) for n in ("large", "small", "ea", "eb"))
+    want = torch.log_softmax(L + lam * (A - S) + (1 - lam) * (B - S), -1)
+    assert_same_distribution(fuse(z, presets.lambda_interp("large", "small", "ea", "eb", lam)).logprobs, want)
+    one = fuse(z, presets.lambda_interp("large", "small", "ea", "eb", 1.0)).logprobs
+    zero = fuse(z, presets.lambda_interp("large", "small", "ea", "eb", 0.0)).logprobs
+    assert_same_distribution(one, fuse(z, presets.proxy_tuning("large", "small", "ea")).logprobs)
+    assert_same_distribution(zero, fuse(z, presets.proxy_tuning("large", "small", "eb")).logprobs)
+
+
+@SETTINGS
+@given(z=logit_sets, solver=st.sampled_from(["grid", "newton", "joint"]))
+def test_dlf_fuses_with_the_solved_alphas(z, solver):
+    res = fuse(z, presets.dlf("large", "small", ["ea", "eb"], solver=solver))
+    L, S = (torch.log_softmax(z[n], -1) for n in ("large", "small"))
+    E = torch.stack([torch.log_softmax(z[n], -1) for n in ("ea", "eb")])
+    alphas, loss = solve_alphas(L, S, E, solver)
+    torch.testing.assert_close(res.alphas, alphas)
+    torch.testing.assert_close(res.loss, loss)
+    want = torch.log_softmax(L + torch.einsum("bt,tbv->bv", alphas, E - S), -1)
+    assert_same_distribution(res.logprobs, want)
+
+
+@SETTINGS
+@given(z=logit_sets, shift=st.floats(-50.0, 50.0))
+def test_raw_logits_and_shifted_logits_fuse_alike(z, shift):
+    shifted = {n: x + shift for n, x in z.items()}
+    for recipe in (presets.proxy_tuning("large", "small", "ea"), presets.eft_up("large", "small", "ea", beta=2.0)):
+        assert_same_distribution(fuse(z, recipe).logprobs, fuse(shifted, recipe).logprobs)
+    # DLF sees the same log-probs up to fp32 rounding; its loss is flat at the optimum, so alpha moves by ~1e-4.
+    a, b = (fuse(x, presets.dlf("large", "small", ["ea"], solver="newton")) for x in (z, shifted))
+    torch.testing.assert_close(a.alphas, b.alphas, atol=1e-3, rtol=0)
+    torch.testing.assert_close(a.logprobs.exp(), b.logprobs.exp(), atol=1e-3, rtol=0)
+
+
+def _all_recipes() -> list[Recipe]:
+    return [
+        presets.single("large"),
+        presets.proxy_tuning("large", "small", "ea", alpha=1.5),
+        presets.static("large", "small", ["ea", "eb"], [0.5, 2.0]),
+        presets.eft_up("large", "small", "ea", beta=3.0),
+        presets.eft_down("small", "large", "large_ft"),
+        presets.lambda_interp("large", "small", "ea", "eb", 0.3),
+        *(presets.dlf("large", "small", ["ea", "eb"], solver=s) for s in ("grid", "newton", "joint")),
+    ]
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3), V=st.integers(2, 40), rate=st.floats(0.05, 0.7))
+def test_masked_tokens_stay_masked_and_nothing_is_nan(seed, B, V, rate):
+    z = make_logits(seed, B, V, mask_rate=rate)
+    for recipe in _all_recipes():
+        res = fuse(z, recipe)
+        union = torch.zeros(B, V, dtype=torch.bool)
+        for n in recipe.model_names():
+            union |= torch.isneginf(z[n])
+        assert not torch.isnan(res.logprobs).any(), recipe.name
+        assert torch.equal(torch.isneginf(res.logprobs), union), recipe.name  # masked exactly where any model is
+        assert torch.isfinite(res.logprobs[~union]).all()
+        torch.testing.assert_close(res.logprobs.exp().sum(-1), torch.ones(B, dtype=torch.float32))
+        assert torch.isfinite(res.alphas).all()
+        assert res.loss is None or torch.isfinite(res.loss).all()
+
+
+def test_a_token_masked_only_by_an_unread_model_is_not_masked():
+    z = make_logits(1, 2, 8)
+    z["eb"][:, 3] = NEG_INF
+    res = fuse(z, presets.proxy_tuning("large", "small", "ea"))
+    assert torch.isfinite(res.logprobs).all()
+
+
+def test_static_fusion_with_masks_equals_the_formula_on_the_joint_support():
+    z = make_logits(2, 2, 10)
+    z["ea"][0, 4] = NEG_INF
+    z["small"][1, 7] = NEG_INF
+    res = fuse(z, presets.proxy_tuning("large", "small", "ea", alpha=0.7))
+    keep = ~(torch.isneginf(z["ea"]) | torch.isneginf(z["small"]))
+    for b in range(2):
+        L, S, E = (torch.log_softmax(z[n][b, keep[b]].double(), -1) for n in ("large", "small", "ea"))
+        want = torch.log_softmax(L + 0.7 * (E - S), -1)
+        torch.testing.assert_close(res.logprobs[b, keep[b]].double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_result_shapes_for_every_preset():
+    z = make_logits(3, 3, 12)
+    for recipe in _all_recipes():
+        res = fuse(z, recipe)
+        assert isinstance(res, FusionResult)
+        assert res.logprobs.shape == (3, 12) and res.logprobs.dtype == torch.float32
+        assert res.alphas.shape == (3, len(recipe.experts))
+        assert (res.loss is None) == (recipe.solver is None)
+
+
+def test_fuse_accepts_bfloat16_logits():
+    z = {n: x.to(torch.bfloat16) for n, x in make_logits(4, 2, 16).items()}
+    res = fuse(z, presets.dlf("large", "small", ["ea"]))
+    assert res.logprobs.dtype == torch.float32 and torch.isfinite(res.logprobs).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: precise errors
+
+
+def test_fuse_names_a_missing_model():
+    z = make_logits(0, 1, 5)
+    del z["ea"]
+    with pytest.raises(ValueError, match="logits: missing model 'ea'"):
+        fuse(z, presets.proxy_tuning("large", "small", "ea"))
+
+
+def test_fuse_rejects_mismatched_shapes_nan_and_dead_rows():
+    z = make_logits(0, 2, 5)
+    recipe = presets.proxy_tuning("large", "small", "ea")
+    with pytest.raises(ValueError, match=r"logits\['small'\]: shape \[2, 4\] differs from logits\['ea'\]"):
+        fuse({**z, "small": z["small"][:, :4]}, recipe)
+    nan = z["ea"].clone()
+    nan[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"logits\['ea'\]: row 1 holds NaN or \+inf"):
+        fuse({**z, "ea": nan}, recipe)
+    with pytest.raises(ValueError, match=r"logits\['large'\]: must have shape \[B, V\]"):
+        fuse({**z, "large": z["large"][0]}, recipe)
+    a, b = z["large"].clone(), z["small"].clone()
+    a[0, :3] = NEG_INF
+    b[0, 3:] = NEG_INF
+    with pytest.raises(ValueError, match="logits: row 0 has no token allowed by every model"):
+        fuse({**z, "large": a, "small": b}, recipe)
+    dead = z["ea"].clone()
+    dead[1] = NEG_INF
+    with pytest.raises(ValueError, match=r"logits\['ea'\]: row 1 masks every token"):
+        fuse({**z, "ea": dead}, recipe)
+
+
+def _r(**kw) -> Recipe:
+    base = dict(name="custom", coeffs=(("large", 1.0),), experts=("ea",), small="small", alphas=(1.0,))
+    base.update(kw)
+    return Recipe(**base)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        (_r(alphas=(1.0, float("nan"))), "alphas=(1.0, nan): has 2 entries for 1 experts; give one alpha per expert"),
+        (_r(experts=("ea", "eb"), alphas=(1.0, float("nan"))), "alphas[1]=nan: must be finite and in [0, max_alpha=2.0]"),
+        (_r(alphas=(2.5,)), "alphas[0]=2.5: must be finite and in [0, max_alpha=2.0]"),
+        (_r(alphas=(-0.1,)), "alphas[0]=-0.1: must be finite and in [0, max_alpha=2.0]"),
+        (_r(solver="foo", anchor="large"), "solver='foo': must be one of grid, newton, joint"),
+        (_r(max_alpha=float("inf")), "max_alpha=inf: must be finite and in (0, 10.0]"),
+        (_r(max_alpha=11.0), "max_alpha=11.0: must be finite and in (0, 10.0]"),
+        (_r(small=None), "small=None: required when experts is not empty (each delta is l_expert - l_small)"),
+        (_r(small="ea"), "small='ea': must not also be an expert"),
+        (_r(experts=("ea", "ea"), alphas=(1.0, 1.0)), "experts[1]='ea': named twice"),
+        (_r(experts=("",)), "experts[0]='': must be a non-empty string"),
+        (_r(coeffs=()), "coeffs=(): must be a non-empty tuple of (model name, weight) pairs"),
+        (_r(coeffs=(("large", float("nan")),)), "coeffs[0]=('large', nan): weight must be finite"),
+        (_r(coeffs=(("large", 1.0), ("large", 2.0))), "coeffs[1]=('large', 2.0): model 'large' appears twice"),
+        (_r(coeffs=(("large",),)), "coeffs[0]=('large',): must be a (model name, weight) pair"),
+        (_r(solver="newton", alphas=()), "anchor=None: required when solver='newton' (the large base whose distribution is P)"),
+        (_r(solver="newton", alphas=(), anchor="small"),
+         "anchor='small': must be in coeffs with weight 1.0, got coeffs=(('large', 1.0),)"),
+        (_r(solver="grid", alphas=(), anchor="large", coeffs=(("large", 1.0), ("x", 0.5))),
+         "coeffs=(('large', 1.0), ('x', 0.5)): a DLF recipe fuses exactly anchor + deltas, so coeffs must be "
+         "(('large', 1.0),)"),
+        (_r(solver="joint", experts=(), alphas=(), anchor="large"), "experts=(): solver='joint' needs at least one expert"),
+        (_r(name=""), "name='': must be a non-empty string"),
+    ],
+)
+def test_validate_names_the_field_and_the_limit(recipe, message):
+    with pytest.raises(ValueError) as e:
+        recipe.validate()
+    assert str(e.value) == message
+
+
+def test_fuse_validates_the_recipe_first():
+    with pytest.raises(ValueError, match="alphas"):
+        fuse(make_logits(0, 1, 4), _r(alphas=(3.0,)))
+
+
+def test_model_names_sorted_and_lists_become_tuples():
+    r = Recipe(name="custom", coeffs=[["large", 1.0]], experts=["eb", "ea"], small="small", alphas=[1.0, 0.5])
+    r.validate()
+    assert r.coeffs == (("large", 1.0),) and r.experts == ("eb", "ea") and r.alphas == (1.0, 0.5)
+    assert r.model_names() == ("ea", "eb", "large", "small")
+    assert hash(r) == hash(Recipe(name="custom", coeffs=(("large", 1.0),), experts=("eb", "ea"), small="small",
+                                   alphas=(1.0, 0.5)))
+    assert presets.eft_up("large", "small", "ea").model_names() == ("ea", "large", "small")
+
+
+def test_with_overrides():
+    proxy = presets.proxy_tuning("large", "small", "ea")
+    dlf = proxy.with_overrides(solver="joint")
+    assert dlf.solver == "joint" and dlf.anchor == "large" and dlf.name == "proxy_tuning"
+    two = proxy.with_overrides(experts=["ea", "eb"])
+    assert two.experts == ("ea", "eb") and two.alphas == (1.0, 1.0)
+    back = presets.dlf("large", "small", ["ea", "eb"]).with_overrides(solver=None)
+    assert back.solver is None and back.alphas == (1.0, 1.0)
+    assert proxy.with_overrides(max_alpha=5.0, alphas=[4.0]).alphas == (4.0,)
+    with pytest.raises(ValueError, match=r"alphas\[0\]=3.0: must be finite and in \[0, max_alpha=2.0\]"):
+        proxy.with_overrides(alphas=(3.0,))
+    with pytest.raises(ValueError, match="solver='fast': must be one of grid, newton, joint"):
+        proxy.with_overrides(solver="fast")
+    with pytest.raises(ValueError, match=r"max_alpha=0.5"):
+        proxy.with_overrides(max_alpha=0.5)  # alpha 1.0 would exceed the new bound
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Presets
+
+
+def test_every_preset_is_registered_and_builds():
+    args = {
+        "single": {"model": "large"},
+        "proxy_tuning": {"large": "large", "small": "small", "expert": "ea"},
+        "static": {"large": "large", "small": "small", "experts": ["ea", "eb"]},
+        "eft_up": {"large": "large", "small": "small", "expert": "ea", "beta": 2.0},
+        "eft_down": {"small": "small", "large": "large", "large_ft": "large_ft"},
+        "lambda_interp": {"large": "large", "small": "small", "expert_a": "ea", "expert_b": "eb", "lam": 0.5},
+        "dlf": {"large": "large", "small": "small", "experts": ["ea"], "solver": "grid"},
+    }
+    assert set(presets.PRESETS) == set(args) == set(presets.DESCRIPTIONS)
+    z = make_logits(5, 2, 9)
+    for name, kwargs in args.items():
+        recipe = presets.build(name, **kwargs)
+        assert recipe == presets.PRESETS[name](**kwargs)
+        assert recipe.method == name and recipe.name == name
+        assert torch.isfinite(fuse(z, recipe).logprobs).all()
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: presets.build("dexperts"), "method='dexperts': must be one of single, proxy_tuning, static, eft_up, "
+         "eft_down, lambda_interp, dlf"),
+        (lambda: presets.build("single", model="large", alpha=1.0), "alpha: not an argument of preset 'single'"),
+        (lambda: presets.build("eft_down", small="s", large="l"), "large_ft: required by preset 'eft_down'"),
+        (lambda: presets.eft_up("l", "s", "e", beta=-1.0), "beta=-1.0: must be finite and in [0.0, 10.0]"),
+        (lambda: presets.eft_up("l", "s", "e", beta=math.inf), "beta=inf: must be finite and in [0.0, 10.0]"),
+        (lambda: presets.lambda_interp("l", "s", "a", "b", 1.5), "lam=1.5: must be finite and in [0.0, 1.0]"),
+        (lambda: presets.dlf("l", "s", [], solver="grid"), "experts=[]: must be a model name or a non-empty sequence"),
+        (lambda: presets.dlf("l", "s", ["e"], solver="bisect"), "solver='bisect': must be one of grid, newton, joint"),
+        (lambda: presets.static("l", "s", ["a", "b"], [1.0]), "alphas=(1.0,): has 1 entries for 2 experts"),
+        (lambda: presets.proxy_tuning("l", "s", "e", alpha=2.5), "alphas[0]=2.5: must be finite and in [0, max_alpha=2.0]"),
+    ],
+)
+def test_presets_reject_bad_arguments_precisely(call, message):
+    with pytest.raises(ValueError) as e:
+        call()
+    assert str(e.value).startswith(message)
