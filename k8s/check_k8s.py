@@ -352,7 +352,7 @@ def entrypoint_errors(doc: Doc) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class GpuNeeds:
     """Pods one fusion pipeline needs: a pod per single-GPU model, and per multi-GPU model one pod holding all its
-    shards (they share a STRICT_PACK placement group, i.e. one Ray node)."""
+    shards (tensor-parallel shards must share one Ray node)."""
 
     pods: dict[int, int]  # GPUs per pod -> pods per pipeline
     cpus: dict[int, float]  # GPUs per pod -> CPUs such a pod must offer (shards + the pipeline's coordinator)
@@ -459,6 +459,15 @@ def layout_errors(cluster: Doc, topology: Any, where: str, autoscaling: bool) ->
     extra = sorted(set(by_gpus) - set(needs.pods) - {0})
     if extra:
         errors.append(f"{where}: worker groups with {extra} GPUs per pod match no model of the topology")
+    # The placement groups the Serve app reserves: topology.bundles() per pipeline (the head has num-cpus 0).
+    bundles = topology.bundles(num_gpus_available=1)
+    for resource, per_pod in (("GPU", group_gpus), ("CPU", group_cpus)):
+        wanted_total = pipelines * sum(b.get(resource, 0.0) for b in bundles)
+        have_total = sum(per_pod(g) * (group_capacity(g) if autoscaling else int(g.get("replicas", 0)))
+                         for g in cluster.get("workerGroupSpecs") or [])
+        if have_total < wanted_total:
+            errors.append(f"{where}: the worker groups offer {have_total:g} {resource}; {pipelines} pipeline(s) of "
+                          f"placement-group bundles {bundles} need {wanted_total:g}")
     return errors
 
 
@@ -593,6 +602,17 @@ def raycluster_errors(doc: Doc, topology_image_path: str, k8s_dir: Path = K8S_DI
 # GCS fault tolerance: Redis address and password wiring
 
 
+def _template_labels(doc: Doc) -> dict[str, str]:
+    return ((((doc.get("spec") or {}).get("template") or {}).get("metadata") or {}).get("labels")) or {}
+
+
+def _secret_env_refs(doc: Doc) -> set[tuple[Any, Any]]:
+    """(secret name, key) of every env var of every container of a Deployment that reads a Secret."""
+    containers = (((doc.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or []
+    refs = [(env.get("valueFrom") or {}).get("secretKeyRef") for c in containers for env in c.get("env") or []]
+    return {(r.get("name"), r.get("key")) for r in refs if r}
+
+
 def gcs_ft_errors(docs: list[Doc]) -> list[str]:
     """Every gcsFaultToleranceOptions reads its password from a Secret key shipped in the same file and points at a
     Service of the same file that fronts a Redis Deployment using that same Secret key."""
@@ -628,15 +648,11 @@ def gcs_ft_errors(docs: list[Doc]) -> list[str]:
             errors.append(f"{at}: Service {host!r} does not expose port {port!r}")
         selector = (service.get("spec") or {}).get("selector") or {}
         backends = [d for d in by_kind.get("Deployment", {}).values()
-                    if selector and selector.items() <= ((d["spec"]["template"].get("metadata") or {}).get("labels")
-                                                         or {}).items()]
+                    if selector and selector.items() <= _template_labels(d).items()]
         if not backends:
             errors.append(f"{at}: Service {host!r} selects no Deployment in this file")
         for backend in backends:
-            env_refs = [(e.get("valueFrom") or {}).get("secretKeyRef") for c in backend["spec"]["template"]["spec"]
-                        ["containers"] for e in c.get("env") or []]
-            if ref and not any(r and r.get("name") == ref.get("name") and r.get("key") == ref.get("key")
-                               for r in env_refs):
+            if ref and (ref.get("name"), ref.get("key")) not in _secret_env_refs(backend):
                 errors.append(f"{at}: Redis {describe(backend)} does not read the password from the same Secret key")
     return errors
 
@@ -790,9 +806,7 @@ def pip_installs(instructions: list[Instruction]) -> list[PipInstall]:
             continue
         for command in re.split(r"&&|;|\|\|", ins.args):
             words = shlex.split(command)
-            if "pip" not in [Path(w).name for w in words[:3]] and "pip" not in words:
-                continue
-            if "install" not in words:
+            if not {"pip", "pip3"} & {Path(w).name for w in words} or "install" not in words:
                 continue
             rest = words[words.index("install") + 1 :]
             files, specs, options = [], [], set()
