@@ -218,11 +218,14 @@ def unknown_keys(value: Any, annotation: Any, path: str = "") -> list[str]:
         if not isinstance(value, Mapping):
             return []  # a wrong type is the schema's business
         accepted = _accepted_keys(annotation)
+        open_model = annotation.model_config.get("extra") == "allow"  # such a model keeps unknown keys on purpose
         errors = []
         for key, item in value.items():
             where = f"{path}.{key}" if path else str(key)
             if key in accepted:
                 errors += unknown_keys(item, accepted[key], where)
+                continue
+            if open_model:
                 continue
             close = difflib.get_close_matches(str(key), list(accepted), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -234,14 +237,15 @@ def unknown_keys(value: Any, annotation: Any, path: str = "") -> list[str]:
             arms = [arm for arm in arms if _is_model(arm)]
         results = [unknown_keys(value, arm, path) for arm in arms]
         return min(results, key=len) if results else []
-    if origin in (list, tuple, set, frozenset) or (origin is not None and origin.__name__ == "Sequence"):
+    origin_name = getattr(origin, "__name__", "")
+    if origin in (list, tuple, set, frozenset) or origin_name == "Sequence":
         if not isinstance(value, (list, tuple)) or not args:
             return []
         errors = []
         for index, item in enumerate(value):
             errors += unknown_keys(item, args[0], f"{path}[{index}]")
         return errors
-    if origin in (dict, Mapping) or (origin is not None and getattr(origin, "__name__", "") == "Mapping"):
+    if origin in (dict, Mapping) or origin_name == "Mapping":
         if not isinstance(value, Mapping) or len(args) != 2:
             return []
         errors = []
@@ -333,7 +337,7 @@ def entrypoint_config(entrypoint: str) -> str | None:
 
 
 def entrypoint_errors(doc: Doc) -> list[str]:
-    """A RayJob's entrypoint must be `python -m <importable module>` with a --config inside the image."""
+    """A RayJob's entrypoint must be `python -m <module> ...` with a module that imports."""
     entrypoint = (doc.get("spec") or {}).get("entrypoint", "")
     module = entrypoint_module(entrypoint)
     if module is None:
@@ -578,7 +582,7 @@ def topology_link_errors(image_path: Any, cluster: Doc, at: str, grpc_port: Any,
         errors.append(f"{where}: serve.grpc_port {topology.serve.grpc_port} != grpc_options.port {grpc_port}")
     if app_name is not None and topology.serve.app_name != app_name:
         errors.append(f"{where}: serve.app_name {topology.serve.app_name!r} != the Serve application name "
-                      f"{app_name!r} (clients name it in the `application` metadata)")
+                      f"{app_name!r} (the Serve app and the topology must agree on it)")
     return errors + layout_errors(cluster, topology, where, autoscaling)
 
 
@@ -962,7 +966,11 @@ def check_all(k8s_dir: Path = K8S_DIR, schemas: Path | None = None) -> dict[str,
                 errors.append(f"{describe(doc)}: CRD schemas not found (set {SCHEMAS_ENV} or pass --schemas)")
             else:
                 errors += document_errors(doc, schemas)  # type: ignore[arg-type]  # only CRDs need schemas
-        results[path.name] = errors + semantic_errors(docs, k8s_dir)
+        try:
+            errors += semantic_errors(docs, k8s_dir)
+        except (ValueError, KeyError, TypeError, IndexError) as error:  # a malformed value the schema also reports
+            errors.append(f"semantic checks stopped at a malformed value: {type(error).__name__}: {error}")
+        results[path.name] = errors
     results["(consistency)"] = consistency_errors(loaded, k8s_dir.parent)
     results["Dockerfile"] = dockerfile_errors(k8s_dir / "Dockerfile", k8s_dir.parent)
     return results

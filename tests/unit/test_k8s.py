@@ -231,6 +231,21 @@ def test_unknown_key_check_leaves_free_form_mappings_alone():
     assert ck.unknown_keys({"applications": [app]}, ServeDeploySchema) == []
 
 
+def test_unknown_key_check_respects_models_that_allow_extra_keys():
+    import pydantic
+
+    class Inner(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="allow")
+        size: int = 1
+
+    class Outer(pydantic.BaseModel):
+        inner: Inner = Inner()
+        items: list[Inner] = []
+
+    assert ck.unknown_keys({"inner": {"size": 2, "anything": 3}}, Outer) == []
+    assert ck.unknown_keys({"inner": {}, "itemz": []}, Outer) == ["itemz: unknown key for Outer (did you mean 'items'?)"]
+
+
 def test_serve_config_schema_errors_are_reported():
     assert ck.serve_config_errors("grpc_options:\n  port: not-a-port\n") != []
     assert ck.serve_config_errors("- just\n- a list\n") != []
