@@ -296,3 +296,172 @@ class WorkerServer:
         if not done:
             logger.warning("worker server %s: handlers still running %.1f s after stop", self.address, wait_s)
         return done
+
+
+# ------------------------------------------------------------------------------------------------- the Ray actor
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What one ModelWorker serves and how it is reached."""
+
+    name: str  # the model's name in the topology (RunnerInfo.name)
+    model_path: str | None = None  # a local HF directory or .gguf file (models.loading); None needs `factory`
+    dtype: str = "float32"  # weights' dtype: float32 | bfloat16 | float16
+    device: str = "auto"  # "auto": cuda when this actor was given a GPU and CUDA works, else cpu; or "cpu"/"cuda"
+    tp_size: int = 1  # > 1: the model is sharded over tp_size TPShard actors (cluster.tp); this actor drives them
+    max_length_tokens: int | None = None  # default: the model's own limit
+    gguf_file: str | None = None  # a GGUF file inside model_path
+    bind_host: str = "127.0.0.1"  # "127.0.0.1" (one machine, tests), "node" (this node's IP: multi-node), or an IP
+    port: int = 0  # 0: any free port (a restarted actor gets a new one; clients re-ask address())
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC send/receive limit of the worker server
+    max_streams: int = 16  # concurrent Step streams (coordinators) the worker accepts
+    factory: Callable[[], ModelRunner] | None = field(default=None, compare=False)  # builds the runner instead
+    # of loading model_path (random-weight models for tests and benchmarks); must be picklable (a module-level
+    # function or a functools.partial of one)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("WorkerSpec.name must be a non-empty string")
+        if self.model_path is None and self.factory is None:
+            raise ValueError(f"WorkerSpec {self.name!r}: set model_path or factory")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"WorkerSpec.device={self.device!r} must be 'auto', 'cpu' or 'cuda'")
+        if not 1 <= self.tp_size <= 64:
+            raise ValueError(f"WorkerSpec.tp_size={self.tp_size} must be in 1..64")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"WorkerSpec.port={self.port} must be in 0..65535")
+        grpc_channel_options(self.max_message_bytes)  # validates the limit
+
+
+def resolve_device(requested: str, gpu_ids: list[Any]) -> str:
+    """The torch device for a spec's ``device``: "auto" is cuda only when a GPU was assigned and CUDA works."""
+    if requested == "auto":
+        return "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def resolve_bind_host(bind_host: str, node_ip: Callable[[], str]) -> tuple[str, str]:
+    """(address to bind, address clients dial) for a spec's ``bind_host``."""
+    if bind_host == "node":
+        ip = node_ip()
+        return ip, ip
+    if bind_host in ("0.0.0.0", "::", "[::]"):
+        return bind_host, node_ip()
+    return bind_host, bind_host
+
+
+def build_runner(spec: WorkerSpec, device: str) -> ModelRunner:
+    """The runner a worker serves: from the spec's factory, a tensor-parallel group, or one local model."""
+    if spec.factory is not None:
+        return spec.factory()
+    if spec.tp_size > 1:
+        # Hook for a large model over several GPUs: the shards are their own Ray actors (STRICT_PACK placement
+        # group made by TensorParallelRunner); this worker only drives rank 0's plan fan-out and gathers logits.
+        from logitfusion.cluster.tp import TensorParallelRunner, TPConfig
+
+        return TensorParallelRunner(
+            TPConfig(
+                model_dir=str(spec.model_path),
+                name=spec.name,
+                tp_size=spec.tp_size,
+                dtype=spec.dtype,
+                device=spec.device,  # type: ignore[arg-type]
+                max_length_tokens=spec.max_length_tokens,
+            )
+        )
+    from logitfusion.engine.local import LocalRunner
+
+    # threaded=False: the server's stream thread runs the forward itself (one thread hop less per step)
+    return LocalRunner.from_pretrained(
+        str(spec.model_path),
+        spec.name,
+        dtype=spec.dtype,
+        device=device,
+        gguf_file=spec.gguf_file,
+        max_length_tokens=spec.max_length_tokens,
+        threaded=False,
+    )
+
+
+class ModelWorker:
+    """A Ray actor serving one model over worker.proto. Create it with ``start_worker`` (or ``ray.remote``).
+
+    The actor's methods are for set-up and inspection only; the per-step traffic goes over gRPC to ``address()``.
+    Ray restarts a crashed worker (max_restarts); the new incarnation reloads the model and serves on a new port.
+    """
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        torch.set_num_threads(1)
+        import ray
+
+        self._spec = spec
+        in_ray = ray.is_initialized()
+        gpu_ids = ray.get_gpu_ids() if in_ray else []
+        device = resolve_device(spec.device, gpu_ids)
+        self._runner = build_runner(spec, device)
+        bind, advertised = resolve_bind_host(spec.bind_host, ray.util.get_node_ip_address)
+        self._server = WorkerServer(
+            self._runner,
+            host=bind,
+            port=spec.port,
+            max_message_bytes=spec.max_message_bytes,
+            max_streams=spec.max_streams,
+        )
+        self._address = f"{advertised}:{self._server.port}"
+        logger.info("ModelWorker %s (pid %d) on %s serving at %s", spec.name, os.getpid(), device, self._address)
+
+    def address(self) -> str:
+        """"host:port" of this incarnation's gRPC server."""
+        return self._address
+
+    def describe(self) -> RunnerInfo:
+        return self._runner.describe()
+
+    def sequences(self) -> dict[str, int]:
+        """Every live sequence on the worker, named "<stream_id>/<seq_id>"."""
+        return self._runner.sequences()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def shutdown(self, grace_s: float = 1.0) -> None:
+        """Stop serving and free the model (before ray.kill, for a clean exit)."""
+        self._server.stop(grace_s)
+        self._runner.close()
+
+
+def start_worker(
+    spec: WorkerSpec,
+    *,
+    num_cpus: float = 0.25,
+    num_gpus: float = 0.0,
+    max_restarts: int = -1,
+    placement_group: Any = None,
+    bundle_index: int = -1,
+    name: str | None = None,
+    namespace: str | None = None,
+    env_vars: dict[str, str] | None = None,
+) -> Any:
+    """Start a ModelWorker actor and return its handle (needs ray.init). ``max_restarts=-1``: Ray restarts it after
+    every crash. ``placement_group``/``bundle_index``: schedule it into a reserved bundle (a pipeline's placement
+    group). With ``spec.tp_size > 1`` the shards hold the GPUs, so leave ``num_gpus=0`` for this actor."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    options: dict[str, Any] = {
+        "num_cpus": num_cpus,
+        "num_gpus": num_gpus,
+        "max_restarts": max_restarts,
+        "max_task_retries": 0,  # callers retry address() themselves (RemoteRunner does, until its timeout)
+        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env_vars or {})}},
+    }
+    if placement_group is not None:
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=placement_group, placement_group_bundle_index=bundle_index
+        )
+    if name is not None:
+        options["name"] = name
+    if namespace is not None:
+        options["namespace"] = namespace
+    return ray.remote(ModelWorker).options(**options).remote(spec)

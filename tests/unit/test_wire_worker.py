@@ -510,3 +510,42 @@ def test_constructor_checks(server):
         RemoteRunner("large", lambda: "127.0.0.1:1", reconnect_timeout_s=0.3)
     assert remote_mod.expected_rows(StepPlan(extends=(_ext("a", [1, 2], "all"), _ext("b", [3])))) == [2, 1]
     assert TINY_FAMILY["large"].max_length_tokens == 256  # the bad-op table above relies on it
+
+
+# ------------------------------------------------------------------------------------------ the actor class, no Ray
+
+
+def test_model_worker_serves_its_spec_without_ray(reference):
+    import functools
+
+    from logitfusion.actors.worker import ModelWorker, WorkerSpec
+
+    worker = ModelWorker(WorkerSpec(name="large", factory=functools.partial(tiny_runner, "large", threaded=False)))
+    rr = RemoteRunner("large", worker.address)
+    try:
+        assert worker.address().startswith("127.0.0.1:") and worker.pid() == os.getpid()
+        assert worker.describe() == reference.describe()
+        plan = StepPlan(extends=(_ext("a", [3, 4, 5]),))
+        assert _same(rr.step(plan), reference.step(plan))
+        assert list(worker.sequences().values()) == [3]
+    finally:
+        rr.close()
+        worker.shutdown(0)
+    assert worker.sequences() == {}
+
+
+def test_worker_spec_and_placement_helpers():
+    from logitfusion.actors.worker import WorkerSpec, resolve_bind_host, resolve_device
+
+    with pytest.raises(ValueError, match=r"'x': set model_path or factory"):
+        WorkerSpec(name="x")
+    with pytest.raises(ValueError, match=r"WorkerSpec.device='tpu'"):
+        WorkerSpec(name="x", model_path="/m", device="tpu")
+    with pytest.raises(ValueError, match=r"max_message_bytes=0 must be in 1..2147483647"):
+        WorkerSpec(name="x", model_path="/m", max_message_bytes=0)
+    assert resolve_device("auto", []) == "cpu"
+    assert resolve_device("auto", [0]) == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu", [0]) == "cpu"
+    assert resolve_bind_host("127.0.0.1", lambda: "10.0.0.5") == ("127.0.0.1", "127.0.0.1")
+    assert resolve_bind_host("node", lambda: "10.0.0.5") == ("10.0.0.5", "10.0.0.5")
+    assert resolve_bind_host("0.0.0.0", lambda: "10.0.0.5") == ("0.0.0.0", "10.0.0.5")
