@@ -450,7 +450,7 @@ class Decoder:
 
     def step(self) -> list[StepEvent]:
         """One fused decoding step for every live request: plan -> execute -> fuse and sample -> update."""
-        with self._step_lock:
+        with self._step_lock, torch.inference_mode():
             self._step += 1
             self._retire_aborted()
             self._admit()

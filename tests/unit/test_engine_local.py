@@ -218,3 +218,30 @@ def test_padding_helpers() -> None:
     assert torch.equal(rows[2][0][1], full[0][1])
     assert padding_mask([1, 0, 3], 3).tolist() == [[0, 0, 1], [0, 0, 0], [1, 1, 1]]
     assert row_positions([1, 0, 3], 2).tolist() == [[1, 2], [0, 1], [3, 4]]
+
+
+def test_from_pretrained_loads_a_checkpoint_directory(tmp_path) -> None:
+    """A tiny model and a real `tokenizers` tokenizer saved in the HF layout load through models.loading."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    from logitfusion.models.vocab import vocab_fingerprint
+
+    words = ["<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(V - 3)]
+    raw = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    model = tiny_llama(TINY_FAMILY["small"])
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    runner = LocalRunner.from_pretrained(tmp_path, "small", threaded=False)
+    info = runner.describe()
+    assert info.name == "small" and info.vocab_size == V
+    assert info.vocab_fingerprint == vocab_fingerprint(runner.tokenizer) == vocab_fingerprint(tok)
+    assert info.max_length_tokens == TINY_FAMILY["small"].max_length_tokens
+    ids = runner.tokenizer.encode("w1 w2 w3")
+    rows = runner.step(StepPlan(extends=(ExtendOp("x", tuple(ids), "all"),)))[0]
+    assert torch.allclose(rows, full_logits(model, ids), atol=TOL)
+    runner.close()
