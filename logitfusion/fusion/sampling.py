@@ -110,6 +110,8 @@ def to_probs(logprobs: torch.Tensor, params: Sequence[SamplingParams]) -> torch.
         keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, _filter_sorted(sorted_p, top_k, top_p))
         probs = probs * keep
         probs = probs / probs.sum(-1, keepdim=True)
+    if not any(p.greedy for p in params):
+        return probs
     one_hot = torch.nn.functional.one_hot(x.argmax(-1), V).to(probs.dtype)  # [B, V]
     return torch.where(greedy.unsqueeze(-1), one_hot, probs)
 
@@ -137,12 +139,14 @@ def sample(
     logprobs: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
 ) -> torch.Tensor:
     """One token per row: [B, V] log-probs -> [B] long. Greedy rows take the argmax and draw nothing."""
-    probs = to_probs(logprobs, params)  # [B, V]
     if len(generators) != len(params):
         raise ValueError(f"generators: {len(generators)} entries for a batch of {len(params)} rows; give one per row")
     for i, g in enumerate(generators):
         if g is not None and not isinstance(g, torch.Generator):
             raise ValueError(f"generators[{i}]: must be a torch.Generator or None, got {type(g).__name__}")
+    if all(p.greedy for p in params if isinstance(p, SamplingParams)):
+        return _check_batch(logprobs, params).argmax(-1)  # [B]  the common case: no softmax, no draw
+    probs = to_probs(logprobs, params)  # [B, V]
     dev = probs.device
     u = [uniforms(g, 1, dev) if not p.greedy else torch.zeros(1, device=dev) for p, g in zip(params, generators)]
     tokens = draw(probs, torch.cat(u)) if u else torch.zeros(0, dtype=torch.long, device=dev)  # [B]
