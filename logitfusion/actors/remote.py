@@ -305,6 +305,9 @@ class RemoteRunner(ModelRunner):
         """Ask for the address, open a channel, check the model; retried with backoff until ``deadline``."""
         backoff, last = _BACKOFF_FIRST_S, "no attempt"
         while True:
+            with self._cond:
+                if self._closed:
+                    raise RunnerUnavailable(f"{self.name}: the remote runner was closed")
             address = "?"
             try:
                 address = self._address_fn()
