@@ -245,3 +245,23 @@ def test_from_pretrained_loads_a_checkpoint_directory(tmp_path) -> None:
     rows = runner.step(StepPlan(extends=(ExtendOp("x", tuple(ids), "all"),)))[0]
     assert torch.allclose(rows, full_logits(model, ids), atol=TOL)
     runner.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_cached_logits_on_cuda() -> None:
+    model = tiny_llama(TINY_FAMILY["large"]).to("cuda")
+    runner = LocalRunner(model, name="large", vocab_size=V, vocab_fingerprint=TINY_FINGERPRINT, threaded=False)
+    assert runner.describe().device.startswith("cuda")
+    prompts = {"a": [5, 6, 7], "b": [1, 2, 3, 4, 5, 6, 7, 8], "c": [9]}
+    out = runner.step(StepPlan(extends=tuple(ExtendOp(s, tuple(p)) for s, p in prompts.items())))
+    seqs = {s: p + [greedy(o)] for (s, p), o in zip(prompts.items(), out)}
+    for _ in range(4):
+        out = runner.step(StepPlan(extends=tuple(ExtendOp(s, (t[-1],)) for s, t in seqs.items())))
+        for (s, t), o in zip(seqs.items(), out):
+            assert o.device.type == "cpu" and o.dtype == torch.float32
+            with torch.inference_mode():
+                ref = model(input_ids=torch.tensor([t], device="cuda")).logits[0, -1, :V].float().cpu()
+            assert float((o[0] - ref).abs().max()) < 1e-3
+            t.append(greedy(o))
+    runner.close()
