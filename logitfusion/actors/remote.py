@@ -8,7 +8,9 @@ When the stream breaks (the worker died, the connection dropped) the pending fut
 asks ``address_fn`` again (for an actor-backed runner: the restarted actor's new port), checks that the worker
 serves the same model, re-creates every live sequence on a fresh stream by re-sending its history as extends
 (discarding the logits), and then re-sends the pending plans: the Decoder only sees a slower step. Only when no
-worker could be reached within ``reconnect_timeout_s`` do the pending futures fail with RunnerUnavailable.
+worker could be reached within ``reconnect_timeout_s`` do the pending futures fail with RunnerUnavailable; the
+runner then forgets every sequence (the caller re-creates what it still needs, e.g. ``Decoder.resync``) and tries
+to reconnect again at the next submit.
 """
 
 from __future__ import annotations
@@ -412,11 +414,15 @@ class RemoteRunner(ModelRunner):
                 deadline, backoff = time.monotonic() + self._reconnect_timeout_s, _BACKOFF_FIRST_S
 
     def _give_up(self, exc: RunnerUnavailable) -> bool:
-        """Fail every pending future, then wait for the next submit (True) or close() (False)."""
+        """Fail every pending future and forget every sequence (RunnerUnavailable means the model's caches are lost:
+        a caller that goes on re-sends whole histories, as Decoder.resync does), then wait for the next submit
+        (True) or close() (False)."""
         with self._cond:
             if self._closed:
                 return False
-        logger.warning("%s: %s", self.name, exc)
+            lost = len(self._histories)
+            self._histories.clear()
+        logger.warning("%s: %s; %d sequence(s) forgotten", self.name, exc, lost)
         self._fail_pending(exc)
         with self._cond:
             self._cond.wait_for(lambda: self._closed or bool(self._pending))

@@ -422,17 +422,26 @@ def test_a_step_in_flight_when_the_worker_dies_is_replayed_not_failed(reference)
         spare.close()
 
 
-def test_no_worker_within_the_timeout_fails_with_runner_unavailable(served):
+def test_no_worker_within_the_timeout_fails_with_runner_unavailable(served, reference):
     srv = WorkerServer(served)
-    address = srv.address
-    rr = RemoteRunner("large", lambda: address, reconnect_timeout_s=1.0)
+    servers = [srv]
+    rr = RemoteRunner("large", lambda: servers[-1].address, reconnect_timeout_s=1.0)
+    spare = tiny_runner("large", threaded=False)
     try:
         rr.step(StepPlan(extends=(_ext("a", [1]),)))
         srv.stop(0)
+        address = srv.address
         with pytest.raises(RunnerUnavailable, match=rf"large: no .* within reconnect_timeout_s=1.0 .*{address}"):
             rr.step(StepPlan(extends=(_ext("a", [2]),)))
+        assert rr.history("a") == ()  # given up: the sequences are forgotten, the caller re-sends histories
+        servers.append(WorkerServer(spare))  # a worker is back: the next submit reconnects
+        (got,) = rr.step(StepPlan(extends=(_ext("a", [1, 2]),)))
+        (want,) = reference.step(StepPlan(extends=(_ext("a", [1, 2]),)))
+        assert torch.equal(got, want) and rr.sequences() == {"a": 2}
     finally:
         rr.close()
+        servers[-1].stop(0)
+        spare.close()
 
 
 def test_a_worker_that_comes_back_with_another_model_is_refused(served):
