@@ -350,10 +350,10 @@ def test_layout_check_counts_the_placement_group_bundles_of_the_app(tmp_path):
     k8s = tmp_path / "k8s"
     (k8s / "configs").mkdir(parents=True)
     serve = yaml.safe_load((K8S / "configs" / "serve.yaml").read_text())
-    serve["serve"]["coordinator_num_cpus"] = 30  # bundles: 30 + 4 shards x 2 = 38 CPUs > 2 x 8 + 16 in the groups
+    serve["serve"]["coordinator_num_cpus"] = 30  # bundles: 30 + 4 shards x 2 (+ ...) > 2 x 8 + 16 in the groups
     (k8s / "configs" / "serve.yaml").write_text(yaml.safe_dump(serve))
     errors = ck.semantic_errors([the(docs_of("rayservice.yaml"), "RayService")], k8s, check_imports=False)
-    assert any("offer 32 CPU" in e and "need 38" in e for e in errors), errors
+    assert any("the worker groups offer 32 CPU" in e for e in errors), errors
 
 
 def test_the_serve_app_builds_from_the_args_the_rayservice_passes():
