@@ -102,7 +102,10 @@ def grid_points(max_alpha: float, dtype: torch.dtype, device: torch.device) -> t
 def prepare(l_large: torch.Tensor, l_small: torch.Tensor, l_experts: torch.Tensor, mask: torch.Tensor) -> Problem:
     """Targets and deltas from log-probs already restricted to the joint support (mask: [B, V], True = masked)."""
     # l_large, l_small: [B, V]; l_experts: [T, B, V]
-    deltas = zero_filled(l_experts, mask) - zero_filled(l_small, mask)  # [T, B, V], 0 where masked
+    if bool(mask.any()):
+        deltas = zero_filled(l_experts, mask) - zero_filled(l_small, mask)  # [T, B, V], 0 where masked
+    else:
+        deltas = l_experts - l_small  # [T, B, V], all finite
     a = (l_experts.exp() * deltas).sum(-1).clamp_min(0.0)  # [T, B]  KL(Q_t || Q)
     b = (-(l_small.exp() * deltas).sum(-1)).clamp_min(0.0)  # [T, B]  KL(Q || Q_t)
     m = (l_large.exp() * deltas).sum(-1, keepdim=True)  # [T, B, 1]  E_P[Delta_t]

@@ -183,7 +183,8 @@ def fuse(logits: Mapping[str, torch.Tensor], recipe: Recipe) -> FusionResult:
     lp, mask = joint_log_probs(logits, recipe.model_names())  # {name: [B, V]}, [B, V]
     B = mask.shape[0]
     T = len(recipe.experts)
-    zero = {n: zero_filled(x, mask) for n, x in lp.items()}  # masked entries 0: no inf - inf below
+    any_masked = bool(mask.any())
+    zero = {n: zero_filled(x, mask) if any_masked else x for n, x in lp.items()}  # masked entries 0: no inf - inf
     loss = None
     if T and recipe.solver is not None:
         experts = torch.stack([lp[e] for e in recipe.experts])  # [T, B, V]
@@ -197,7 +198,7 @@ def fuse(logits: Mapping[str, torch.Tensor], recipe: Recipe) -> FusionResult:
         scores = scores + weight * zero[name]
     for t, e in enumerate(recipe.experts):
         scores = scores + alphas[:, t : t + 1] * (zero[e] - zero[recipe.small])
-    fused = torch.log_softmax(scores.masked_fill(mask, float("-inf")), dim=-1)  # [B, V]
+    fused = torch.log_softmax(scores.masked_fill(mask, float("-inf")) if any_masked else scores, dim=-1)  # [B, V]
     return FusionResult(logprobs=fused, alphas=alphas.contiguous(), loss=loss)
 
 

@@ -38,9 +38,11 @@ def _check(p: object, q: object, drafted: object) -> tuple[torch.Tensor, torch.T
     for field, x in (("p", p), ("q", q)):
         if not bool((torch.isfinite(x) & (x >= 0)).all()):
             raise ValueError(f"{field}: probabilities must be finite and >= 0")
-    if not bool((p.sum(-1) > 0).all()):
-        raise ValueError("p: every row must have positive mass")
-    return p / p.sum(-1, keepdim=True), q, drafted.to(device=p.device, dtype=torch.long)
+    for field, x in (("p", p), ("q", q)):
+        if not bool((x.sum(-1) > 0).all()):
+            raise ValueError(f"{field}: every row must have positive mass")
+    p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)  # rounding of to_probs must not bias p/q
+    return p, q, drafted.to(device=p.device, dtype=torch.long)
 
 
 def speculative_accept(

@@ -32,17 +32,16 @@ def compute_dtype(*xs: torch.Tensor) -> torch.dtype:
 
 
 def _log_probs(field: str, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # z: [B, V] raw logits or log-probs; -inf marks a masked token
-    z = z.to(dtype)
-    bad = torch.isnan(z) | (z == float("inf"))  # [B, V]
-    if bool(bad.any()):
-        row = int(bad.any(dim=-1).nonzero()[0, 0])
-        raise ValueError(f"{field}: row {row} holds NaN or +inf; logits must be finite, or -inf for a masked token")
-    empty = torch.isneginf(z).all(dim=-1)  # [B]
-    if bool(empty.any()):
-        row = int(empty.nonzero()[0, 0])
+    """log_softmax in `dtype`; NaN comes out exactly when a row holds NaN or +inf or masks every token."""
+    lp = torch.log_softmax(z.to(dtype), dim=-1)  # [B, V]
+    if bool(torch.isnan(lp).any()):  # one cheap check on the good path; the precise reason only on the bad one
+        bad = torch.isnan(z) | (z == float("inf"))  # [B, V]
+        if bool(bad.any()):
+            row = int(bad.any(dim=-1).nonzero()[0, 0])
+            raise ValueError(f"{field}: row {row} holds NaN or +inf; logits must be finite, or -inf for a masked token")
+        row = int(torch.isnan(lp).any(dim=-1).nonzero()[0, 0])
         raise ValueError(f"{field}: row {row} masks every token (all -inf)")
-    return torch.log_softmax(z, dim=-1)  # [B, V]
+    return lp
 
 
 def joint_log_probs(
@@ -73,6 +72,8 @@ def joint_log_probs(
     mask = torch.zeros_like(lp[first], dtype=torch.bool)  # [B, V]
     for x in lp.values():
         mask |= torch.isneginf(x)
+    if not bool(mask.any()):
+        return lp, mask  # nothing masked anywhere (the common case): every model is already normalised
     dead = mask.all(dim=-1)  # [B]
     if bool(dead.any()):
         row = int(dead.nonzero()[0, 0])

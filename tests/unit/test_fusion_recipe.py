@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from logitfusion.fusion import FusionResult, Recipe, fuse, presets, solve_alphas
+from logitfusion.fusion import FusionResult, Recipe, dlf_loss, fuse, presets, solve_alphas
 
 pytestmark = pytest.mark.timeout(120)
 torch.set_num_threads(1)
@@ -110,9 +110,11 @@ def test_dlf_fuses_with_the_solved_alphas(z, solver):
     L, S = (torch.log_softmax(z[n], -1) for n in ("large", "small"))
     E = torch.stack([torch.log_softmax(z[n], -1) for n in ("ea", "eb")])
     alphas, loss = solve_alphas(L, S, E, solver)
-    torch.testing.assert_close(res.alphas, alphas)
-    torch.testing.assert_close(res.loss, loss)
-    want = torch.log_softmax(L + torch.einsum("bt,tbv->bv", alphas, E - S), -1)
+    # solve_alphas renormalises the log-probs once more; the loss is flat at its minimum, so alpha may move ~1e-4
+    torch.testing.assert_close(res.alphas, alphas, atol=1e-3, rtol=0)
+    torch.testing.assert_close(res.loss, loss, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(res.loss, dlf_loss(L, S, E, res.alphas), atol=1e-6, rtol=1e-4)
+    want = torch.log_softmax(L + torch.einsum("bt,tbv->bv", res.alphas, E - S), -1)
     assert_same_distribution(res.logprobs, want)
 
 

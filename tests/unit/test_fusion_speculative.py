@@ -152,6 +152,7 @@ def test_the_first_emitted_token_is_distributed_as_the_target():
         ((-torch.ones(3, 4), torch.ones(2, 4), torch.tensor([0, 1])), "p: probabilities must be finite and >= 0"),
         ((torch.ones(3, 4), torch.full((2, 4), float("nan")), torch.tensor([0, 1])), "q: probabilities must be"),
         ((torch.zeros(3, 4), torch.ones(2, 4), torch.tensor([0, 1])), "p: every row must have positive mass"),
+        ((torch.ones(3, 4), torch.zeros(2, 4), torch.tensor([0, 1])), "q: every row must have positive mass"),
     ],
 )
 def test_bad_input_names_the_field(args, message):
