@@ -78,7 +78,8 @@ def logits_rows(plan: StepPlan) -> int:
 def check_response_size(plan: StepPlan, vocab_size: int, dtype: torch.dtype, max_message_bytes: int) -> None:
     """Refuse, before anything runs, a step whose logits would not fit in one message."""
     rows = logits_rows(plan)
-    need = rows * vocab_size * dtype.itemsize + _RESPONSE_OVERHEAD_BYTES + _RESPONSE_BYTES_PER_EXTEND * len(plan.extends)
+    framing = _RESPONSE_OVERHEAD_BYTES + _RESPONSE_BYTES_PER_EXTEND * len(plan.extends)
+    need = rows * vocab_size * dtype.itemsize + framing
     if need > max_message_bytes:
         raise _TooLarge(
             f"StepRequest.extends: the logits of {rows} rows x {vocab_size} columns of "

@@ -191,7 +191,8 @@ def test_error_response_carries_code_message_and_flag():
         wire.error_response(3, pb.StepError.CODE_INTERNAL, "boom", sequences_changed=True).SerializeToString()
     )
     assert resp.WhichOneof("outcome") == "error" and resp.step_id == 3
-    assert (resp.error.code, resp.error.message, resp.error.sequences_changed) == (pb.StepError.CODE_INTERNAL, "boom", True)
+    err = resp.error
+    assert (err.code, err.message, err.sequences_changed) == (pb.StepError.CODE_INTERNAL, "boom", True)
 
 
 def test_info_round_trip_and_validation():
