@@ -227,6 +227,19 @@ def _find_stop(text: str, stops: Sequence[str], start: int) -> int:
     return min(hits) if hits else -1
 
 
+def _held_back(text: str, stops: Sequence[str]) -> str:
+    """The text safe to stream: without a partial multi-byte character at its end, nor an end that could be the
+    start of a stop string (it is streamed once the next tokens show it is not)."""
+    text = text.rstrip("\ufffd")
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:n]):
+                hold = n
+                break
+    return text[: len(text) - hold]
+
+
 def _adapt_k(k: int, accepted: int, cfg: SpeculativeConfig) -> int:
     """Adaptive draft length: one more after a fully accepted draft, one fewer after accepting less than half."""
     if accepted == k:
@@ -660,28 +673,44 @@ class Decoder:
         if not self._live:
             return []
         fused = self._fused_rows(logits, drafts)
-        plain = [live for live in self._live.values() if live.rid not in drafts]
-        picked: dict[str, tuple[list[int], list[torch.Tensor]]] = {}
-        if plain:
-            lp = torch.cat([fused[live.rid][0] for live in plain])  # [B, V]
-            tokens = sample(lp, [live.request.sampling for live in plain], [live.generator for live in plain])
-            for b, live in enumerate(plain):
-                picked[live.rid] = ([int(tokens[b])], [fused[live.rid][1][0]])
+        picked = self._sample_plain(fused, [live for live in self._live.values() if live.rid not in drafts])
         for rid, draft in drafts.items():
-            live = self._live[rid]
-            lp, alphas = fused[rid]  # [k + 1, V], [k + 1, T]
-            params = live.request.sampling
-            p = to_probs(lp, [params] * lp.shape[0])  # [k + 1, V]
-            drafted = torch.tensor(draft.tokens, dtype=torch.long)  # [k]
-            n_acc, nxt = speculative_accept(p, torch.stack(draft.q), drafted, params.temperature == 0, live.generator)
-            live.drafted += draft.k
-            live.accepted += n_acc
-            if live.request.speculative.adaptive:  # type: ignore[union-attr]
-                live.draft_k = _adapt_k(live.draft_k, n_acc, live.request.speculative)  # type: ignore[arg-type]
-            base = len(live.generated)
-            for m in live.models:  # roll back to the accepted prefix: the truncate rides the next plan
-                live.valid[m] = min(live.held[m], len(live.prompts[m]) + base + n_acc)
-            picked[rid] = (draft.tokens[:n_acc] + [int(nxt)], [alphas[j] for j in range(n_acc + 1)])
+            picked[rid] = self._accept(self._live[rid], draft, *fused[rid])
+        return self._update(picked)
+
+    @staticmethod
+    def _sample_plain(
+        fused: Mapping[str, tuple[torch.Tensor, torch.Tensor]], plain: Sequence[_Live]
+    ) -> dict[str, tuple[list[int], list[torch.Tensor]]]:
+        """One token per plain request, all rows sampled at once (each with its own generator)."""
+        if not plain:
+            return {}
+        lp = torch.cat([fused[live.rid][0] for live in plain])  # [B, V]
+        tokens = sample(lp, [live.request.sampling for live in plain], [live.generator for live in plain])  # [B]
+        return {live.rid: ([int(tokens[b])], [fused[live.rid][1][0]]) for b, live in enumerate(plain)}
+
+    @staticmethod
+    def _accept(
+        live: _Live, draft: _Draft, lp: torch.Tensor, alphas: torch.Tensor
+    ) -> tuple[list[int], list[torch.Tensor]]:
+        """Accept a prefix of the draft against the fused targets (lp [k + 1, V], alphas [k + 1, T]) and roll
+        every model back to it: the truncate rides the next plan. Returns the accepted tokens plus one."""
+        spec = live.request.speculative
+        params = live.request.sampling
+        p = to_probs(lp, [params] * lp.shape[0])  # [k + 1, V]
+        drafted = torch.tensor(draft.tokens, dtype=torch.long)  # [k]
+        n_acc, nxt = speculative_accept(p, torch.stack(draft.q), drafted, params.greedy, live.generator)
+        live.drafted += draft.k
+        live.accepted += n_acc
+        if spec is not None and spec.adaptive:
+            live.draft_k = _adapt_k(live.draft_k, n_acc, spec)
+        base = len(live.generated)
+        for m in live.models:
+            live.valid[m] = min(live.held[m], len(live.prompts[m]) + base + n_acc)
+        return draft.tokens[:n_acc] + [int(nxt)], [alphas[j] for j in range(n_acc + 1)]
+
+    def _update(self, picked: Mapping[str, tuple[list[int], list[torch.Tensor]]]) -> list[StepEvent]:
+        """Append each request's tokens in order until one of them stops it."""
         events: list[StepEvent] = []
         for live in list(self._live.values()):
             tokens, alphas = picked[live.rid]
@@ -698,21 +727,20 @@ class Decoder:
         live.generated.append(token)
         weights = [float(a) for a in alphas]
         live.weights.append(weights)
-        reason = None
-        if token in live.stop_ids:
-            reason = FINISH_STOP
+        reason = FINISH_STOP if token in live.stop_ids else None
         delta = ""
         if self._decode is not None:
-            ids = live.generated[:-1] if reason == FINISH_STOP else live.generated
-            text = self._decode(ids)
+            text = self._decode(live.generated[:-1] if reason == FINISH_STOP else live.generated)
             cut = _find_stop(text, live.request.stop_strings, len(live.text))
             if cut >= 0:
                 text, reason = text[:cut], FINISH_STOP
-            if reason is None and len(live.generated) < live.request.max_new_tokens:
-                text = text.rstrip("\ufffd")  # hold back a partial multi-byte character
+            elif reason is None and len(live.generated) < live.request.max_new_tokens:
+                text = _held_back(text, live.request.stop_strings)
             keep = _common_prefix_len(live.text, text)
-            delta = text[keep:]
-            live.text = live.text[:keep] + delta
+            if keep < len(live.text):
+                logger.debug("request %s: decoded text changed before position %d", live.rid, len(live.text))
+            delta = text[max(keep, len(live.text)) :]
+            live.text += delta  # always what was streamed
         if reason is None and len(live.generated) >= live.request.max_new_tokens:
             reason = FINISH_LENGTH
         live.finish_reason = reason

@@ -171,12 +171,27 @@ def test_stop_tokens_and_stop_strings(models, runners) -> None:
     text = tiny_decode(ref)
     stop = text[6:8]
     cut = text.index(stop)
-    res = dec.generate([GenerationRequest("s", PROMPTS[1], recipe, max_new_tokens=12, stop_token_ids=(),
-                                          stop_strings=("zzzz-never", stop))])[0]
-    assert res.finish_reason == "stop"
+    dec.add_request(GenerationRequest("s", PROMPTS[1], recipe, max_new_tokens=12, stop_token_ids=(),
+                                      stop_strings=("zzzz-never", stop)), keep_result=True)
+    evs = []
+    while dec.has_work():
+        evs += dec.step()
+    res = dec.take_result("s")
+    assert res.finish_reason == "stop" and evs[-1].finish_reason == "stop"
     assert res.token_ids == ref[: cut + 2]
     assert res.text == text[:cut]
+    # the first character of the stop string was held back, never streamed
+    assert "".join(e.text_delta for e in evs) == text[:cut]
     assert_no_leaks(runners)
+
+
+def test_held_back_text() -> None:
+    from logitfusion.engine.decoder import _held_back
+
+    assert _held_back("hello wor", ("world",)) == "hello "
+    assert _held_back("hello w", ("xy", "wz")) == "hello "
+    assert _held_back("hello", ("xy",)) == "hello"
+    assert _held_back("caf\ufffd", ()) == "caf"
 
 
 def test_streamed_text_deltas_add_up(runners) -> None:
