@@ -70,6 +70,16 @@ def scope_plan(plan: StepPlan, prefix: str) -> StepPlan:
     )
 
 
+def apply_lengths(lengths: dict[str, int], plan: StepPlan) -> None:
+    """Update cached lengths in place the way a runner applies a plan: releases, truncates, extends."""
+    for seq_id in plan.releases:
+        lengths.pop(seq_id, None)
+    for seq_id, n in plan.truncates:
+        lengths[seq_id] = n
+    for op in plan.extends:
+        lengths[op.seq_id] = lengths.get(op.seq_id, 0) + len(op.token_ids)
+
+
 def logits_rows(plan: StepPlan) -> int:
     """Rows of the step's joined logits tensor: len(token_ids) for want="all", else 1, summed over extends."""
     return sum(len(e.token_ids) if e.want == "all" else 1 for e in plan.extends)
@@ -101,6 +111,8 @@ class _Stream:
 
     stream_id: str
     prefix: str  # "<stream_id>/": the runner-side scope of this stream's seq ids
+    lengths: dict[str, int] = field(default_factory=dict)  # scoped seq id -> cached tokens, as this stream's
+    # successful steps left them (no runner call per step; re-read from the runner only after a failed step)
     closed: bool = False
 
 
@@ -149,7 +161,8 @@ class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
         leftover: list[str] = []
         try:
             with self._runner_lock:
-                leftover = [s for s in self._runner.sequences() if s.startswith(stream.prefix)]
+                scoped = set(stream.lengths) | {s for s in self._runner.sequences() if s.startswith(stream.prefix)}
+                leftover = sorted(scoped)
                 if leftover:
                     self._runner.submit(StepPlan(releases=tuple(leftover))).result()
         except Exception:  # noqa: BLE001 - a closed runner has nothing left to release; never kill the server
@@ -211,14 +224,17 @@ class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
             return wire.error_response(step_id, pb.StepError.CODE_INVALID_ARGUMENT, str(exc))
         if plan.is_empty():  # nothing for the model to do (a ping, or a step in which this model has no ops)
             return wire.logits_response(step_id, [], dtype, vocab)
+        scoped = scope_plan(plan, stream.prefix)
         with self._runner_lock:
-            before = self._stream_lengths(stream.prefix)
             try:
-                logits = self._runner.submit(scope_plan(plan, stream.prefix)).result()
+                logits = self._runner.submit(scoped).result()
             except Exception as exc:  # noqa: BLE001 - every failure becomes a response; the stream stays open
-                # a RunnerError is refused before anything changes (checked below); anything else may leave a half step
-                changed = not isinstance(exc, RunnerError) or self._stream_lengths(stream.prefix) != before
+                actual = self._stream_lengths(stream.prefix)
+                # a RunnerError should refuse a plan before anything changes; check, and trust nothing else
+                changed = not isinstance(exc, RunnerError) or actual != stream.lengths
+                stream.lengths = actual
                 return self._failure(stream, step_id, exc, changed)
+            apply_lengths(stream.lengths, scoped)
         self.steps_served += 1
         return wire.logits_response(step_id, logits, dtype, vocab)  # encoding runs outside the runner lock
 

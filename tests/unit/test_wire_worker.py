@@ -100,7 +100,7 @@ def _raw_stream(address: str, stream_id: str | None = None, **channel_kw):
 # ------------------------------------------------------------------------------------------ equality with local
 
 
-def test_every_op_matches_the_in_process_runner_exactly(remote, reference, served):
+def test_every_op_matches_the_in_process_runner_exactly(remote, reference, served, server):
     plans = [
         StepPlan(extends=(_ext("a", [1, 2, 3, 4, 5]), _ext("b", [9, 8]), _ext("c", [7, 7, 7], "all"))),  # prefill
         StepPlan(extends=(_ext("a", [11]), _ext("b", [12]), _ext("c", [13]))),  # decode
@@ -113,6 +113,8 @@ def test_every_op_matches_the_in_process_runner_exactly(remote, reference, serve
         got, want = remote.step(plan), reference.step(plan)
         assert _same(got, want), plan
         assert remote.sequences() == reference.sequences()
+        (stream,) = server.servicer._streams.values()  # the worker's own table of this stream, kept without asking
+        assert {k.split("/", 1)[1]: n for k, n in stream.lengths.items()} == reference.sequences()
     assert remote.history("b") == (40, 41)
     assert remote.history("c") == ()
     assert len(served.sequences()) == len(reference.sequences())  # scoped names on the worker, same count
