@@ -418,12 +418,15 @@ class Decoder:
         models = set(req.recipe.model_names())
         unknown = sorted(models - set(self._runners))
         if unknown:
-            raise ValueError(f"recipe {req.recipe.name!r} reads unknown models {unknown}; known: {sorted(self._runners)}")
+            raise ValueError(
+                f"recipe {req.recipe.name!r} reads unknown models {unknown}; known: {sorted(self._runners)}"
+            )
         if req.speculative is not None:
             req.speculative.validate()
             if req.speculative.draft_model not in self._runners:
                 raise ValueError(
-                    f"speculative.draft_model {req.speculative.draft_model!r} is unknown; known: {sorted(self._runners)}"
+                    f"speculative.draft_model {req.speculative.draft_model!r} is unknown; "
+                    f"known: {sorted(self._runners)}"
                 )
             models.add(req.speculative.draft_model)
         if not isinstance(req.max_new_tokens, int) or not 1 <= req.max_new_tokens <= self.max_new_tokens_limit:
@@ -431,7 +434,9 @@ class Decoder:
         self._check_ids("prompt_ids", req.prompt_ids)
         stray = sorted(set(req.model_prompts) - models)
         if stray:
-            raise ValueError(f"model_prompts names {stray}, which the request does not read (it reads {sorted(models)})")
+            raise ValueError(
+                f"model_prompts names {stray}, which the request does not read (it reads {sorted(models)})"
+            )
         for name, ids in req.model_prompts.items():
             self._check_ids(f"model_prompts[{name!r}]", ids)
         for name in sorted(models):

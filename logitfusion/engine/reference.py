@@ -33,7 +33,9 @@ def _prompts(recipe: Recipe, prompt_ids: Sequence[int], model_prompts: Mapping[s
     return {m: [int(t) for t in over.get(m, prompt_ids)] for m in recipe.model_names()}
 
 
-def _pick(logits: Mapping[str, torch.Tensor], recipe: Recipe, sampling: SamplingParams, gen) -> tuple[int, list[float], torch.Tensor]:
+def _pick(
+    logits: Mapping[str, torch.Tensor], recipe: Recipe, sampling: SamplingParams, gen: torch.Generator | None
+) -> tuple[int, list[float], torch.Tensor]:
     """Fuse one row per model ([1, V] each) and sample: (token, alphas, fused log-probs [V])."""
     res = fuse(logits, recipe)
     token = int(sample(res.logprobs, [sampling], [gen])[0])

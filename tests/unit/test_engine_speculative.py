@@ -44,7 +44,9 @@ RECIPES = {
 
 
 @pytest.mark.parametrize("kind", sorted(RECIPES))
-@pytest.mark.parametrize(("draft", "k", "adaptive"), [("expert_a", 3, False), ("small", 2, True), ("expert_b", 1, False)])
+@pytest.mark.parametrize(
+    ("draft", "k", "adaptive"), [("expert_a", 3, False), ("small", 2, True), ("expert_b", 1, False)]
+)
 def test_greedy_speculative_is_token_identical(models, runners, kind, draft, k, adaptive) -> None:
     recipe = RECIPES[kind]
     spec = SpeculativeConfig(draft, num_draft_tokens=k, adaptive=adaptive, max_draft_tokens=5)
