@@ -321,6 +321,11 @@ class RemoteRunner(ModelRunner):
                 except BaseException:
                     channel.close()
                     raise
+                if self._info is None and info.name != self.name:
+                    channel.close()
+                    raise RunnerUnavailable(
+                        f"{self.name}: the worker at {address} serves model {info.name!r}, not {self.name!r}"
+                    )
                 if self._info is None:
                     self._info = info
                 elif (diff := same_model(self._info, info)) is not None:

@@ -517,6 +517,8 @@ def test_constructor_checks(server):
         RemoteRunner("large", lambda: server.address, logits_dtype="float16")
     with pytest.raises(ValueError, match=r"reconnect_timeout_s=0"):
         RemoteRunner("large", lambda: server.address, reconnect_timeout_s=0)
+    with pytest.raises(RunnerUnavailable, match=r"small: the worker at 127.0.0.1:\d+ serves model 'large', not"):
+        RemoteRunner("small", lambda: server.address)
     with pytest.raises(RunnerUnavailable, match=r"no worker reachable within reconnect_timeout_s=0.3"):
         RemoteRunner("large", lambda: "127.0.0.1:1", reconnect_timeout_s=0.3)
     assert remote_mod.expected_rows(StepPlan(extends=(_ext("a", [1, 2], "all"), _ext("b", [3])))) == [2, 1]
