@@ -37,6 +37,9 @@ from logitfusion.engine.runner import (
 logger = logging.getLogger(__name__)
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each [b, H_kv, L, D]
+# Sliding-window layers keep a full cache here (the model's mask applies the window), so the same padding and
+# splitting serve them; recurrent or linear-attention layers have no per-token cache to pad and are refused.
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -131,8 +134,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 class LocalRunner(ModelRunner):
     """An in-process model behind the runner contract.
 
-    model: a transformers causal LM (any decoder-only model whose cache is a plain DynamicCache of full-attention
-    layers, e.g. Llama). vocab_size: the tokenizer's real size V (logits are sliced to it). vocab_fingerprint: the
+    model: a transformers causal LM with attention layers only (full or sliding window: Llama, Gemma 3, ...). vocab_size: the tokenizer's real size V (logits are sliced to it). vocab_fingerprint: the
     tokenizer's fingerprint (logitfusion.models.vocab). max_length_tokens: defaults to the model's
     max_position_embeddings. threaded: run each plan on the runner's own worker thread so that the Decoder's
     concurrent submits to several runners overlap (torch releases the GIL inside its kernels). reuse_pack: keep
@@ -162,9 +164,11 @@ class LocalRunner(ModelRunner):
         if max_length_tokens <= 0:
             raise ValueError(f"max_length_tokens={max_length_tokens} must be > 0")
         layer_types = getattr(config, "layer_types", None) or ()
-        odd = sorted({t for t in layer_types if t != "full_attention"})
+        odd = sorted({t for t in layer_types if t not in ATTENTION_LAYER_TYPES})
         if odd:
-            raise ValueError(f"model {name!r} has {odd} layers; LocalRunner serves full-attention models only")
+            raise ValueError(
+                f"model {name!r} has {odd} layers; LocalRunner serves attention layers only {ATTENTION_LAYER_TYPES}"
+            )
         model.eval()
         param = next(model.parameters())
         self._model = model

@@ -265,3 +265,30 @@ def test_batched_cached_logits_on_cuda() -> None:
             assert float((o[0] - ref).abs().max()) < 1e-3
             t.append(greedy(o))
     runner.close()
+
+
+def test_sliding_window_layers_gemma3() -> None:
+    """Sliding-window layers (Gemma 3) keep full caches; the model's own mask applies the window."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=104, hidden_size=32, intermediate_size=64, num_hidden_layers=7,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                              sliding_window=4, initializer_range=0.3)
+    assert {"sliding_attention", "full_attention"} == set(config.layer_types)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        model = Gemma3ForCausalLM(config).eval()
+    sc = Script(LocalRunner(model, name="g", vocab_size=V, vocab_fingerprint="g", threaded=False), model)
+    prompts = {"a": [1, 2, 3, 4, 5, 6, 7], "b": [4, 5], "c": list(range(10, 22))}  # longer than the window
+    out = sc.run(extends=[(s, p, "last") for s, p in prompts.items()])
+    for _ in range(6):
+        out = sc.run(extends=[(s, [greedy(o)], "last") for s, o in zip(prompts, out)])
+    sc.run(extends=[("a", [1, 2, 3], "all")], truncates=[("a", 5)])
+    assert sc.max_diff < TOL, sc.max_diff
+
+
+def test_recurrent_layers_are_refused() -> None:
+    model = tiny_llama(TINY_FAMILY["small"])
+    model.config.layer_types = ["linear_attention"]
+    with pytest.raises(ValueError, match=r"model 's' has \['linear_attention'\] layers"):
+        LocalRunner(model, name="s", vocab_size=V, vocab_fingerprint="x")
