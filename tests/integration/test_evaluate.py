@@ -1,0 +1,201 @@
+"""The evaluation job: resumable after a kill, failures and timeouts recorded, and submitted with `ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from logitfusion.cluster.evaluate import (
+    STATUS_ERROR,
+    STATUS_OK,
+    STATUS_TIMEOUT,
+    EvalConfig,
+    EvalPipeline,
+    _model_dirs,
+    make_units,
+    read_done,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+STABLE = ("key", "status", "output", "correct", "weights", "experts", "message")
+
+pytestmark = pytest.mark.integration
+
+
+def _config(tmp_path: Path, **over) -> Path:
+    cfg = {
+        "datasets": [{"zoo_task": "capital", "limit": 6}, {"zoo_task": "animal", "limit": 4}],
+        "methods": ["large_base", "large_finetuned", "static_multi", "dlf_newton_multi"],
+        "pipelines": 2,
+        "pipeline_num_cpus": 0.25,
+        "batch_size": 4,
+        "chunk_size": 4,
+        "plot_examples": 2,
+    }
+    cfg.update(over)
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _run(config: Path, out: Path, **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "logitfusion.cluster.evaluate", "--config", str(config), "--output-dir", str(out),
+           "--no-progress"]
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(), start_new_session=True, **kw)
+
+
+def _stable(records: dict[str, dict]) -> dict[str, tuple]:
+    return {k: tuple(json.dumps(r[f], sort_keys=True) for f in STABLE) for k, r in records.items()}
+
+
+def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.is_file() and sum(1 for _ in open(path, "rb")) >= n:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the evaluation exited early with code {proc.returncode}")
+        time.sleep(0.2)  # polling a file another process writes; not a synchronisation between our threads
+    pytest.fail(f"{path} did not reach {n} lines within {timeout_s} s")
+
+
+@pytest.mark.timeout(600)
+def test_killed_job_resumes_to_the_uninterrupted_result(tmp_path):
+    config = _config(tmp_path)
+    units = make_units(EvalConfig.load(config))
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+
+    assert _run(config, full).wait(timeout=300) == 0
+    want = read_done(full / "results.jsonl")
+    assert sorted(want) == sorted(u.key for u in units)
+
+    proc = _run(config, resumed)
+    _wait_for_lines(resumed / "results.jsonl", 4, proc, timeout_s=300)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait(timeout=30)
+    partial = read_done(resumed / "results.jsonl")
+    assert 0 < len(partial) < len(units), "the kill must land mid-run for this test to mean anything"
+
+    assert _run(config, resumed).wait(timeout=300) == 0
+    lines = [json.loads(x) for x in (resumed / "results.jsonl").read_text().splitlines()]
+    keys = [r["key"] for r in lines]
+    assert len(keys) == len(set(keys)), "a unit was written twice"
+    assert _stable(read_done(resumed / "results.jsonl")) == _stable(want)
+
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["status"][STATUS_OK] == len(units)
+    assert summary["rows"] == json.loads((full / "summary.json").read_text())["rows"]
+    assert (resumed / "summary.md").read_text().startswith("# Evaluation summary")
+    assert (resumed / "weights.png").stat().st_size > 1000
+
+
+def test_failing_and_slow_items_are_recorded_not_fatal(tmp_path):
+    cfg = EvalConfig.load(_config(tmp_path, methods=["large_base", "dlf_newton_multi"]))
+    units = make_units(cfg)[:4]
+    too_long = units[0].__class__(**{**units[0].__dict__, "key": "capital/large_base/huge", "prompt": "x " * 100_000})
+    pipe = EvalPipeline(_model_dirs(cfg, units, None), batch_size=4, item_timeout_s=120)
+    results = pipe.run([too_long, *units])
+    assert [r.key for r in results] == [too_long.key, *(u.key for u in units)]
+    assert results[0].status == STATUS_ERROR and "length" in results[0].message.lower()
+    assert all(r.status == STATUS_OK for r in results[1:])
+
+    slow = EvalPipeline(_model_dirs(cfg, units, None), batch_size=4, item_timeout_s=1e-6)
+    timed = slow.run(units)
+    assert {r.status for r in timed} == {STATUS_TIMEOUT}
+    assert "item_timeout_s" in timed[0].message
+
+
+def test_bad_config_names_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"datasets": [{"zoo_task": "capital"}], "pipelinez": 2}))
+    with pytest.raises(ValueError, match="pipelinez"):
+        EvalConfig.load(bad)
+    wrong = _config(tmp_path, methods=["expert"], datasets=[{"zoo_task": "animal"}])
+    with pytest.raises(ValueError, match="'expert' does not apply to task 'animal'"):
+        make_units(EvalConfig.load(wrong))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(600)
+def test_ray_job_submit_against_a_head(tmp_path):
+    import secrets
+
+    from ray.job_submission import JobStatus
+
+    env = _env()
+    env.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    gcs, dash = _free_port(), _free_port()
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    start = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
+             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+             f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"]
+    # --block keeps the head in the foreground of its own session, so the test stops exactly this cluster (never
+    # `ray stop`, which would stop every Ray cluster on the machine).
+    head = subprocess.Popen([*start, "--block"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        os.environ["RAY_AUTH_TOKEN"] = env["RAY_AUTH_TOKEN"]  # the job client authenticates with the same token
+        client = _connect_client(f"http://127.0.0.1:{dash}", head, timeout_s=180)
+        out = tmp_path / "job-out"
+        config = _config(tmp_path, datasets=[{"zoo_task": "capital", "limit": 4}], pipelines=1)
+        job = client.submit_job(
+            entrypoint=f"{sys.executable} -m logitfusion.cluster.evaluate --config {config} --output-dir {out} "
+            "--no-progress",
+            runtime_env={"working_dir": str(REPO), "excludes": ["/.venv", "/results", "*.pyc"],
+                         "env_vars": {"OMP_NUM_THREADS": "1"}},
+        )
+        deadline = time.monotonic() + 480
+        status = client.get_job_status(job)
+        while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.monotonic() < deadline:
+            time.sleep(1.0)  # polling the job's status over HTTP
+            status = client.get_job_status(job)
+        logs = client.get_job_logs(job)
+        assert status == JobStatus.SUCCEEDED, logs[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["units"] == 4 * 4 and summary["status"][STATUS_OK] == 16
+        assert "# Evaluation summary" in logs
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+
+
+def _connect_client(url: str, head: subprocess.Popen, timeout_s: float):
+    """A JobSubmissionClient once the head's dashboard answers (it starts a few seconds after `ray start`)."""
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            pytest.fail(f"ray start exited with {head.returncode}: {head.stderr.read().decode()[-2000:]}")
+        try:
+            return JobSubmissionClient(url)
+        except Exception as exc:  # noqa: BLE001 - connection refused until the dashboard is up
+            last = exc
+            time.sleep(1.0)  # polling the head's HTTP endpoint
+    pytest.fail(f"the Ray head's dashboard at {url} did not answer within {timeout_s} s: {last}")
