@@ -152,11 +152,11 @@ def test_ray_job_submit_against_a_head(tmp_path):
              f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"]
     # --block keeps the head in the foreground of its own session, so the test stops exactly this cluster (never
     # `ray stop`, which would stop every Ray cluster on the machine).
-    head = subprocess.Popen([*start, "--block"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    head_log = open(tmp_path / "ray-head.log", "wb")  # noqa: SIM115 - a file, not a pipe that could fill up
+    head = subprocess.Popen([*start, "--block"], env=env, start_new_session=True, stdout=head_log, stderr=head_log)
     try:
         os.environ["RAY_AUTH_TOKEN"] = env["RAY_AUTH_TOKEN"]  # the job client authenticates with the same token
-        client = _connect_client(f"http://127.0.0.1:{dash}", head, timeout_s=180)
+        client = _connect_client(f"http://127.0.0.1:{dash}", head, tmp_path / "ray-head.log", timeout_s=180)
         out = tmp_path / "job-out"
         config = _config(tmp_path, datasets=[{"zoo_task": "capital", "limit": 4}], pipelines=1)
         job = client.submit_job(
@@ -182,9 +182,10 @@ def test_ray_job_submit_against_a_head(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
+        head_log.close()
 
 
-def _connect_client(url: str, head: subprocess.Popen, timeout_s: float):
+def _connect_client(url: str, head: subprocess.Popen, log_path: Path, timeout_s: float):
     """A JobSubmissionClient once the head's dashboard answers (it starts a few seconds after `ray start`)."""
     from ray.job_submission import JobSubmissionClient
 
@@ -192,7 +193,7 @@ def _connect_client(url: str, head: subprocess.Popen, timeout_s: float):
     last: Exception | None = None
     while time.monotonic() < deadline:
         if head.poll() is not None:
-            pytest.fail(f"ray start exited with {head.returncode}: {head.stderr.read().decode()[-2000:]}")
+            pytest.fail(f"ray start exited with {head.returncode}: {log_path.read_text()[-2000:]}")
         try:
             return JobSubmissionClient(url)
         except Exception as exc:  # noqa: BLE001 - connection refused until the dashboard is up
