@@ -236,7 +236,10 @@ class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 return self._failure(stream, step_id, exc, changed)
             apply_lengths(stream.lengths, scoped)
         self.steps_served += 1
-        return wire.logits_response(step_id, logits, dtype, vocab)  # encoding runs outside the runner lock
+        try:
+            return wire.logits_response(step_id, logits, dtype, vocab)  # encoding runs outside the runner lock
+        except Exception as exc:  # noqa: BLE001 - a runner answered the wrong shape: the step ran, its logits are lost
+            return self._failure(stream, step_id, exc, changed=True)
 
     def _failure(self, stream: _Stream, step_id: int, exc: Exception, changed: bool) -> pb.StepResponse:
         message = str(exc).replace(stream.prefix, "")  # the client knows its seq ids without our scope

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from logitfusion import wire
 from logitfusion.actors import remote as remote_mod
+from logitfusion.actors import worker as worker_mod
 from logitfusion.actors.remote import RemoteRunner, apply_plan, replay_plans
 from logitfusion.actors.worker import (
     HEALTH_SERVICE_NAME,
@@ -34,6 +35,7 @@ from logitfusion.engine.runner import (
     RunnerInfo,
     RunnerUnavailable,
     StepPlan,
+    resolved,
 )
 from logitfusion.engine.testing import TINY_FAMILY, tiny_runner
 from logitfusion.v1 import worker_pb2 as pb
@@ -483,6 +485,76 @@ def test_a_half_applied_step_re_synchronises_on_a_fresh_stream(reference):
         rr.close()
         srv.stop(0)
         gate.close()
+
+
+class _BadShape(_Gate):
+    """A runner that answers plans extending "bad" with logits of the wrong width (a runner bug)."""
+
+    def submit(self, plan: StepPlan):
+        result = self.inner.submit(plan)
+        if any(e.seq_id.endswith("/bad") for e in plan.extends):
+            result.result()
+            return resolved([torch.zeros(1, 5)] * len(plan.extends))  # 5 columns, the model has 97
+        return result
+
+
+def test_logits_of_the_wrong_shape_become_an_internal_error_and_a_resync(reference):
+    runner = _BadShape(tiny_runner("large", threaded=False))
+    srv = WorkerServer(runner)
+    rr = RemoteRunner("large", lambda: srv.address)
+    try:
+        rr.step(StepPlan(extends=(_ext("a", [1, 2]),)))
+        with pytest.raises(RunnerError, match=r"\[INTERNAL\] RuntimeError: shape '\[1, 97\]' is invalid"):
+            rr.step(StepPlan(extends=(_ext("bad", [1]),)))
+        assert rr.history("bad") == () and rr.history("a") == (1, 2)
+        reference.step(StepPlan(extends=(_ext("a", [1, 2]),)))
+        assert _same(rr.step(StepPlan(extends=(_ext("a", [3]),))), reference.step(StepPlan(extends=(_ext("a", [3]),))))
+        assert rr.reconnects == 1  # re-synchronised on a fresh stream
+        assert srv.wait_streams(1, timeout_s=10) and sorted(rr.sequences()) == ["a"]
+    finally:
+        rr.close()
+        srv.stop(0)
+        runner.close()
+
+
+class _CrashOnPoison(worker_mod._WorkerServicer):
+    """A worker that dies (its stream ends UNAVAILABLE) whenever a plan extends "poison"."""
+
+    crashes = 0
+
+    def Step(self, request_iterator, context):
+        def watched():
+            for request in request_iterator:
+                if any(e.seq_id == "poison" for e in request.extends):
+                    type(self).crashes += 1
+                    context.abort(grpc.StatusCode.UNAVAILABLE, "worker process died")
+                yield request
+
+        yield from super().Step(watched(), context)
+
+
+def test_a_plan_that_kills_every_worker_fails_after_max_breaks(reference, served):
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    worker_pb2_grpc.add_WorkerServicer_to_server(_CrashOnPoison(served, 2**20, 4), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    rr = RemoteRunner("large", lambda: f"127.0.0.1:{port}", max_breaks_per_step=3, reconnect_timeout_s=30)
+    try:
+        rr.step(StepPlan(extends=(_ext("a", [1, 2]),)))
+        with pytest.raises(RunnerError, match=r"failed on this step 3 time\(s\): UNAVAILABLE: worker process died"):
+            rr.step(StepPlan(extends=(_ext("poison", [1]),)))
+        assert _CrashOnPoison.crashes == 3
+        reference.step(StepPlan(extends=(_ext("a", [1, 2]),)))
+        # the runner goes on: "a" was replayed on every fresh stream
+        (got,) = rr.step(StepPlan(extends=(_ext("a", [3]),)))
+        (want,) = reference.step(StepPlan(extends=(_ext("a", [3]),)))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert rr.reconnects == 3
+    finally:
+        rr.close()
+        server.stop(0).wait(10)
 
 
 # ------------------------------------------------------------------------------------------ pure helpers
