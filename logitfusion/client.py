@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from logitfusion.errors import FusionError, from_rpc_error
@@ -154,6 +153,19 @@ def _recipe_info(r: pb.RecipeInfo) -> RecipeInfo:
         description=r.description,
         is_default=r.is_default,
     )
+
+
+def message_to_dict(msg: Any) -> dict[str, Any]:
+    """A protobuf message -> plain Python values (ints stay ints, unlike the JSON mapping's int64 strings)."""
+    out: dict[str, Any] = {}
+    for f in msg.DESCRIPTOR.fields:
+        value = getattr(msg, f.name)
+        if f.message_type is not None:
+            value = [message_to_dict(v) for v in value] if f.is_repeated else message_to_dict(value)
+        elif f.is_repeated:
+            value = list(value)
+        out[f.name] = value
+    return out
 
 
 def completion_from_pb(resp: pb.GenerateResponse) -> Completion:
@@ -301,7 +313,7 @@ class FusionClient:
             resp = self._stub.Describe(pb.DescribeDeploymentRequest(), timeout=self.timeout_s, metadata=self._meta())
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
-        return json_format.MessageToDict(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        return message_to_dict(resp)
 
     def health(self, service: str = "") -> str:
         """grpc.health.v1 Check: "SERVING", "NOT_SERVING", ... (raises NotFound for an unknown service)."""

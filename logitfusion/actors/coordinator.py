@@ -268,6 +268,10 @@ class Coordinator:
     def models(self) -> dict[str, RunnerInfo]:
         return {name: r.describe() for name, r in self.runners.items()}
 
+    def alive(self) -> bool:
+        """True while the loop thread runs and the coordinator is not closed."""
+        return self._thread.is_alive() and not self._closed
+
     def active_requests(self) -> list[str]:
         with self._cv:
             return sorted(self._entries)

@@ -67,6 +67,9 @@ class ModelSpec(_Strict):
     num_cpus: float = Field(0.25, gt=0, le=256, description="CPUs reserved per shard")
     num_gpus: float | None = Field(None, ge=0, le=8, description="GPUs per shard; unset: 1 if the cluster has GPUs")
     max_restarts: int = Field(3, ge=0, le=1000, description="times Ray restarts a dead worker before giving up")
+    driver_num_cpus: float = Field(
+        0.5, gt=0, le=64, description="CPUs of the actor that drives a tensor-parallel group (tp_size > 1 only)"
+    )
 
 
 class RecipeSpec(_Strict):
@@ -163,6 +166,15 @@ class ServeSpec(_Strict):
     app_name: str = Field("logitfusion", pattern=NAME_PATTERN, description="Ray Serve application name")
     coordinator_num_cpus: float = Field(0.5, gt=0, le=64, description="CPUs of the replica running the coordinator")
     startup_timeout_s: float = Field(600.0, gt=0, le=7200, description="longest wait for every worker to load")
+    reconnect_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="how long a runner waits for a dead worker's restart before failing requests"
+    )
+    worker_bind_host: str = Field(
+        "node", min_length=1, description="where workers listen: 'node' (the node's Ray IP), 127.0.0.1, or an IP"
+    )
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD"] = Field(
+        "PACK", description="placement group strategy of one pipeline (PACK: one node when it fits, else several)"
+    )
     auth_token_env: str | None = Field(
         None, pattern=r"^[A-Z_][A-Z0-9_]*$", description="env var holding a bearer token clients must send; unset: none"
     )
@@ -260,13 +272,34 @@ class Topology(_Strict):
             raise InvalidRequest(str(e), field="recipe") from None
         return "custom", build_recipe(spec, self, name="custom")
 
-    def bundles(self, num_gpus_available: float) -> list[dict[str, float]]:
-        """Placement group bundles of one pipeline: the coordinator's CPU bundle, then one per model shard."""
+    def placement_bundles(self, num_gpus_available: float) -> list[dict[str, float]]:
+        """The placement group of one pipeline (one Serve replica): the coordinator's CPU bundle first, then one
+        bundle per model in topology order. A tensor-parallel model's bundle holds only the actor that drives its
+        group; the shards get a STRICT_PACK group of their own (cluster.tp), so every shard of one model shares a
+        node even when the pipeline spans several."""
         out = [{"CPU": self.serve.coordinator_num_cpus}]
         for m in self.models:
+            if m.tp_size > 1:
+                out.append({"CPU": m.driver_num_cpus})
+                continue
             gpus = shard_gpus(m, num_gpus_available)
-            for _ in range(m.tp_size):
-                out.append({"CPU": m.num_cpus, **({"GPU": gpus} if gpus else {})})
+            out.append({"CPU": m.num_cpus, **({"GPU": gpus} if gpus else {})})
+        return out
+
+    def shard_bundles(self, name: str, num_gpus_available: float) -> list[dict[str, float]]:
+        """The shard bundles of tensor-parallel model ``name`` (empty for tp_size 1)."""
+        m = self.model(name)
+        if m.tp_size == 1:
+            return []
+        gpus = shard_gpus(m, num_gpus_available)
+        return [{"CPU": m.num_cpus, **({"GPU": gpus} if gpus else {})} for _ in range(m.tp_size)]
+
+    def bundles(self, num_gpus_available: float) -> list[dict[str, float]]:
+        """Every bundle one pipeline reserves (its placement group, then each tensor-parallel group's shards):
+        the capacity one replica needs."""
+        out = self.placement_bundles(num_gpus_available)
+        for m in self.models:
+            out.extend(self.shard_bundles(m.name, num_gpus_available))
         return out
 
     def to_yaml(self) -> str:
@@ -333,7 +366,13 @@ def resolve_model_path(path: str, base_dir: Path) -> Path:
     if path.startswith(ZOO_PREFIX):
         from logitfusion.models import zoo
 
-        return Path(zoo.model_dir(path[len(ZOO_PREFIX) :]))
+        name = path[len(ZOO_PREFIX) :]
+        try:
+            return Path(zoo.load_zoo().model(name))
+        except zoo.ZooNotBuilt as exc:
+            raise ConfigError(f"path {path!r}: the zoo is not built ({exc}); run `logitfusion zoo build`") from None
+        except KeyError as exc:
+            raise ConfigError(f"path {path!r}: {exc.args[0]}") from None
     p = Path(path).expanduser()
     return p if p.is_absolute() else (base_dir / p).resolve()
 

@@ -76,6 +76,8 @@ def test_relative_paths_resolve_against_the_yaml_dir(tmp_path: Path):
     topo = load_topology(cfg)
     assert topo.model_path("large") == (cfg.parent / "models" / "large").resolve()
     assert topo.model_path("expert_a") == Path("/abs/expert_a")
+    with pytest.raises(ConfigError, match="zoo"):  # unknown zoo name (or no zoo built): named, never a crash
+        resolve_model_path("zoo:no_such_model", Path("/base"))
     assert resolve_model_path("sub/x", Path("/base")) == Path("/base/sub/x")
 
 
@@ -186,14 +188,28 @@ def test_load_reports_bad_yaml_and_missing_file(tmp_path: Path):
 def test_bundles_cpu_only_and_with_gpus():
     data = _with()
     data["models"][0]["tp_size"] = 2
+    data["models"][0]["driver_num_cpus"] = 0.125
     topo = parse_topology(data)
-    cpu = topo.bundles(num_gpus_available=0)
+    cpu = topo.placement_bundles(num_gpus_available=0)
     assert cpu[0] == {"CPU": topo.serve.coordinator_num_cpus}
-    assert len(cpu) == 1 + 2 + 4  # coordinator + 2 shards of large + 4 single-shard models
+    assert len(cpu) == 1 + 5  # coordinator + one per model; the tp=2 model's bundle holds its driver only
+    assert cpu[1] == {"CPU": 0.125}
     assert all("GPU" not in b for b in cpu)
-    gpu = topo.bundles(num_gpus_available=8)
-    assert [b.get("GPU", 0) for b in gpu] == [0, 1, 1, 1, 1, 1, 1]
+    gpu = topo.placement_bundles(num_gpus_available=8)
+    assert [b.get("GPU", 0) for b in gpu] == [0, 0, 1, 1, 1, 1]
     assert gpu[-1]["CPU"] == 0.5
+    assert topo.shard_bundles("large", 8) == [{"CPU": 0.25, "GPU": 1.0}] * 2
+    assert topo.shard_bundles("small", 8) == []
+    total = topo.bundles(num_gpus_available=8)  # capacity of one pipeline: its group plus the tp shards
+    assert sum(b.get("GPU", 0) for b in total) == 6
+    assert total == gpu + topo.shard_bundles("large", 8)
+
+
+def test_explicit_num_gpus_wins():
+    data = _with()
+    data["models"][1]["num_gpus"] = 0.5
+    topo = parse_topology(data)
+    assert topo.placement_bundles(0)[2] == {"CPU": 0.25, "GPU": 0.5}
 
 
 def test_merged_overrides_keep_the_preset_and_recheck():

@@ -1,0 +1,700 @@
+"""The Ray Serve application: FusionService and grpc.health.v1 behind Serve's native gRPC ingress.
+
+One Serve replica = one fusion pipeline: the replica process runs the Coordinator (the Decoder over RemoteRunners)
+in the first bundle of its placement group; each model gets a ModelWorker actor in a bundle of its own. A client's
+request enters through Serve's gRPC proxy and reaches a replica method named like the rpc; from there on the
+per-token loop is the Coordinator's own gRPC streams to the workers, never Serve.
+
+    build_app({"config": "configs/zoo.yaml"})       # the bound application (k8s: serve_app:build_app)
+    serve_main(args)  /  run_service(topology, ...)  # `logitfusion serve --config FILE`: embedded local Ray
+
+Edge rule: protobuf types live in this module only. ``request_from_pb`` checks every field against the topology's
+limits (messages name the field and the limit) and builds the engine's GenerationRequest; ``chunk_to_pb`` and
+friends go back. Every error becomes a status through errors.to_status (the one mapping).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import os
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+from ray import serve
+
+from logitfusion.cluster.topology import Limits, Topology, load_topology
+from logitfusion.errors import (
+    ConfigError,
+    FusionError,
+    InvalidRequest,
+    MessageTooLarge,
+    NotFound,
+    Unauthenticated,
+    classify,
+    to_status,
+)
+from logitfusion.v1 import fusion_pb2 as pb
+
+if TYPE_CHECKING:
+    from logitfusion.actors.coordinator import Coordinator, StreamChunk, TextCodec
+    from logitfusion.engine.decoder import GenerationRequest
+    from logitfusion.engine.runner import RunnerInfo
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "logitfusion.v1.FusionService"
+DEPLOYMENT_NAME = "FusionService"
+SERVICER_FUNCTIONS = (
+    "logitfusion.cluster.serve_app.add_fusion_service_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+)
+# The generated servicer function (referenced by k8s/rayservice.yaml) works too; ours differs in one thing only:
+# bytes that do not parse as a GenerateRequest get INVALID_ARGUMENT naming the message, instead of gRPC's UNKNOWN.
+GENERATED_SERVICER_FUNCTION = "logitfusion.v1.fusion_pb2_grpc.add_FusionServiceServicer_to_server"
+MAX_TEMPERATURE = 100.0
+ONGOING_HEADROOM = 16  # Serve may run this many more calls than max_concurrent_requests (health, Describe, ...)
+_FINISH_TO_PB = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP}
+
+
+# ------------------------------------------------------------------------------------------------ gRPC ingress
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """What the ingress hands the replica when the request bytes do not parse (never a crash in the proxy)."""
+
+    method: str
+    num_bytes: int
+    reason: str
+
+
+def _tolerant(parse, method: str):
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError (and friends) on garbage
+            return Undecodable(method, len(data), str(exc) or type(exc).__name__)
+
+    return deserialize
+
+
+def add_fusion_service_to_server(servicer: Any, server: Any) -> None:
+    """Register FusionService like the generated add_FusionServiceServicer_to_server, but with request parsing
+    that turns undecodable bytes into an ``Undecodable`` value (answered with INVALID_ARGUMENT by the replica)."""
+    from logitfusion.v1 import fusion_pb2_grpc
+
+    messages = {
+        "Generate": (pb.GenerateRequest, pb.GenerateResponse, grpc.unary_unary_rpc_method_handler),
+        "GenerateStream": (pb.GenerateRequest, pb.GenerateStreamResponse, grpc.unary_stream_rpc_method_handler),
+        "ListRecipes": (pb.ListRecipesRequest, pb.ListRecipesResponse, grpc.unary_unary_rpc_method_handler),
+        "Describe": (pb.DescribeDeploymentRequest, pb.DescribeDeploymentResponse, grpc.unary_unary_rpc_method_handler),
+    }
+    handlers = {
+        name: make(
+            getattr(servicer, name),
+            request_deserializer=_tolerant(req.FromString, name),
+            response_serializer=resp.SerializeToString,
+        )
+        for name, (req, resp, make) in messages.items()
+    }
+    generic = grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+    server.add_generic_rpc_handlers((generic,))
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    del fusion_pb2_grpc  # imported only to fail loudly here if the generated code is missing
+
+
+# ------------------------------------------------------------------------------------------------ edge: from_pb
+
+
+def _check_real(name: str, value: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    ok = math.isfinite(value) and (lo < value if lo_open else lo <= value) and value <= hi
+    if not ok:
+        bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+        raise InvalidRequest(f"{name}: {value} must be finite and in {bound}", field=name)
+    return value
+
+
+def check_message(msg: Any, limits: Limits) -> None:
+    """Refuse undecodable and oversized request messages."""
+    if isinstance(msg, Undecodable):
+        raise InvalidRequest(
+            f"request: {msg.num_bytes} bytes are not a valid message for {SERVICE_NAME}/{msg.method}: {msg.reason}",
+            field="request",
+        )
+    size = msg.ByteSize()
+    if size > limits.max_message_bytes:
+        raise MessageTooLarge(
+            f"request: {size} bytes exceed the limit max_message_bytes ({limits.max_message_bytes})", field="request"
+        )
+
+
+def recipe_overrides(sel: pb.RecipeSelection) -> dict[str, Any]:
+    """The fields a request set on its recipe, as topology.RecipeSpec fields."""
+    out: dict[str, Any] = {}
+    for name in ("method", "solver", "beta", "interp_lambda", "max_alpha", "model"):
+        if sel.HasField(name):
+            out[name] = getattr(sel, name)
+    if sel.experts:
+        out["experts"] = tuple(sel.experts)
+    if sel.alphas:
+        out["alphas"] = tuple(sel.alphas)
+    return out
+
+
+def request_from_pb(
+    msg: pb.GenerateRequest, *, topology: Topology, codec: TextCodec, vocab_size: int, request_id: str
+) -> GenerationRequest:
+    """GenerateRequest -> the engine's GenerationRequest, checking every field against the deployment's limits."""
+    from logitfusion.engine.decoder import GenerationRequest
+    from logitfusion.fusion import SamplingParams
+
+    limits = topology.limits
+    check_message(msg, limits)
+    if len(msg.request_id) > limits.max_request_id_chars:
+        raise InvalidRequest(
+            f"request_id: {len(msg.request_id)} characters exceed the limit max_request_id_chars "
+            f"({limits.max_request_id_chars})",
+            field="request_id",
+        )
+    kind = msg.WhichOneof("prompt")
+    if kind is None:
+        raise InvalidRequest("prompt: set either text or token_ids", field="prompt")
+    if kind == "text":
+        if not msg.text:
+            raise InvalidRequest("text: the prompt must not be empty", field="text")
+        prompt = codec.encode(msg.text)
+        where = "text"
+    else:
+        prompt = list(msg.token_ids.ids)
+        where = "token_ids.ids"
+        if not prompt:
+            raise InvalidRequest("token_ids.ids: the prompt must not be empty", field=where)
+        for i, t in enumerate(prompt):
+            if not 0 <= t < vocab_size:
+                raise InvalidRequest(f"token_ids.ids[{i}]: {t} is outside [0, vocab_size={vocab_size})", field=where)
+    if len(prompt) > limits.max_prompt_tokens:
+        raise InvalidRequest(
+            f"{where}: the prompt has {len(prompt)} tokens, over the limit max_prompt_tokens ({limits.max_prompt_tokens})",
+            field=where,
+        )
+    max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else limits.default_max_new_tokens
+    if not 1 <= max_new <= limits.max_new_tokens:
+        raise InvalidRequest(
+            f"max_new_tokens: {max_new} must be in [1, {limits.max_new_tokens}] (the limit max_new_tokens)",
+            field="max_new_tokens",
+        )
+    s = msg.sampling
+    temperature = _check_real("sampling.temperature", s.temperature, 0.0, MAX_TEMPERATURE) if s.HasField(
+        "temperature"
+    ) else 0.0
+    top_p = _check_real("sampling.top_p", s.top_p, 0.0, 1.0, lo_open=True) if s.HasField("top_p") else 1.0
+    top_k = s.top_k if s.HasField("top_k") else 0
+    if not 0 <= top_k <= vocab_size:
+        raise InvalidRequest(f"sampling.top_k: {top_k} must be in [0, vocab_size={vocab_size}]", field="sampling.top_k")
+    seed = s.seed if s.HasField("seed") else None
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    try:
+        sampling.validate()
+    except ValueError as exc:
+        raise InvalidRequest(f"sampling: {exc}", field="sampling") from None
+    if len(msg.stop) > limits.max_stop_strings:
+        raise InvalidRequest(
+            f"stop: {len(msg.stop)} stop strings, over the limit max_stop_strings ({limits.max_stop_strings})",
+            field="stop",
+        )
+    for i, text in enumerate(msg.stop):
+        if not text or len(text) > limits.max_stop_string_chars:
+            raise InvalidRequest(
+                f"stop[{i}]: {len(text)} characters must be in [1, {limits.max_stop_string_chars}] "
+                "(the limit max_stop_string_chars)",
+                field=f"stop[{i}]",
+            )
+    _, recipe = topology.resolve_recipe(msg.recipe.preset or None, recipe_overrides(msg.recipe))
+    stop_ids = () if msg.HasField("stop_at_eos") and not msg.stop_at_eos else None
+    return GenerationRequest(
+        request_id=request_id,
+        prompt_ids=tuple(prompt),
+        recipe=recipe,
+        sampling=sampling,
+        max_new_tokens=int(max_new),
+        stop_strings=tuple(msg.stop),
+        stop_token_ids=stop_ids,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ edge: to_pb
+
+
+def _weights_pb(chunk: StreamChunk) -> pb.StepWeights:
+    return pb.StepWeights(step=chunk.step, experts=[pb.ExpertWeight(expert=e, weight=w) for e, w in chunk.weights])
+
+
+def chunk_to_pb(chunk: StreamChunk) -> pb.GenerateStreamResponse:
+    out = pb.GenerateStreamResponse(
+        request_id=chunk.request_id,
+        tokens=[pb.Token(id=t.token_id, text=t.text, index=t.index) for t in chunk.tokens],
+        weights=_weights_pb(chunk),
+    )
+    f = chunk.finished
+    if f is not None:
+        out.finished.CopyFrom(
+            pb.Finished(
+                reason=_FINISH_TO_PB[f.reason],
+                usage=pb.Usage(prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens, steps=f.steps),
+                stop=f.stop,
+                text=f.text,
+            )
+        )
+    return out
+
+
+def response_from_chunks(chunks: Sequence[StreamChunk], recipe: str) -> pb.GenerateResponse:
+    """The chunks of one finished request -> GenerateResponse."""
+    last = chunks[-1].finished
+    if last is None:
+        raise RuntimeError("response_from_chunks: the last chunk does not finish the request")
+    return pb.GenerateResponse(
+        request_id=chunks[-1].request_id,
+        text=last.text,
+        token_ids=[t.token_id for c in chunks for t in c.tokens],
+        finish_reason=_FINISH_TO_PB[last.reason],
+        usage=pb.Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens, steps=last.steps),
+        steps=[_weights_pb(c) for c in chunks],
+        recipe=recipe,
+    )
+
+
+def recipes_to_pb(topology: Topology) -> list[pb.RecipeInfo]:
+    out = []
+    for name in sorted(topology.presets):
+        spec, recipe = topology.presets[name], topology.recipe(name)
+        out.append(
+            pb.RecipeInfo(
+                name=name,
+                method=spec.method,
+                models=list(recipe.model_names()),
+                experts=list(recipe.experts),
+                solver=recipe.solver or "",
+                alphas=list(recipe.alphas),
+                description=spec.description,
+                is_default=name == topology.default_preset,
+            )
+        )
+    return out
+
+
+def limits_to_pb(limits: Limits) -> pb.Limits:
+    return pb.Limits(**{f.name: getattr(limits, f.name) for f in pb.Limits.DESCRIPTOR.fields})
+
+
+def describe_to_pb(topology: Topology, infos: Mapping[str, RunnerInfo], eos_token_ids: Sequence[int]) -> Any:
+    from logitfusion import __version__
+
+    models = []
+    for m in topology.models:
+        info = infos[m.name]
+        models.append(
+            pb.ModelInfo(
+                name=m.name,
+                role=m.role,
+                vocab_size=info.vocab_size,
+                vocab_fingerprint=info.vocab_fingerprint,
+                max_length_tokens=info.max_length_tokens,
+                dtype=info.dtype,
+                device=info.device,
+                num_parameters=info.num_parameters,
+            )
+        )
+    first = infos[topology.models[0].name]
+    return pb.DescribeDeploymentResponse(
+        version=__version__,
+        models=models,
+        recipes=recipes_to_pb(topology),
+        default_preset=topology.default_preset,
+        limits=limits_to_pb(topology.limits),
+        vocab_size=first.vocab_size,
+        eos_token_id=eos_token_ids[0] if eos_token_ids else -1,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ the frontend
+
+
+class FusionFrontend:
+    """FusionService's logic over one Coordinator, independent of the transport (Serve replica or a plain server).
+
+    Methods raise FusionError (or ValueError) on failure; the transport maps them with errors.to_status.
+    """
+
+    def __init__(self, topology: Topology, coordinator: Coordinator) -> None:
+        self.topology = topology
+        self.coordinator = coordinator
+        infos = coordinator.models()
+        self.vocab_size = next(iter(infos.values())).vocab_size
+        self._describe = describe_to_pb(topology, infos, coordinator.codec.eos_token_ids)
+        self._recipes = pb.ListRecipesResponse(
+            recipes=recipes_to_pb(topology), default_preset=topology.default_preset
+        )
+        self.serving = True
+        token_env = topology.serve.auth_token_env
+        self._token = os.environ.get(token_env, "") if token_env else ""
+        if token_env and not self._token:
+            raise ConfigError(f"serve.auth_token_env: environment variable {token_env} is unset or empty")
+
+    def authenticate(self, metadata: Sequence[tuple[str, Any]]) -> None:
+        """Refuse a call without the bearer token, when the deployment requires one."""
+        if not self._token:
+            return
+        given = next((str(v) for k, v in metadata if k.lower() == "authorization"), "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self._token}".encode()):
+            raise Unauthenticated("metadata authorization: missing or wrong bearer token")
+
+    def _submit(self, msg: Any, request_id: str | None) -> tuple[str, Any]:
+        """Check and convert the request, then admit it; returns (recipe name, its stream)."""
+        check_message(msg, self.topology.limits)
+        rid = msg.request_id or request_id or self.coordinator.new_request_id()
+        req = request_from_pb(
+            msg, topology=self.topology, codec=self.coordinator.codec, vocab_size=self.vocab_size, request_id=rid
+        )
+        return req.recipe.name, self.coordinator.submit(req)
+
+    async def generate_stream(self, msg: Any, request_id: str | None = None) -> AsyncIterator[Any]:
+        """GenerateStream: one message per step. Aborts the request (frees its sequences) if the caller goes away."""
+        _, stream = self._submit(msg, request_id)
+        try:
+            async for chunk in stream:
+                yield chunk_to_pb(chunk)
+        finally:
+            if not stream.ended:
+                self.coordinator.abort(stream.request_id)
+
+    async def generate(self, msg: Any, request_id: str | None = None) -> Any:
+        recipe, stream = self._submit(msg, request_id)
+        chunks = []
+        try:
+            async for chunk in stream:
+                chunks.append(chunk)
+        finally:
+            if not stream.ended:
+                self.coordinator.abort(stream.request_id)
+        return response_from_chunks(chunks, recipe)
+
+    def list_recipes(self) -> Any:
+        return self._recipes
+
+    def describe(self) -> Any:
+        return self._describe
+
+    def health(self, service: str) -> Any:
+        if service not in ("", SERVICE_NAME):
+            raise NotFound(f"service: unknown service {service!r}; this server reports '' and {SERVICE_NAME!r}")
+        ok = self.serving and self.coordinator.alive()
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The tokenizer of a local HF model dir (or a .gguf file / a dir holding one). Never the network."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+
+
+def check_vocabularies(topology: Topology) -> Any:
+    """Every model's tokenizer must be the same vocabulary; returns the shared tokenizer.
+
+    Raises ConfigError naming the two models and the first difference (models.vocab.check_vocabularies).
+    """
+    from logitfusion.models.vocab import VocabularyMismatch
+    from logitfusion.models.vocab import check_vocabularies as check
+
+    toks = {}
+    for m in topology.models:
+        path = topology.model_path(m.name)
+        try:
+            toks[m.name] = load_tokenizer(path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"models[{m.name}].path: cannot load a tokenizer from {path}: {exc}") from None
+    try:
+        check(toks)
+    except VocabularyMismatch as exc:
+        raise ConfigError(f"models: {exc}") from None
+    return toks[topology.models[0].name]
+
+
+@dataclass
+class Pipeline:
+    """One fusion pipeline: a ModelWorker actor per model, a RemoteRunner per worker, and the Coordinator."""
+
+    topology: Topology
+    workers: dict[str, Any]  # model name -> ModelWorker actor handle
+    worker_names: dict[str, str]  # model name -> Ray actor name (namespace: the replica's)
+    coordinator: Coordinator
+    placement_group: Any = None  # owned by this pipeline (None when it runs in a Serve replica's group)
+    runners: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def launch(cls, topology: Topology, *, name_prefix: str, placement_group: Any = None) -> Pipeline:
+        """Start the workers (in the current placement group's bundles 1.. when inside a Serve replica, else in a
+        placement group of our own), connect, check vocabularies, start the Coordinator."""
+        import ray
+        from ray.util import get_current_placement_group
+        from ray.util import placement_group as make_pg
+        from ray.util import remove_placement_group
+
+        from logitfusion.actors.coordinator import Coordinator, TextCodec
+        from logitfusion.actors.remote import RemoteRunner
+
+        tokenizer = check_vocabularies(topology)  # fail in seconds, before any weights load
+        codec = TextCodec.from_tokenizer(tokenizer)
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        owned = None
+        pg, offset = placement_group, 1
+        if pg is None:
+            pg = get_current_placement_group()
+        if pg is None:  # not in a Serve replica: reserve the model bundles ourselves (this process coordinates)
+            wanted = topology.placement_bundles(gpus)[1:]
+            owned = pg = make_pg(wanted, strategy=topology.serve.placement_strategy)
+            offset = 0
+            if not pg.wait(timeout_seconds=topology.serve.startup_timeout_s):
+                remove_placement_group(pg)
+                raise ConfigError(
+                    f"placement: the bundles {wanted} could not be reserved within serve.startup_timeout_s "
+                    f"({topology.serve.startup_timeout_s} s); the cluster has {ray.cluster_resources()}"
+                )
+        workers: dict[str, Any] = {}
+        names: dict[str, str] = {}
+        runners: dict[str, Any] = {}
+        try:
+            for i, m in enumerate(topology.models):
+                names[m.name] = f"{name_prefix}:{m.name}"
+                workers[m.name] = launch_worker(topology, m.name, names[m.name], pg, offset + i, gpus)
+            for name, actor in workers.items():
+                runners[name] = RemoteRunner.for_actor(
+                    name, actor, reconnect_timeout_s=topology.serve.reconnect_timeout_s
+                )
+            coordinator = Coordinator(runners, codec=codec, limits=topology.limits, name=name_prefix)
+        except BaseException as exc:
+            for r in runners.values():
+                r.close()
+            for a in workers.values():
+                ray.kill(a, no_restart=True)
+            if owned is not None:
+                remove_placement_group(owned)
+            if isinstance(exc, ValueError) and not isinstance(exc, FusionError):
+                raise ConfigError(str(exc)) from None  # e.g. the Decoder's vocabulary check naming the models
+            raise
+        return cls(topology, workers, names, coordinator, owned, runners)
+
+    def close(self) -> None:
+        """Fail running requests, close the streams (workers release them), stop the workers. Idempotent."""
+        import ray
+
+        self.coordinator.close()
+        for r in self.runners.values():
+            r.close()
+        for a in self.workers.values():
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.workers = {}
+        if self.placement_group is not None:
+            from ray.util import remove_placement_group
+
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
+
+
+def launch_worker(
+    topology: Topology, model: str, actor_name: str, placement_group: Any, bundle_index: int, gpus_available: float
+) -> Any:
+    """One ModelWorker actor for ``model`` in its bundle (Ray restarts it up to max_restarts times when it dies)."""
+    from logitfusion.actors.worker import WorkerSpec, start_worker
+    from logitfusion.cluster.topology import shard_gpus
+
+    m = topology.model(model)
+    path = topology.model_path(m.name)
+    gguf = path.name if path.is_file() and path.suffix.lower() == ".gguf" else None
+    spec = WorkerSpec(
+        name=m.name,
+        model_path=str(path.parent if gguf else path),
+        gguf_file=gguf,
+        dtype=m.dtype,
+        tp_size=m.tp_size,
+        bind_host=topology.serve.worker_bind_host,
+    )
+    return start_worker(
+        spec,
+        num_cpus=m.driver_num_cpus if m.tp_size > 1 else m.num_cpus,
+        num_gpus=0.0 if m.tp_size > 1 else shard_gpus(m, gpus_available),  # tp: the shards hold the GPUs
+        max_restarts=m.max_restarts,
+        placement_group=placement_group,
+        bundle_index=bundle_index,
+        name=actor_name,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ the deployment
+
+
+def _apply_error(grpc_context: Any, exc: BaseException) -> FusionError:
+    """Set the status on Serve's gRPC context; return the exception to raise (Serve keeps our code and details)."""
+    code, details = to_status(exc)
+    if grpc_context is not None:
+        grpc_context.set_code(code)
+        grpc_context.set_details(details)
+    return classify(exc)
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+class FusionDeployment:
+    """One replica = one pipeline. Methods are named like the rpcs; Serve's gRPC proxy routes to them."""
+
+    def __init__(self, topology: dict[str, Any]) -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        self.topology = Topology.model_validate(topology)
+        ctx = serve.get_replica_context()
+        prefix = f"lf-{ctx.app_name}-{ctx.replica_id.unique_id}"
+        t0 = time.monotonic()
+        self.pipeline = Pipeline.launch(self.topology, name_prefix=prefix)
+        self.frontend = FusionFrontend(self.topology, self.pipeline.coordinator)
+        logger.info("pipeline %s ready in %.1f s: models %s", prefix, time.monotonic() - t0,
+                    [m.name for m in self.topology.models])
+
+    # FusionService ------------------------------------------------------------------------------------------
+
+    async def Generate(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 - rpc name
+        try:
+            self.frontend.authenticate(grpc_context.invocation_metadata() if grpc_context else ())
+            return await self.frontend.generate(request, self._request_id(grpc_context))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes a status
+            raise _apply_error(grpc_context, exc) from None
+
+    async def GenerateStream(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:  # noqa: N802
+        try:
+            self.frontend.authenticate(grpc_context.invocation_metadata() if grpc_context else ())
+            async for msg in self.frontend.generate_stream(request, self._request_id(grpc_context)):
+                yield msg
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001
+            raise _apply_error(grpc_context, exc) from None
+
+    async def ListRecipes(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        try:
+            check_message(request, self.topology.limits)
+            self.frontend.authenticate(grpc_context.invocation_metadata() if grpc_context else ())
+            return self.frontend.list_recipes()
+        except BaseException as exc:  # noqa: BLE001
+            raise _apply_error(grpc_context, exc) from None
+
+    async def Describe(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        try:
+            check_message(request, self.topology.limits)
+            self.frontend.authenticate(grpc_context.invocation_metadata() if grpc_context else ())
+            return self.frontend.describe()
+        except BaseException as exc:  # noqa: BLE001
+            raise _apply_error(grpc_context, exc) from None
+
+    # grpc.health.v1 -----------------------------------------------------------------------------------------
+
+    async def Check(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        try:
+            return self.frontend.health(request.service)
+        except BaseException as exc:  # noqa: BLE001
+            raise _apply_error(grpc_context, exc) from None
+
+    async def Watch(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:  # noqa: N802
+        """The current status, then every change (polled each second) until the client goes away."""
+        try:
+            last = None
+            while True:
+                now = self.frontend.health(request.service)
+                if now.status != last:
+                    last = now.status
+                    yield now
+                await asyncio.sleep(1.0)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001
+            raise _apply_error(grpc_context, exc) from None
+
+    # Serve hooks and introspection (DeploymentHandle only, not exposed over gRPC) ------------------------------
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy (Serve replaces it)."""
+        if not self.pipeline.coordinator.alive():
+            raise RuntimeError("the coordinator loop is not running")
+
+    def workers(self) -> dict[str, tuple[str, str]]:
+        """Model name -> (Ray actor name, namespace) of its ModelWorker (tests and operators reach them by it)."""
+        import ray
+
+        namespace = ray.get_runtime_context().namespace
+        return {model: (name, namespace) for model, name in self.pipeline.worker_names.items()}
+
+    def stats(self) -> dict[str, Any]:
+        """Coordinator counters: decoding steps run, requests running."""
+        c = self.pipeline.coordinator
+        return {"steps_run": c.steps_run, "active_requests": c.active_requests()}
+
+    def __del__(self) -> None:
+        pipeline = getattr(self, "pipeline", None)
+        if pipeline is not None:
+            self.frontend.serving = False
+            pipeline.close()
+
+    @staticmethod
+    def _request_id(grpc_context: Any) -> str | None:
+        return grpc_context.request_id() if grpc_context is not None else None
+
+
+def deployment_options(topology: Topology, gpus_available: float) -> dict[str, Any]:
+    """Serve options of the deployment: the pipeline's placement group per replica, and admission headroom."""
+    limits = topology.limits
+    return {
+        "num_replicas": topology.serve.replicas,
+        "ray_actor_options": {"num_cpus": topology.serve.coordinator_num_cpus},
+        "placement_group_bundles": topology.placement_bundles(gpus_available),
+        "placement_group_strategy": topology.serve.placement_strategy,
+        # The Coordinator refuses request max_concurrent_requests + 1 itself (RESOURCE_EXHAUSTED, at once); Serve
+        # must let that request through to the replica instead of queueing it, hence the headroom.
+        "max_ongoing_requests": limits.max_concurrent_requests + ONGOING_HEADROOM,
+        "max_queued_requests": limits.max_concurrent_requests + ONGOING_HEADROOM,
+        "health_check_period_s": 10.0,
+        "health_check_timeout_s": 30.0,
+        "graceful_shutdown_timeout_s": 20.0,
+    }
+
+
+def build_app(args: Mapping[str, Any]) -> Any:
+    """The application builder (``logitfusion.cluster.serve_app:build_app``): args {"config": "<topology yaml>"}."""
+    import ray
+
+    path = args.get("config") if isinstance(args, Mapping) else None
+    if not path:
+        raise ConfigError('build_app: args must be {"config": "<topology yaml path>"}')
+    topology = load_topology(path)
+    gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else 0.0
+    data = topology.model_dump(mode="json")
+    return FusionDeployment.options(**deployment_options(topology, gpus)).bind(data)
