@@ -291,3 +291,14 @@ def test_overrides_build_a_custom_recipe():
     _, r = topo.resolve_recipe(None, {"alphas": (0.25,)})  # the default preset (proxy_a) with another alpha
     assert r.alphas == (0.25,)
     assert topo.resolve_recipe(None, {}) == ("proxy_a", topo.recipe("proxy_a"))
+
+
+def test_the_committed_zoo_topology_parses_and_builds_every_preset():
+    cfg = Path(__file__).resolve().parents[2] / "configs" / "zoo.yaml"
+    topo = load_topology(cfg)  # zoo: paths are resolved only when a worker starts
+    assert topo.role_model("large") == "large" and topo.role_model("small") == "small"
+    experts = [m.name for m in topo.models if m.role == "expert"]
+    assert len(experts) >= 3 and topo.default_preset == "dlf_multi"
+    for name in topo.presets:
+        assert topo.recipe(name).name == name
+    assert topo.recipe("dlf_multi").experts == tuple(experts)
