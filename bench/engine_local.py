@@ -1,6 +1,7 @@
 """LocalRunner decode step time: batch 1 vs B, with and without keeping the decode group's padded batch.
 
-Prints JSON (one line per configuration) and a table. Run:
+Section g of the suite (``pack_section``), and a stand-alone run that prints JSON (one line per configuration) and
+a table:
   OMP_NUM_THREADS=1 .venv/bin/python -m bench.engine_local [--hidden 256 --layers 4 --steps 64]
 """
 
@@ -52,6 +53,29 @@ def run(model, batch: int, prompt_tokens: int, steps: int) -> list[dict]:
         })
         runner.close()
     return rows
+
+
+PACK_COLUMNS = ["batch", "reuse_pack", "step_ms_median", "step_cpu_ms_median", "per_sequence_cpu_ms", "tokens_per_cpu_s"]
+
+
+def pack_section(cfg):
+    """Section g: the runner alone (no Decoder, no fusion), its decode pack kept vs re-padded every step."""
+    from bench.common import Section
+
+    sec = Section(key="", title="LocalRunner step: decode pack kept vs re-padded", columns=PACK_COLUMNS)
+    hidden, layers = (64, 2) if cfg.quick else (256, 4)
+    spec = TinySpec(seed=0, hidden_size=hidden, num_layers=layers, num_heads=8, num_kv_heads=4,
+                    intermediate_size=4 * hidden, max_length_tokens=1024)
+    model = tiny_llama(spec)
+    for b in cfg.pack_batches:
+        sec.rows += run(model, b, cfg.prompt_tokens, cfg.pack_steps)
+    sec.notes += [
+        f"one LocalRunner over a random {layers}-layer width-{hidden} Llama (V={TINY_VOCAB_SIZE}), prompts of "
+        f"{cfg.prompt_tokens}..{cfg.prompt_tokens + 6} tokens (so rows are really padded), {cfg.pack_steps} steps; "
+        "both runners stepped alternately so machine load hits both alike",
+        "cpu ms is the thread's CPU time (less sensitive to the shared machine's load than wall time)",
+    ]
+    return sec
 
 
 def main() -> None:

@@ -1,0 +1,182 @@
+"""How the sections drive the code under test: Decoder runs, a model's pure forward, the sequential reference loop.
+
+A Decoder run adds every request, then steps until all are done, timing each step. The first step admits the
+requests and prefills every model; the later ones are the steady decode steps the sections report (the final step
+also frees the caches, so it is left out of the steady figures).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bench.common import median
+from logitfusion.engine.decoder import Decoder, GenerationRequest, SpeculativeConfig
+from logitfusion.engine.reference import sequential_decode
+from logitfusion.engine.runner import ModelRunner
+from logitfusion.fusion import Recipe
+
+
+def random_prompts(n: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """``n`` prompts of ``length`` random token ids (fixed seed)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (n, length), generator=g).tolist()
+
+
+@dataclass
+class DecodeRun:
+    """One Decoder run: every request to completion."""
+
+    batch: int
+    step_s: list[float] = field(default_factory=list)  # every step, the first (prefill) included
+    step_tokens: list[int] = field(default_factory=list)  # tokens emitted by each step
+    drafted: int = 0
+    accepted: int = 0
+    outputs: list[list[int]] = field(default_factory=list)  # per request, in order
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.step_s)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.step_tokens)
+
+    def steady(self, warmup_steps: int) -> tuple[list[float], list[int]]:
+        """Step times and tokens after the prefill step and ``warmup_steps`` more, without the final step."""
+        lo = 1 + warmup_steps
+        hi = len(self.step_s) - 1 if len(self.step_s) - 1 > lo else len(self.step_s)
+        return self.step_s[lo:hi], self.step_tokens[lo:hi]
+
+    def steady_step_s(self, warmup_steps: int) -> float:
+        return median(self.steady(warmup_steps)[0])
+
+    def end_to_end_tokens_per_s(self) -> float:
+        """Every generated token over the whole run's wall time (prefill included)."""
+        return self.tokens / self.total_s if self.total_s > 0 else float("nan")
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+
+def run_decoder(
+    decoder: Decoder,
+    recipe: Recipe,
+    prompts: Sequence[Sequence[int]],
+    *,
+    new_tokens: int,
+    tag: str,
+    speculative: SpeculativeConfig | None = None,
+) -> DecodeRun:
+    """Run ``prompts`` as one batch of greedy requests (no stop token: every request makes ``new_tokens``)."""
+    ids = [f"{tag}-{i}" for i in range(len(prompts))]
+    for rid, prompt in zip(ids, prompts):
+        decoder.add_request(
+            GenerationRequest(
+                request_id=rid,
+                prompt_ids=list(prompt),
+                recipe=recipe,
+                max_new_tokens=new_tokens,
+                stop_token_ids=(),
+                speculative=speculative,
+            ),
+            keep_result=True,
+        )
+    run = DecodeRun(batch=len(prompts))
+    while decoder.has_work():
+        t0 = time.perf_counter()
+        events = decoder.step()
+        run.step_s.append(time.perf_counter() - t0)
+        run.step_tokens.append(sum(1 for e in events if e.token_id is not None))
+    for rid in ids:
+        res = decoder.take_result(rid)
+        if res is None:
+            raise RuntimeError(f"request {rid} ended without a result")
+        run.outputs.append(res.token_ids)
+        run.drafted += res.num_drafted_tokens
+        run.accepted += res.num_accepted_tokens
+    return run
+
+
+def make_decoder(runners: Mapping[str, ModelRunner], max_batch_size: int) -> Decoder:
+    return Decoder(runners, max_batch_size=max(1, max_batch_size), max_new_tokens_limit=4096)
+
+
+def steady_step(
+    runners: Mapping[str, ModelRunner],
+    recipe: Recipe,
+    batch: int,
+    *,
+    prompt_tokens: int,
+    vocab_size: int,
+    warmup_steps: int,
+    measure_steps: int,
+    repeats: int,
+    prompts: Sequence[Sequence[int]] | None = None,
+) -> tuple[float, list[DecodeRun]]:
+    """Median steady decode step (seconds) of ``batch`` requests over ``repeats`` runs (after one warm-up run)."""
+    decoder = make_decoder(runners, batch)
+    if prompts is None:
+        prompts = random_prompts(batch, prompt_tokens, vocab_size, seed=batch)
+    prompts = [list(prompts[i % len(prompts)]) for i in range(batch)]
+    new_tokens = 1 + warmup_steps + measure_steps + 1  # prefill step, warm-up, timed steps, final step
+    run_decoder(decoder, recipe, prompts, new_tokens=2, tag="warm")
+    runs = [run_decoder(decoder, recipe, prompts, new_tokens=new_tokens, tag=f"r{r}") for r in range(repeats)]
+    return median([r.steady_step_s(warmup_steps) for r in runs]), runs
+
+
+# ----------------------------------------------------------------------------------------------------- pure forward
+
+
+@torch.inference_mode()
+def pure_forward_s(
+    model: Any,
+    batch: int,
+    *,
+    start_tokens: int,
+    warmup: int,
+    steps: int,
+    vocab_size: int,
+    sync: Callable[[], None] | None = None,
+) -> float:
+    """Median seconds of one single-token forward of ``model`` alone (no runner), at ``batch`` rows whose cache grows
+    from ``start_tokens`` + ``warmup`` tokens, exactly as the Decoder's timed steps see it."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(batch)
+    cache = DynamicCache()
+    prompt = torch.randint(0, vocab_size, (batch, start_tokens), generator=g).to(device)  # [B, L]
+    model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    times = []
+    for i in range(warmup + steps):
+        ids = torch.randint(0, vocab_size, (batch, 1), generator=g).to(device)  # [B, 1]
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if sync:
+            sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return median(times)
+
+
+# ----------------------------------------------------------------------------------------------------- the baseline
+
+
+def sequential_loop(
+    models: Mapping[str, Any], recipe: Recipe, prompts: Sequence[Sequence[int]], *, vocab_size: int, new_tokens: int
+) -> tuple[float, list[list[int]]]:
+    """The proxy-tuning reference loop over ``prompts`` one after another: (wall seconds, outputs)."""
+    outputs = []
+    t0 = time.perf_counter()
+    for prompt in prompts:
+        out = sequential_decode(models, list(prompt), recipe, vocab_size=vocab_size, max_new_tokens=new_tokens)
+        outputs.append(out.token_ids)
+    return time.perf_counter() - t0, outputs
