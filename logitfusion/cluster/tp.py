@@ -37,6 +37,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -157,6 +158,29 @@ def _reserve_port() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     return sock
+
+
+def group_name(owner: str, model: str) -> str:
+    """The placement group name of ``model``'s shards when built by ``owner`` (a Ray actor id, or a driver tag)."""
+    return f"logitfusion-tp:{owner}:{model}"
+
+
+def release_group(owner: str, model: str) -> bool:
+    """Remove the shards' placement group of a host that died for good; True if there was one.
+
+    Ray kills the shard actors with the actor that created them, but NOT the placement group it created (seen with
+    Ray 2.60: it stays CREATED, its CPUs/GPUs reserved, until the job ends). A host that is restarted cleans its
+    previous group itself (TensorParallelRunner removes a group of the same name first); a supervisor calls this
+    for a host that will not come back.
+    """
+    from ray.util.placement_group import get_placement_group, remove_placement_group
+
+    try:
+        pg = get_placement_group(group_name(owner, model))
+    except ValueError:
+        return False
+    remove_placement_group(pg)
+    return True
 
 
 def _load(model_dir: str, dtype: str) -> tuple[Any, int, str, int]:
@@ -300,7 +324,13 @@ class TensorParallelRunner(ModelRunner):
 
     Needs a connected Ray (``ray.init`` done). ``placement``: an existing placement group and the bundle index of
     each rank, for callers that reserve a pipeline's resources themselves; its bundles must share a node
-    (STRICT_PACK) and the group stays theirs. Without it the runner creates and, on close, removes its own.
+    (STRICT_PACK) and the group stays theirs. Without it the runner creates and, on close, removes its own, named
+    ``group_name(owner, config.name)`` where owner is the hosting actor's id (stable across Ray restarts).
+
+    Hosting: a ModelWorker actor builds this runner when its model has tp_size > 1 and serves the worker stream with
+    it; the shard actors are owned by that worker and die with it. Their placement group does not (Ray 2.60), so a
+    restarted worker removes its predecessor's group by name on start, and ``release_group(owner, name)`` frees
+    the group of a worker that will not be restarted.
     """
 
     def __init__(self, config: TPConfig, *, placement: tuple[Any, Sequence[int]] | None = None) -> None:
@@ -318,9 +348,13 @@ class TensorParallelRunner(ModelRunner):
         self._owns_pg = placement is None
         self.master_port = 0
         self.use_gpu = self._want_gpu(config)
+        # A restarted host actor keeps its id: the name finds the group its previous incarnation left behind.
+        self.owner = ray.get_runtime_context().get_actor_id() or f"driver-{uuid.uuid4().hex[:12]}"
         if placement is None:
+            if release_group(self.owner, config.name):
+                logger.warning("%s: removed the shard group a previous incarnation of this host left", config.name)
             bundles = shard_bundles(config.tp_size, self.use_gpu, config.num_cpus_per_shard)
-            self._pg = placement_group(bundles, strategy="STRICT_PACK")
+            self._pg = placement_group(bundles, strategy="STRICT_PACK", name=group_name(self.owner, config.name))
             indices: Sequence[int] = range(config.tp_size)
         else:
             self._pg, indices = placement[0], list(placement[1])

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from logitfusion.cluster.tp import TensorParallelRunner, TPConfig, shm_segment_path
+from logitfusion.cluster.tp import TensorParallelRunner, TPConfig, release_group, shm_segment_path
 from logitfusion.engine.local import LocalRunner
 from logitfusion.engine.runner import ExtendOp, RunnerError, RunnerUnavailable, StepPlan
 from logitfusion.fusion import SamplingParams, presets
@@ -288,3 +288,74 @@ def test_a_dead_rank_makes_the_runner_unavailable_and_close_still_cleans_up(ray_
         runner.step(StepPlan(extends=(ExtendOp("t", (1,)),)))
     runner.close()
     assert _pg_state(pg) == "REMOVED"
+
+
+def _wait_until(predicate, timeout_s: float, what: str) -> None:
+    """Poll ``predicate`` until it holds (Ray's wait_for_condition pattern), failing with ``what`` after timeout_s."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        time.sleep(0.2)
+
+
+def _actor_dead(handle) -> bool:
+    try:
+        ray.get(handle.sequences.remote(), timeout=10)
+    except ray.exceptions.RayActorError:
+        return True
+    except ray.exceptions.GetTimeoutError:
+        return False
+    return False
+
+
+def _host_class():
+    """What a ModelWorker does with a tensor-parallel model: build the runner in its own process and step it.
+
+    Defined inside a function so that Ray ships the class by value (workers cannot import test modules).
+    """
+
+    class Host:
+        def __init__(self, model_dir: str) -> None:
+            self.runner = TensorParallelRunner(TPConfig(model_dir=model_dir, name="large", tp_size=2, device="cpu"))
+
+        def step(self, plan: StepPlan):
+            return self.runner.step(plan)
+
+        def group(self):
+            return self.runner.placement_group, self.runner.shards
+
+    return Host
+
+
+@pytest.mark.timeout(600)
+def test_a_worker_actor_hosts_the_group_and_a_restart_frees_the_old_group(
+    ray_local, model_dir: Path, reference: LocalRunner
+) -> None:
+    host = ray.remote(num_cpus=0.1, max_restarts=1, max_task_retries=2)(_host_class()).remote(str(model_dir))
+    plan = StepPlan(extends=(ExtendOp("h", _ids(reference, 5, 7), "all"),))
+    want = reference.step(plan)
+    reference.step(StepPlan(releases=("h",)))
+    assert _max_diff(ray.get(host.step.remote(plan), timeout=300), want) <= ATOL
+    pg, shards = ray.get(host.group.remote(), timeout=60)
+    assert _pg_state(pg) == "CREATED"
+    logger.info("host up; crashing it")
+
+    ray.kill(host, no_restart=False)  # the worker crashes; Ray restarts it and it rebuilds its group
+    assert _max_diff(ray.get(host.step.remote(plan), timeout=300), want) <= ATOL
+    new_pg, new_shards = ray.get(host.group.remote(), timeout=60)
+    logger.info("host restarted")
+    assert new_pg.id != pg.id and _pg_state(new_pg) == "CREATED"
+    assert _pg_state(pg) == "REMOVED"  # the crashed incarnation's group does not hold its CPUs/GPUs any more
+    assert all(_actor_dead(s) for s in shards)  # shards die with the process that owned them
+    logger.info("old shards dead")
+
+    owner = host._actor_id.hex()
+    ray.kill(host, no_restart=True)  # now for good: the group stays until someone releases it
+    _wait_until(lambda: all(_actor_dead(s) for s in new_shards), 60, "the dead host's shards are gone")
+    assert _pg_state(new_pg) == "CREATED"
+    logger.info("host dead for good")
+    assert release_group(owner, "large") is True
+    _wait_until(lambda: _pg_state(new_pg) == "REMOVED", 60, "the released group is removed")
