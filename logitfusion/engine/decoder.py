@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from logitfusion.engine.runner import ExtendOp, ModelRunner, RunnerInfo, StepPlan, Want
+from logitfusion.engine.runner import ExtendOp, ModelRunner, RunnerInfo, StepPlan, Want, failed
 from logitfusion.fusion import Recipe, SamplingParams, fuse, make_generator, sample, speculative_accept, to_probs
 
 logger = logging.getLogger(__name__)
@@ -590,7 +590,7 @@ class Decoder:
         resolved, so no plan is ever in flight when the step returns.
         """
         plans = rnd.plans()
-        futures: dict[str, Future] = {m: self._runners[m].submit(plan) for m, plan in plans.items()}
+        futures: dict[str, Future] = {m: self._submit(m, plan) for m, plan in plans.items()}
         out: dict[tuple[str, str], torch.Tensor] = {}
         failure: StepFailed | None = None
         for m, fut in futures.items():
@@ -607,6 +607,13 @@ class Decoder:
         if failure is not None:
             raise failure
         return out
+
+    def _submit(self, model: str, plan: StepPlan) -> Future:
+        """runner.submit, with an exception raised by submit itself turned into a failed future."""
+        try:
+            return self._runners[model].submit(plan)
+        except Exception as exc:  # noqa: BLE001 - reported through the future like any runner failure
+            return failed(exc)
 
     def _flush_releases(self) -> None:
         """Free finished requests' caches now, with release-only plans."""

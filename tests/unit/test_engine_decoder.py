@@ -299,7 +299,9 @@ class Flaky(ModelRunner):
     def submit(self, plan: StepPlan) -> Future:
         self.calls += 1
         if self.calls in self.fail_at:
-            return failed(self.exc)
+            if self.calls % 2:
+                raise self.exc  # a submit that raises at once
+            return failed(self.exc)  # a submit whose future fails
         return self.inner.submit(plan)
 
     def sequences(self) -> dict[str, int]:
@@ -312,7 +314,7 @@ def test_a_failed_step_can_be_retried_and_output_is_unchanged(models, runners, k
     spec = SpeculativeConfig("expert_a", num_draft_tokens=3) if kind == "spec" else None
     ref = naive_decode(models, PROMPTS[1], recipe, vocab_size=V, max_new_tokens=10).token_ids
     flaky = dict(runners)
-    flaky["small"] = Flaky(runners["small"], {3, 5}, RunnerUnavailable("worker lost"))
+    flaky["small"] = Flaky(runners["small"], {3, 6}, RunnerUnavailable("worker lost"))
     dec = make_decoder(flaky)
     dec.add_request(GenerationRequest("f", PROMPTS[1], recipe, max_new_tokens=10, stop_token_ids=(), speculative=spec))
     tokens, failures = [], 0
