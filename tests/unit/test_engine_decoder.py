@@ -342,3 +342,52 @@ def test_resync_after_a_worker_lost_its_caches(models, runners) -> None:
         tokens += [e.token_id for e in dec.step()]
     assert tokens == ref
     assert_no_leaks(runners)
+
+
+class Gate(ModelRunner):
+    """Blocks inside submit until released, so another thread can act while a step is running."""
+
+    def __init__(self, inner: ModelRunner) -> None:
+        import threading
+
+        self.inner, self.entered, self.release, self.armed = inner, threading.Event(), threading.Event(), False
+
+    def describe(self) -> RunnerInfo:
+        return self.inner.describe()
+
+    def submit(self, plan: StepPlan) -> Future:
+        if self.armed:
+            self.armed = False
+            self.entered.set()
+            self.release.wait(timeout=60)
+        return self.inner.submit(plan)
+
+    def sequences(self) -> dict[str, int]:
+        return self.inner.sequences()
+
+
+def test_abort_and_add_from_another_thread_during_a_step(runners) -> None:
+    import threading
+
+    gated = dict(runners)
+    gate = gated["large"] = Gate(runners["large"])
+    dec = make_decoder(gated)
+    recipe = RECIPES["proxy"]
+    dec.add_request(GenerationRequest("a", PROMPTS[0], recipe, max_new_tokens=10))
+    dec.step()
+    gate.armed = True
+    stepper = threading.Thread(target=dec.step)
+    stepper.start()
+    assert gate.entered.wait(timeout=60)
+    assert dec.abort("a") is True  # a step is running: queued, nothing is freed under its feet
+    dec.add_request(GenerationRequest("b", PROMPTS[1], recipe, max_new_tokens=3, stop_token_ids=()))
+    assert set(runners["large"].sequences()) == {"a"}
+    gate.release.set()
+    stepper.join(timeout=60)
+    assert not stepper.is_alive()
+    evs = dec.step()
+    assert [(e.request_id, e.finish_reason) for e in evs if e.request_id == "a"] == [("a", "abort")]
+    assert set(runners["large"].sequences()) == {"b"}
+    while dec.has_work():
+        dec.step()
+    assert_no_leaks(runners)
