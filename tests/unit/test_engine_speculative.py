@@ -154,3 +154,24 @@ def test_sampled_speculative_tokens_follow_the_fused_distribution(models, runner
     assert len(second) > 200 and stat2 < chi2_critical(dof2), (stat2, dof2, len(second))
     rates = [r.acceptance_rate for r in results]
     assert 0.0 < sum(rates) / n < 1.0  # some drafts accepted, some rejected: both paths ran
+
+
+def test_adaptive_k_grows_on_accepted_drafts_and_shrinks_on_rejected(models, runners) -> None:
+    from logitfusion.engine.decoder import _adapt_k
+
+    cfg = SpeculativeConfig("expert_a", num_draft_tokens=1, adaptive=True, max_draft_tokens=4)
+    assert [_adapt_k(k, k, cfg) for k in (1, 2, 4)] == [2, 3, 4]  # all accepted: one more, up to the max
+    assert [_adapt_k(4, n, cfg) for n in (0, 1, 2, 3)] == [3, 3, 4, 4]  # fewer than half: one fewer
+    assert _adapt_k(1, 0, cfg) == 1
+    single = presets.single("expert_a")  # the draft is the target: every draft is accepted
+    ref = naive_decode(models, PROMPTS[0], single, vocab_size=V, max_new_tokens=19).token_ids
+    dec = Decoder(runners)
+    fixed, adaptive = dec.generate([
+        GenerationRequest("f", PROMPTS[0], single, max_new_tokens=19, stop_token_ids=(),
+                          speculative=SpeculativeConfig("expert_a", num_draft_tokens=1)),
+        GenerationRequest("a", PROMPTS[0], single, max_new_tokens=19, stop_token_ids=(), speculative=cfg),
+    ])
+    assert fixed.token_ids == adaptive.token_ids == ref
+    assert fixed.num_steps == 10  # 2 tokens per step (the last step drafts nothing: 1 token)
+    assert adaptive.num_steps == 5  # k = 1, 2, 3, 4, 4: 2 + 3 + 4 + 5 + 5 tokens
+    assert adaptive.acceptance_rate == 1.0
