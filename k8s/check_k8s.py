@@ -12,6 +12,8 @@ What it checks, and why each one exists:
   `python -m` module imports from the installed project;
 - the cluster layout matches the topology file each manifest points at (GPUs per pod = tp_size x num_gpus, enough
   pods per group), the gRPC port agrees everywhere, requests equal limits, probes and graceful termination exist;
+- the RayJob's evaluation config loads (its methods apply to its tasks), its pipeline actors fit the workers, and
+  its output_dir is on a volume that every Ray pod mounts and that outlives the cluster;
 - the GCS fault-tolerance variant reads its Redis password from the Secret it ships, and the Redis it points at
   exists in the same file;
 - the Dockerfile installs every dependency pyproject.toml declares, with the pins of requirements.txt, and the
@@ -26,6 +28,7 @@ import dataclasses
 import difflib
 import importlib
 import json
+import math
 import os
 import re
 import shlex
@@ -142,16 +145,21 @@ def ray_cluster_spec(doc: Doc) -> Doc | None:
     return None
 
 
+def cluster_templates(cluster: Doc) -> Iterator[tuple[str, Doc]]:
+    """(where, pod template) of the head and every worker group of a RayCluster spec."""
+    head = (cluster.get("headGroupSpec") or {}).get("template")
+    if isinstance(head, dict):
+        yield "headGroupSpec", head
+    for group in cluster.get("workerGroupSpecs") or []:
+        if isinstance(group, dict) and isinstance(group.get("template"), dict):
+            yield f"workerGroupSpecs[{group.get('groupName')}]", group["template"]
+
+
 def pod_templates(doc: Doc) -> Iterator[tuple[str, Doc]]:
     """(where, pod template) for every pod template a document embeds."""
     cluster = ray_cluster_spec(doc)
     if cluster is not None:
-        head = (cluster.get("headGroupSpec") or {}).get("template")
-        if isinstance(head, dict):
-            yield "headGroupSpec", head
-        for group in cluster.get("workerGroupSpecs") or []:
-            if isinstance(group, dict) and isinstance(group.get("template"), dict):
-                yield f"workerGroupSpecs[{group.get('groupName')}]", group["template"]
+        yield from cluster_templates(cluster)
     if doc.get("kind") == "Deployment":
         template = (doc.get("spec") or {}).get("template")
         if isinstance(template, dict):
@@ -586,20 +594,87 @@ def topology_link_errors(image_path: Any, cluster: Doc, at: str, grpc_port: Any,
     return errors + layout_errors(cluster, topology, where, autoscaling)
 
 
-def rayjob_errors(doc: Doc, k8s_dir: Path = K8S_DIR, check_imports: bool = True) -> list[str]:
-    spec = doc.get("spec") or {}
-    errors = entrypoint_errors(doc) if check_imports else []
-    cluster = spec.get("rayClusterSpec") or {}
-    errors += topology_link_errors(entrypoint_config(spec.get("entrypoint", "")), cluster, describe(doc), None,
-                                   autoscaling=bool(cluster.get("enableInTreeAutoscaling")), k8s_dir=k8s_dir)
+def load_eval_config(path: Path) -> tuple[Any, list[str]]:
+    """(EvalConfig, []) through the evaluation's own loader, with its work units built (so every method must apply
+    to its task), or (None, [the error])."""
+    try:
+        from logitfusion.cluster.evaluate import EvalConfig, make_units
+    except Exception as error:
+        return None, [f"cannot import the evaluation config: {type(error).__name__}: {error}"]
+    try:
+        config = EvalConfig.load(path)
+        make_units(config)
+    except (ValueError, FileNotFoundError) as error:  # pydantic's ValidationError is a ValueError
+        return None, [" ".join(str(error).split())]
+    return config, []
+
+
+def eval_layout_errors(cluster: Doc, config: Any, where: str, autoscaling: bool) -> list[str]:
+    """Can the worker groups hold `pipelines` pipeline actors of pipeline_num_cpus / pipeline_num_gpus each?"""
+    fits = 0
+    for group in cluster.get("workerGroupSpecs") or []:
+        per_pod = math.floor(group_cpus(group) / config.pipeline_num_cpus + 1e-9)
+        if config.pipeline_num_gpus > 0:
+            per_pod = min(per_pod, math.floor(group_gpus(group) / config.pipeline_num_gpus + 1e-9))
+        fits += per_pod * (group_capacity(group) if autoscaling else int(group.get("replicas", 0)))
+    if fits < config.pipelines:
+        return [f"{where}: the worker groups hold {fits} pipeline actor(s) of {config.pipeline_num_cpus:g} CPU and "
+                f"{config.pipeline_num_gpus:g} GPU; pipelines={config.pipelines}"]
+    return []
+
+
+def shared_volume_errors(cluster: Doc, path: str, where: str) -> list[str]:
+    """`path` must lie on a writable PersistentVolumeClaim mount in the head and in every worker group: the driver
+    writes there, the workers read what it wrote, and the data must outlive the cluster."""
+    if not path.startswith("/"):
+        return [f"{where}: output_dir {path!r} must be an absolute path on the shared results volume"]
+    errors = []
+    for place, template in cluster_templates(cluster):
+        spec = template.get("spec") or {}
+        claims = {v.get("name") for v in spec.get("volumes") or [] if v.get("persistentVolumeClaim")}
+        mounts = [m for m in ray_container(template).get("volumeMounts") or []
+                  if m.get("name") in claims and not m.get("readOnly")
+                  and (path.rstrip("/") + "/").startswith(str(m.get("mountPath", "")).rstrip("/") + "/")]
+        if not mounts:
+            errors.append(f"{where} {place}: output_dir {path} is not on a writable PersistentVolumeClaim mount")
     return errors
 
 
-def raycluster_errors(doc: Doc, topology_image_path: str, k8s_dir: Path = K8S_DIR) -> list[str]:
-    """A standalone RayCluster must be able to host the serving topology (with its autoscaling bounds)."""
+def rayjob_errors(doc: Doc, k8s_dir: Path = K8S_DIR, check_imports: bool = True) -> list[str]:
+    """The entrypoint imports; its --config is an evaluation config from k8s/configs/ that loads, fits the cluster
+    and writes to a volume every Ray pod shares."""
+    spec = doc.get("spec") or {}
+    at = describe(doc)
+    errors = entrypoint_errors(doc) if check_imports else []
+    image_path = entrypoint_config(spec.get("entrypoint", ""))
+    if image_path is None:
+        return errors + [f"{at}: the entrypoint names no --config"]
+    path = topology_path(image_path, k8s_dir)
+    if path is None or not path.is_file():
+        return errors + [f"{at}: {image_path} is not a file the image gets from k8s/configs/ ({IMAGE_CONFIG_DIR}/...)"]
+    where = f"{at} ({path.relative_to(k8s_dir.parent)})"
+    config, problems = load_eval_config(path)
+    if config is None:
+        return errors + [f"{where}: {p}" for p in problems]
+    cluster = spec.get("rayClusterSpec") or {}
+    errors += eval_layout_errors(cluster, config, where, autoscaling=bool(cluster.get("enableInTreeAutoscaling")))
+    return errors + shared_volume_errors(cluster, config.output_dir, where)
+
+
+def raycluster_errors(doc: Doc, topology_image_path: str, eval_image_path: str, k8s_dir: Path = K8S_DIR) -> list[str]:
+    """A standalone RayCluster must be able to host the serving topology and run the evaluation (README shows both),
+    within its autoscaling bounds."""
     cluster = doc.get("spec") or {}
-    return topology_link_errors(topology_image_path, cluster, describe(doc), None,
-                                autoscaling=bool(cluster.get("enableInTreeAutoscaling")), k8s_dir=k8s_dir)
+    autoscaling = bool(cluster.get("enableInTreeAutoscaling"))
+    errors = topology_link_errors(topology_image_path, cluster, describe(doc), None, autoscaling=autoscaling,
+                                  k8s_dir=k8s_dir)
+    path = topology_path(eval_image_path, k8s_dir)
+    config, problems = load_eval_config(path) if path is not None else (None, [f"{eval_image_path}: not in configs"])
+    where = f"{describe(doc)} ({eval_image_path})"
+    if config is None:
+        return errors + [f"{where}: {p}" for p in problems]
+    errors += eval_layout_errors(cluster, config, where, autoscaling)
+    return errors + shared_volume_errors(cluster, config.output_dir, where)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -934,7 +1009,8 @@ def version_satisfies(version: str, specifier: str) -> bool:
 # Everything
 
 
-SERVING_TOPOLOGY = f"{IMAGE_CONFIG_DIR}/serve.yaml"  # what a standalone RayCluster must be able to host
+SERVING_TOPOLOGY = f"{IMAGE_CONFIG_DIR}/serve.yaml"  # what a standalone RayCluster must be able to host ...
+EVALUATION = f"{IMAGE_CONFIG_DIR}/eval.yaml"  # ... and run
 
 
 def semantic_errors(docs: list[Doc], k8s_dir: Path = K8S_DIR, check_imports: bool = True) -> list[str]:
@@ -948,7 +1024,7 @@ def semantic_errors(docs: list[Doc], k8s_dir: Path = K8S_DIR, check_imports: boo
         elif doc.get("kind") == "RayJob":
             errors += rayjob_errors(doc, k8s_dir, check_imports)
         elif doc.get("kind") == "RayCluster":
-            errors += raycluster_errors(doc, SERVING_TOPOLOGY, k8s_dir)
+            errors += raycluster_errors(doc, SERVING_TOPOLOGY, EVALUATION, k8s_dir)
     return errors
 
 

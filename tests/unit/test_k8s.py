@@ -22,7 +22,7 @@ EXPECTED_MANIFESTS = {
     "rayservice-gcs-ft.yaml": {"RayService", "Secret", "PersistentVolumeClaim", "Deployment", "Service"},
     "rayjob-eval.yaml": {"RayJob"},
     "raycluster.yaml": {"RayCluster"},
-    "models-pvc.yaml": {"PersistentVolumeClaim"},
+    "volumes.yaml": {"PersistentVolumeClaim"},
 }
 
 pytestmark = pytest.mark.timeout(120)
@@ -105,7 +105,7 @@ def test_crd_schema_rejects_a_misspelled_top_level_key(schemas):
 
 def test_crd_schema_rejects_a_misspelled_key_deep_in_a_pod_template(schemas):
     doc = copy.deepcopy(the(docs_of("rayjob-eval.yaml"), "RayJob"))
-    worker = container(group(doc["spec"]["rayClusterSpec"], "large-tp2")["template"])
+    worker = container(group(doc["spec"]["rayClusterSpec"], "small-gpu")["template"])
     worker["resource"] = worker.pop("resources")
     errors = ck.crd_errors(doc, schemas)
     assert any("containers[0]" in e and "'resource' was unexpected" in e for e in errors), errors
@@ -286,12 +286,17 @@ def test_import_check_reports_what_does_not_import():
 # Topologies and the GPU layout
 
 
-@pytest.mark.parametrize("name", ["serve.yaml", "eval.yaml"])
-def test_topology_files_load_with_the_projects_loader(name):
-    topology, errors = ck.load_topology_file(K8S / "configs" / name)
+def test_the_serving_topology_loads_with_the_projects_loader():
+    topology, errors = ck.load_topology_file(K8S / "configs" / "serve.yaml")
     assert errors == [] and topology is not None
     assert {m.role for m in topology.models} >= {"large", "small", "expert"}
     assert any(m.tp_size > 1 for m in topology.models)  # the large model is tensor parallel
+
+
+def test_the_evaluation_config_loads_with_the_evaluations_loader():
+    config, errors = ck.load_eval_config(K8S / "configs" / "eval.yaml")
+    assert errors == [] and config is not None
+    assert config.output_dir.startswith("/results/")
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in ck.manifest_paths(K8S)))
@@ -325,16 +330,68 @@ def test_layout_check_catches_a_large_group_without_tp_size_gpus():
 
 
 def test_layout_check_catches_too_few_small_pods():
-    doc = copy.deepcopy(the(docs_of("rayjob-eval.yaml"), "RayJob"))
-    small = group(doc["spec"]["rayClusterSpec"], "small-gpu")
+    doc = copy.deepcopy(the(docs_of("rayservice.yaml"), "RayService"))
+    small = group(doc["spec"]["rayClusterConfig"], "small-gpu")
     small["replicas"] = small["minReplicas"] = small["maxReplicas"] = 1
     errors = _cluster_errors(doc)
     assert any("provide 1 pod(s) with 1 GPU(s)" in e and "need 2" in e for e in errors), errors
 
 
+def test_eval_layout_check_catches_too_few_workers_for_the_pipelines():
+    doc = copy.deepcopy(the(docs_of("rayjob-eval.yaml"), "RayJob"))
+    small = group(doc["spec"]["rayClusterSpec"], "small-gpu")
+    small["replicas"] = small["minReplicas"] = small["maxReplicas"] = 1
+    errors = _cluster_errors(doc)
+    assert any("hold 2 pipeline actor(s)" in e and "pipelines=4" in e for e in errors), errors
+
+
+def _job_with_eval_config(tmp_path: Path, edit) -> list[str]:
+    k8s = tmp_path / "k8s"
+    (k8s / "configs").mkdir(parents=True, exist_ok=True)
+    config = yaml.safe_load((K8S / "configs" / "eval.yaml").read_text())
+    edit(config)
+    (k8s / "configs" / "eval.yaml").write_text(yaml.safe_dump(config))
+    return ck.semantic_errors(docs_of("rayjob-eval.yaml"), k8s, check_imports=False)
+
+
+def test_eval_output_must_be_on_the_shared_results_volume(tmp_path):
+    errors = _job_with_eval_config(tmp_path, lambda c: c.update(output_dir="results/eval-job"))
+    assert any("must be an absolute path" in e for e in errors), errors
+    errors = _job_with_eval_config(tmp_path, lambda c: c.update(output_dir="/tmp/eval-job"))
+    assert any("headGroupSpec" in e and "not on a writable PersistentVolumeClaim" in e for e in errors), errors
+    assert any("small-gpu" in e and "not on a writable PersistentVolumeClaim" in e for e in errors), errors
+
+
+def test_eval_output_check_needs_the_volume_on_every_worker():
+    doc = copy.deepcopy(the(docs_of("rayjob-eval.yaml"), "RayJob"))
+    worker = container(group(doc["spec"]["rayClusterSpec"], "small-gpu")["template"])
+    worker["volumeMounts"] = [m for m in worker["volumeMounts"] if m["name"] != "results"]
+    errors = _cluster_errors(doc)
+    assert errors == [
+        "RayJob/logitfusion-eval (k8s/configs/eval.yaml) workerGroupSpecs[small-gpu]: output_dir /results/eval-job is "
+        "not on a writable PersistentVolumeClaim mount"
+    ]
+
+
+def test_the_dev_cluster_can_also_run_the_evaluation():
+    doc = copy.deepcopy(the(docs_of("raycluster.yaml"), "RayCluster"))
+    assert _cluster_errors(doc) == []
+    worker = container(group(doc["spec"], "large-tp2")["template"])
+    worker["volumeMounts"] = [m for m in worker["volumeMounts"] if m["name"] != "results"]
+    assert any("large-tp2" in e and "/results/eval-job" in e for e in _cluster_errors(doc))
+
+
+def test_an_eval_config_the_evaluation_refuses_is_reported(tmp_path):
+    errors = _job_with_eval_config(tmp_path, lambda c: c.update(methods=["large_base", "no_such_method"]))
+    assert any("no_such_method" in e for e in errors), errors
+    errors = _job_with_eval_config(tmp_path, lambda c: c.update(pipelinez=2))
+    assert any("pipelinez" in e for e in errors), errors
+
+
 def test_layout_check_scales_with_serve_replicas(tmp_path):
     k8s = tmp_path / "k8s"
     (k8s / "configs").mkdir(parents=True)
+    (k8s / "configs" / "eval.yaml").write_text((K8S / "configs" / "eval.yaml").read_text())
     serve = yaml.safe_load((K8S / "configs" / "serve.yaml").read_text())
     serve["serve"]["replicas"] = 2
     (k8s / "configs" / "serve.yaml").write_text(yaml.safe_dump(serve))
