@@ -243,7 +243,8 @@ def test_unknown_key_check_respects_models_that_allow_extra_keys():
         items: list[Inner] = []
 
     assert ck.unknown_keys({"inner": {"size": 2, "anything": 3}}, Outer) == []
-    assert ck.unknown_keys({"inner": {}, "itemz": []}, Outer) == ["itemz: unknown key for Outer (did you mean 'items'?)"]
+    errors = ck.unknown_keys({"inner": {}, "itemz": []}, Outer)
+    assert errors == ["itemz: unknown key for Outer (did you mean 'items'?)"]
 
 
 def test_serve_config_schema_errors_are_reported():
@@ -564,7 +565,8 @@ def test_gcs_ft_check_refuses_a_secret_or_key_not_in_the_file():
 
 def test_gcs_ft_check_refuses_a_redis_address_without_service_or_port():
     assert any("names no Service" in e for e in _ft_errors(lambda d: _ft_options(d).update(redisAddress="redis:6379")))
-    assert any("port '6380'" in e for e in _ft_errors(lambda d: _ft_options(d).update(redisAddress="logitfusion-redis:6380")))
+    errors = _ft_errors(lambda d: _ft_options(d).update(redisAddress="logitfusion-redis:6380"))
+    assert any("port '6380'" in e for e in errors), errors
 
 
 def test_gcs_ft_check_refuses_a_redis_with_another_password():
@@ -600,7 +602,8 @@ def test_one_image_one_ray_version_and_every_reference_resolves():
 def test_consistency_check_catches_drift():
     manifests = copy.deepcopy(_all_manifests())
     job = the(manifests["rayjob-eval.yaml"], "RayJob")
-    container(job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"])["image"] = "registry.example.com/logitfusion:0.0.9"
+    head = container(job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"])
+    head["image"] = "registry.example.com/logitfusion:0.0.9"
     job["spec"]["rayClusterSpec"]["rayVersion"] = "2.59.0"
     cluster = the(manifests["raycluster.yaml"], "RayCluster")["spec"]
     group(cluster, "small-gpu")["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] = "weights"
@@ -656,7 +659,7 @@ def test_dockerfile_check_catches_a_missing_project_install_or_configs(tmp_path)
 
 
 def test_dockerfile_check_catches_a_wrong_base_image(tmp_path):
-    errors = _dockerfile_errors(tmp_path, lambda t: t.replace("rayproject/ray:2.60.0-py311", "rayproject/ray:2.50.0-py311"))
+    errors = _dockerfile_errors(tmp_path, lambda t: t.replace("ray:2.60.0-py311", "ray:2.50.0-py311"))
     assert any(e.startswith("FROM 'rayproject/ray:2.50.0") for e in errors), errors
 
 
@@ -672,7 +675,10 @@ def test_dockerfile_check_catches_a_dependency_pyproject_adds(tmp_path):
 
 
 def test_dockerfile_parser_joins_continuations_and_skips_comments():
-    text = "# c\nFROM a:1\nRUN pip install x==1 \\\n  # inner comment\n && pip install -r r.txt\nCOPY --chown=1:1 a b /d/\n"
+    text = (
+        "# c\nFROM a:1\nRUN pip install x==1 \\\n  # inner comment\n && pip install -r r.txt\n"
+        "COPY --chown=1:1 a b /d/\n"
+    )
     instructions = ck.parse_dockerfile(text)
     assert [i.keyword for i in instructions] == ["FROM", "RUN", "COPY"]
     (first, second) = ck.pip_installs(instructions)
