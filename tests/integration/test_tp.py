@@ -290,6 +290,32 @@ def test_a_dead_rank_makes_the_runner_unavailable_and_close_still_cleans_up(ray_
     assert _pg_state(pg) == "REMOVED"
 
 
+def _groups_named(model: str) -> list[str]:
+    """States of every placement group a TensorParallelRunner made for ``model``."""
+    table = ray.util.placement_group_table()
+    return [pg["state"] for pg in table.values() if pg["name"].startswith("logitfusion-tp:") and pg["name"].endswith(f":{model}")]
+
+
+@pytest.mark.timeout(600)
+def test_an_architecture_autotp_cannot_shard_is_refused_and_nothing_is_left(
+    ray_local, tmp_path: Path
+) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=1, n_head=4, n_positions=64)).save_pretrained(gpt2)
+    _tokenizer().save_pretrained(gpt2)
+    logger.info("gpt2 saved")
+    with pytest.raises(RunnerUnavailable, match="AutoTP not supported"):
+        TensorParallelRunner(TPConfig(model_dir=str(gpt2), name="gpt2", tp_size=2, device="cpu"))
+    assert set(_groups_named("gpt2")) == {"REMOVED"}
+    logger.info("gpt2 refused")
+    with pytest.raises(RunnerUnavailable, match="nowhere"):
+        TensorParallelRunner(TPConfig(model_dir=str(tmp_path / "nowhere"), name="missing", tp_size=2, device="cpu"))
+    assert set(_groups_named("missing")) == {"REMOVED"}
+
+
 def _wait_until(predicate, timeout_s: float, what: str) -> None:
     """Poll ``predicate`` until it holds (Ray's wait_for_condition pattern), failing with ``what`` after timeout_s."""
     import time
