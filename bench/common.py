@@ -34,7 +34,8 @@ class SuiteConfig:
     throughput_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     spec_new_tokens: int = 32  # tokens generated per request in the speculative section
     spec_draft_tokens: int = 4  # k
-    spec_prompts: int = 3  # requests run one after another (batch 1) per speculative measurement
+    spec_prompts: int = 2  # requests run one after another (batch 1) per speculative measurement
+    spec_repeats: int = 2  # repeats of the speculative measurement (each runs every prompt plain and speculative)
     solver_vocab: int = 32000  # V of the solver section's absolute timings
     solver_batches: tuple[int, ...] = (1, 16)
     baseline_new_tokens: int = 16  # tokens per request in the sequential-loop comparison
@@ -43,6 +44,7 @@ class SuiteConfig:
     pack_steps: int = 24
     distributed: bool = True  # run the Ray rows (skipped with a note when Ray cannot start)
     zoo: bool = True  # run the zoo rows (skipped with a note when no zoo is built)
+    zoo_cache: str | None = None  # where to look for a built zoo besides the committed one (default: the cache)
     quick: bool = False
 
     @classmethod
@@ -63,6 +65,7 @@ class SuiteConfig:
             throughput_batches=(1, 4, 16),
             spec_new_tokens=8,
             spec_prompts=1,
+            spec_repeats=1,
             solver_vocab=32000,
             solver_batches=(1,),
             baseline_new_tokens=4,
@@ -122,19 +125,27 @@ def median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def time_call(fn: Callable[[], Any], *, warmup: int, repeats: int, sync: Callable[[], None] | None = None) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+def time_call(
+    fn: Callable[[], Any],
+    *,
+    warmup: int,
+    repeats: int,
+    sync: Callable[[], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (``clock``: wall by default,
+    ``time.thread_time`` for this thread's CPU)."""
     for _ in range(warmup):
         fn()
     if sync:
         sync()
     out = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         if sync:
             sync()
-        out.append(time.perf_counter() - t0)
+        out.append(clock() - t0)
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -19,6 +19,13 @@ from logitfusion.engine.decoder import Decoder, GenerationRequest, SpeculativeCo
 from logitfusion.engine.reference import sequential_decode
 from logitfusion.engine.runner import ModelRunner
 from logitfusion.fusion import Recipe
+
+
+class Timing(NamedTuple):
+    """A median in seconds: wall clock, and CPU time (the work, less sensitive to a shared machine's load)."""
+
+    wall_s: float
+    cpu_s: float
 
 
 def random_prompts(n: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
@@ -33,6 +40,7 @@ class DecodeRun:
 
     batch: int
     step_s: list[float] = field(default_factory=list)  # every step, the first (prefill) included
+    step_cpu_s: list[float] = field(default_factory=list)  # CPU seconds of this process (all threads) per step
     step_tokens: list[int] = field(default_factory=list)  # tokens emitted by each step
     drafted: int = 0
     accepted: int = 0
@@ -54,6 +62,15 @@ class DecodeRun:
 
     def steady_step_s(self, warmup_steps: int) -> float:
         return median(self.steady(warmup_steps)[0])
+
+    def steady_cpu_s(self, warmup_steps: int) -> float:
+        lo = 1 + warmup_steps
+        hi = len(self.step_cpu_s) - 1 if len(self.step_cpu_s) - 1 > lo else len(self.step_cpu_s)
+        return median(self.step_cpu_s[lo:hi])
+
+    @property
+    def total_cpu_s(self) -> float:
+        return sum(self.step_cpu_s)
 
     def end_to_end_tokens_per_s(self) -> float:
         """Every generated token over the whole run's wall time (prefill included)."""
@@ -89,9 +106,10 @@ def run_decoder(
         )
     run = DecodeRun(batch=len(prompts))
     while decoder.has_work():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         events = decoder.step()
         run.step_s.append(time.perf_counter() - t0)
+        run.step_cpu_s.append(time.process_time() - c0)
         run.step_tokens.append(sum(1 for e in events if e.token_id is not None))
     for rid in ids:
         res = decoder.take_result(rid)
@@ -118,8 +136,9 @@ def steady_step(
     measure_steps: int,
     repeats: int,
     prompts: Sequence[Sequence[int]] | None = None,
-) -> tuple[float, list[DecodeRun]]:
-    """Median steady decode step (seconds) of ``batch`` requests over ``repeats`` runs (after one warm-up run)."""
+) -> tuple[Timing, list[DecodeRun]]:
+    """Median steady decode step of ``batch`` requests over ``repeats`` runs (after one warm-up run): wall seconds,
+    and CPU seconds of this process (every thread: in-process runners' forwards included)."""
     decoder = make_decoder(runners, batch)
     if prompts is None:
         prompts = random_prompts(batch, prompt_tokens, vocab_size, seed=batch)
@@ -127,7 +146,8 @@ def steady_step(
     new_tokens = 1 + warmup_steps + measure_steps + 1  # prefill step, warm-up, timed steps, final step
     run_decoder(decoder, recipe, prompts, new_tokens=2, tag="warm")
     runs = [run_decoder(decoder, recipe, prompts, new_tokens=new_tokens, tag=f"r{r}") for r in range(repeats)]
-    return median([r.steady_step_s(warmup_steps) for r in runs]), runs
+    wall = median([r.steady_step_s(warmup_steps) for r in runs])
+    return Timing(wall, median([r.steady_cpu_s(warmup_steps) for r in runs])), runs
 
 
 # ----------------------------------------------------------------------------------------------------- pure forward
@@ -143,9 +163,9 @@ def pure_forward_s(
     steps: int,
     vocab_size: int,
     sync: Callable[[], None] | None = None,
-) -> float:
-    """Median seconds of one single-token forward of ``model`` alone (no runner), at ``batch`` rows whose cache grows
-    from ``start_tokens`` + ``warmup`` tokens, exactly as the Decoder's timed steps see it."""
+) -> Timing:
+    """Median seconds (wall, and this thread's CPU) of one single-token forward of ``model`` alone (no runner), at
+    ``batch`` rows whose cache grows from ``start_tokens`` + ``warmup`` tokens, as the Decoder's timed steps see it."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -153,18 +173,19 @@ def pure_forward_s(
     cache = DynamicCache()
     prompt = torch.randint(0, vocab_size, (batch, start_tokens), generator=g).to(device)  # [B, L]
     model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    times = []
+    times, cpu = [], []
     for i in range(warmup + steps):
         ids = torch.randint(0, vocab_size, (batch, 1), generator=g).to(device)  # [B, 1]
         if sync:
             sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         if sync:
             sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return median(times)
+            cpu.append(time.thread_time() - c0)
+    return Timing(median(times), median(cpu))
 
 
 # ----------------------------------------------------------------------------------------------------- the baseline
@@ -172,11 +193,11 @@ def pure_forward_s(
 
 def sequential_loop(
     models: Mapping[str, Any], recipe: Recipe, prompts: Sequence[Sequence[int]], *, vocab_size: int, new_tokens: int
-) -> tuple[float, list[list[int]]]:
-    """The proxy-tuning reference loop over ``prompts`` one after another: (wall seconds, outputs)."""
+) -> tuple[Timing, list[list[int]]]:
+    """The proxy-tuning reference loop over ``prompts`` one after another: (wall and CPU seconds, outputs)."""
     outputs = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for prompt in prompts:
         out = sequential_decode(models, list(prompt), recipe, vocab_size=vocab_size, max_new_tokens=new_tokens)
         outputs.append(out.token_ids)
-    return time.perf_counter() - t0, outputs
+    return Timing(time.perf_counter() - t0, time.process_time() - c0), outputs

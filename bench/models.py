@@ -174,12 +174,12 @@ class Zoo:
         return self.loaded("large").vocab_size
 
 
-def find_zoo() -> tuple[Zoo | None, str]:
-    """(the zoo, "") when one is built, else (None, why not)."""
+def find_zoo(cache_dir: str | None = None) -> tuple[Zoo | None, str]:
+    """(the zoo, "") when one is built (committed, or in the cache ``cache_dir`` / the default), else (None, why)."""
     try:
         from logitfusion.models.zoo.build import load_zoo
 
-        paths = load_zoo()
+        paths = load_zoo(cache_dir)
     except Exception as exc:  # noqa: BLE001 - ZooNotBuilt, or the zoo package not landed yet: a skip, not a crash
         return None, f"{type(exc).__name__}: {exc}"
     from transformers import AutoTokenizer
