@@ -69,7 +69,7 @@ def reference():
 @pytest.fixture
 def worker(ray_local):
     actor = start_worker(SPEC, num_cpus=0.25)
-    ray.get(actor.pid.remote(), timeout=120)  # constructed
+    ray.get(actor.pid.remote(), timeout=300)  # constructed
     yield actor
     ray.kill(actor, no_restart=True)
 
