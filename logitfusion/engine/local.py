@@ -57,20 +57,19 @@ class _Pack:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def left_pad_caches(rows: Sequence[list[KV] | None], num_layers: int, like: KV) -> tuple[list[KV], list[int]]:
+def left_pad_caches(rows: Sequence[list[KV] | None]) -> tuple[list[KV], list[int]]:
     """Stack per-row caches into one left-padded batch cache.
 
-    rows[b]: per layer (k, v) of shape [1, H, L_b, D], or None for a row with no past (L_b = 0).
-    like: any (k, v) pair giving H, D, dtype and device.
-    Returns the per-layer batch (k, v) of shape [B, H, L_max, D] (zeros in the padding) and the lengths L_b.
+    rows[b]: per layer (k, v) of shape [1, H, L_b, D], or None for a row with no past (L_b = 0); at least one row
+    has a past. Returns the per-layer batch (k, v) of shape [B, H, L_max, D] (zeros in the padding) and the L_b.
     """
     lengths = [0 if r is None else r[0][0].shape[-2] for r in rows]
     l_max = max(lengths)
-    batch, heads, dim = len(rows), like[0].shape[1], like[0].shape[-1]
+    first = next(r for r in rows if r is not None)
     out: list[KV] = []
-    for layer in range(num_layers):
-        k_all = like[0].new_zeros((batch, heads, l_max, dim))  # [B, H, L_max, D]
-        v_all = like[1].new_zeros((batch, heads, l_max, like[1].shape[-1]))
+    for layer, (k0, v0) in enumerate(first):
+        k_all = k0.new_zeros((len(rows), k0.shape[1], l_max, k0.shape[-1]))  # [B, H, L_max, D]
+        v_all = v0.new_zeros((len(rows), v0.shape[1], l_max, v0.shape[-1]))
         for b, r in enumerate(rows):
             if r is not None and lengths[b]:
                 k_all[b, :, l_max - lengths[b] :] = r[layer][0][0]
@@ -134,8 +133,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 class LocalRunner(ModelRunner):
     """An in-process model behind the runner contract.
 
-    model: a transformers causal LM with attention layers only (full or sliding window: Llama, Gemma 3, ...). vocab_size: the tokenizer's real size V (logits are sliced to it). vocab_fingerprint: the
-    tokenizer's fingerprint (logitfusion.models.vocab). max_length_tokens: defaults to the model's
+    model: a transformers causal LM with attention layers only (full or sliding window: Llama, Gemma 3, ...).
+    vocab_size: the tokenizer's real size V (logits are sliced to it). vocab_fingerprint: the tokenizer's
+    fingerprint (logitfusion.models.vocab). max_length_tokens: defaults to the model's
     max_position_embeddings. threaded: run each plan on the runner's own worker thread so that the Decoder's
     concurrent submits to several runners overlap (torch releases the GIL inside its kernels). reuse_pack: keep
     the decode group's padded batch between steps while its membership is unchanged.
@@ -172,7 +172,6 @@ class LocalRunner(ModelRunner):
         model.eval()
         param = next(model.parameters())
         self._model = model
-        self._num_layers = int(config.num_hidden_layers)
         self._info = RunnerInfo(
             name=name,
             vocab_size=int(vocab_size),
@@ -383,11 +382,10 @@ class LocalRunner(ModelRunner):
         lengths = [self._lengths.get(s, 0) for s in seq_ids]
         if max(lengths) == 0:
             return None, lengths, None
-        like = next(r for r in rows if r is not None)[0]
         if len(rows) == 1:
             return rows[0], lengths, None  # a single row needs no padding and no mask
         self.stats["repacks"] += 1
-        layers, _ = left_pad_caches(rows, self._num_layers, like)
+        layers, _ = left_pad_caches(rows)
         l_pad = max(lengths)
         mask = padding_mask(lengths, l_pad) if min(lengths) < l_pad else None
         return layers, lengths, mask

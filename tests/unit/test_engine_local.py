@@ -207,7 +207,7 @@ def test_padding_helpers() -> None:
     k = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2, 3, 4)  # [1, H=2, L=3, D=4]
     short = [(k[:, :, :1], k[:, :, :1] + 1)]
     full = [(k, k + 1)]
-    layers, lengths = left_pad_caches([short, None, full], 1, full[0])
+    layers, lengths = left_pad_caches([short, None, full])
     assert lengths == [1, 0, 3]
     kb = layers[0][0]  # [3, 2, 3, 4]
     assert kb.shape == (3, 2, 3, 4)
