@@ -484,6 +484,7 @@ class Pipeline:
             for i, m in enumerate(topology.models):
                 names[m.name] = f"{name_prefix}:{m.name}"
                 workers[m.name] = launch_worker(topology, m.name, names[m.name], pg, offset + i, gpus)
+            wait_for_workers(workers, topology.serve.startup_timeout_s)  # every model loads in parallel
             for name, actor in workers.items():
                 runners[name] = RemoteRunner.for_actor(
                     name, actor, reconnect_timeout_s=topology.serve.reconnect_timeout_s
@@ -519,6 +520,28 @@ class Pipeline:
 
             remove_placement_group(self.placement_group)
             self.placement_group = None
+
+
+def wait_for_workers(workers: Mapping[str, Any], timeout_s: float) -> None:
+    """Block until every worker actor has loaded its model and serves (its constructor returned).
+
+    Raises ConfigError naming the models that failed to start (with the cause) or did not start in time.
+    """
+    import ray
+
+    pending = {actor.address.remote(): name for name, actor in workers.items()}
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            raise ConfigError(
+                f"models {sorted(pending.values())} did not start within serve.startup_timeout_s ({timeout_s} s)"
+            )
+        name = pending.pop(done[0])
+        try:
+            ray.get(done[0])
+        except Exception as exc:  # noqa: BLE001 - the worker's constructor failed: say which model and why
+            raise ConfigError(f"models[{name}]: the worker failed to start: {exc}") from None
 
 
 def launch_worker(

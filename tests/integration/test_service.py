@@ -55,12 +55,15 @@ def service(family):
     try:
         yield svc
     finally:
+        from ray import serve
+
+        serve.delete(svc.app_name, _blocking=True)
+        # Deleting the application closes the replica's pipeline: its workers are gone too (no leak across apps).
+        wait_for(lambda: not [a for a in ray.util.list_named_actors(all_namespaces=True)
+                              if a["name"].startswith(f"lf-{APP}-")], what="the pipeline's workers to stop")
         if started_ray:
             svc.shutdown()
         else:
-            from ray import serve
-
-            serve.delete(svc.app_name, _blocking=True)
             serve.shutdown()
 
 

@@ -12,6 +12,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -248,3 +249,58 @@ def test_tokenizer_check_names_the_models_and_the_first_difference(tmp_path):
         check_vocabularies(topo)
     msg = str(info.value)
     assert "'large'" in msg and "'expert_b'" in msg and "first differing id" in msg
+
+
+# ------------------------------------------------------------------------------------------------ the frontend
+
+
+def frontend(monkeypatch=None, token: str | None = None):
+    from logitfusion.cluster.serve_app import FusionFrontend
+    from logitfusion.cluster.topology import parse_topology
+
+    data = service_models.topology_dict(Path("/unused"), max_new_tokens=200)
+    if token is not None:
+        data["serve"]["auth_token_env"] = "LF_TEST_TOKEN"
+        monkeypatch.setenv("LF_TEST_TOKEN", token)
+    topo = parse_topology(data)
+    coordinator = make(topo.limits)
+    try:
+        return FusionFrontend(topo, coordinator)
+    except BaseException:
+        coordinator.close()
+        raise
+
+
+def test_frontend_answers_like_the_service():
+    from logitfusion.client import build_request
+
+    fe = frontend()
+    try:
+        done = asyncio.run(fe.generate(build_request("hello", max_new_tokens=6, stop_at_eos=False, preset="dlf_a")))
+        assert len(done.token_ids) == 6 and done.recipe == "dlf_a" and len(done.steps) == 6
+
+        async def stream():
+            return [m async for m in fe.generate_stream(build_request("hello", max_new_tokens=6, preset="dlf_a"))]
+
+        msgs = asyncio.run(stream())
+        assert [t.id for m in msgs for t in m.tokens] == list(done.token_ids)
+        assert msgs[-1].HasField("finished") and msgs[-1].finished.text == done.text
+        assert fe.health("").status == fe.health("logitfusion.v1.FusionService").status == 1  # SERVING
+    finally:
+        fe.coordinator.close()
+
+
+def test_frontend_bearer_token(monkeypatch):
+    from logitfusion.errors import ConfigError, Unauthenticated
+
+    fe = frontend(monkeypatch, token="s3cret")
+    try:
+        fe.authenticate([("authorization", "Bearer s3cret")])
+        for meta in ([], [("authorization", "Bearer wrong")], [("authorization", "s3cret")]):
+            with pytest.raises(Unauthenticated, match="authorization"):
+                fe.authenticate(meta)
+    finally:
+        fe.coordinator.close()
+    monkeypatch.setenv("LF_TEST_TOKEN", "")
+    with pytest.raises(ConfigError, match="LF_TEST_TOKEN"):
+        frontend(monkeypatch, token="")
