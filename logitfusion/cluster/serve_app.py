@@ -565,7 +565,7 @@ def launch_worker(
     return start_worker(
         spec,
         num_cpus=m.driver_num_cpus if m.tp_size > 1 else m.num_cpus,
-        num_gpus=0.0 if m.tp_size > 1 else shard_gpus(m, gpus_available),  # tp: the shards hold the GPUs
+        num_gpus=0.0 if m.tp_size > 1 else shard_gpus(m, gpus_available, topology.total_shards()),  # tp: shards
         max_restarts=m.max_restarts,
         placement_group=placement_group,
         bundle_index=bundle_index,

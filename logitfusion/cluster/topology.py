@@ -15,6 +15,7 @@ change and quotes the values. Per-request recipe overrides go through the very s
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -272,6 +273,10 @@ class Topology(_Strict):
             raise InvalidRequest(str(e), field="recipe") from None
         return "custom", build_recipe(spec, self, name="custom")
 
+    def total_shards(self) -> int:
+        """Model shards of one pipeline (a tensor-parallel model counts tp_size)."""
+        return sum(m.tp_size for m in self.models)
+
     def placement_bundles(self, num_gpus_available: float) -> list[dict[str, float]]:
         """The placement group of one pipeline (one Serve replica): the coordinator's CPU bundle first, then one
         bundle per model in topology order. A tensor-parallel model's bundle holds only the actor that drives its
@@ -282,7 +287,7 @@ class Topology(_Strict):
             if m.tp_size > 1:
                 out.append({"CPU": m.driver_num_cpus})
                 continue
-            gpus = shard_gpus(m, num_gpus_available)
+            gpus = shard_gpus(m, num_gpus_available, self.total_shards())
             out.append({"CPU": m.num_cpus, **({"GPU": gpus} if gpus else {})})
         return out
 
@@ -291,7 +296,7 @@ class Topology(_Strict):
         m = self.model(name)
         if m.tp_size == 1:
             return []
-        gpus = shard_gpus(m, num_gpus_available)
+        gpus = shard_gpus(m, num_gpus_available, self.total_shards())
         return [{"CPU": m.num_cpus, **({"GPU": gpus} if gpus else {})} for _ in range(m.tp_size)]
 
     def bundles(self, num_gpus_available: float) -> list[dict[str, float]]:
@@ -307,11 +312,17 @@ class Topology(_Strict):
         return yaml.safe_dump(data, sort_keys=False)
 
 
-def shard_gpus(model: ModelSpec, num_gpus_available: float) -> float:
-    """GPUs per shard of `model`: its own setting, else one when the cluster has any."""
+def shard_gpus(model: ModelSpec, num_gpus_available: float, total_shards: int = 1) -> float:
+    """GPUs per shard of ``model``: its own setting; else one GPU when the cluster has one for each of the
+    pipeline's ``total_shards``; else an equal share of the GPUs there are (several small models on one GPU);
+    else none."""
     if model.num_gpus is not None:
         return model.num_gpus
-    return 1.0 if num_gpus_available >= 1 else 0.0
+    if num_gpus_available >= total_shards:
+        return 1.0
+    if num_gpus_available > 0:
+        return math.floor(100 * num_gpus_available / total_shards) / 100  # 1 GPU, 3 shards -> 0.33 each
+    return 0.0
 
 
 def check_recipe_models(spec: RecipeSpec, models: tuple[ModelSpec, ...], where: str) -> None:

@@ -205,6 +205,14 @@ def test_bundles_cpu_only_and_with_gpus():
     assert total == gpu + topo.shard_bundles("large", 8)
 
 
+def test_one_gpu_is_shared_by_the_pipeline_and_many_gpus_are_not():
+    topo = parse_topology(_with())  # 5 single-shard models
+    assert [b.get("GPU", 0) for b in topo.placement_bundles(1)] == [0, 0.2, 0.2, 0.2, 0.2, 0.2]
+    assert [b.get("GPU", 0) for b in topo.placement_bundles(3)] == [0, 0.6, 0.6, 0.6, 0.6, 0.6]
+    assert [b.get("GPU", 0) for b in topo.placement_bundles(5)] == [0, 1, 1, 1, 1, 1]
+    assert sum(b.get("GPU", 0) for b in topo.bundles(1)) <= 1
+
+
 def test_explicit_num_gpus_wins():
     data = _with()
     data["models"][1]["num_gpus"] = 0.5
