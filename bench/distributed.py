@@ -100,9 +100,10 @@ class LocalRay:
         self.request(key, specs)
         actors = self._actors[key]
         ray.get([a.pid.remote() for a in actors.values()], timeout=START_TIMEOUT_S)
+        pids = dict(zip(actors, ray.get([a.pid.remote() for a in actors.values()], timeout=START_TIMEOUT_S)))
         runners = {name: RemoteRunner.for_actor(name, a, reconnect_timeout_s=60) for name, a in actors.items()}
         logger.info("pipeline %s (%d workers) ready after %.1f s", key, len(actors), time.perf_counter() - t0)
-        self._pipelines[key] = Pipeline(actors, runners)
+        self._pipelines[key] = Pipeline(actors, runners, pids)
         return self._pipelines[key]
 
     def shutdown(self) -> None:
@@ -127,9 +128,14 @@ class LocalRay:
 class Pipeline:
     """Workers and their RemoteRunners; ``close`` ends both."""
 
-    def __init__(self, actors: dict[str, Any], runners: dict[str, Any]) -> None:
+    def __init__(self, actors: dict[str, Any], runners: dict[str, Any], pids: dict[str, int]) -> None:
         self.actors = actors
         self.runners = runners
+        self.pids = pids  # name -> worker process id (same machine: local Ray)
+
+    def cpu_s(self) -> float:
+        """CPU seconds so far of this process plus every worker process (NaN where /proc cannot tell)."""
+        return time.process_time() + sum(process_cpu_s(pid) for pid in self.pids.values())
 
     def close(self) -> None:
         """Close the streams (each worker releases the stream's sequences) and stop the workers' servers."""
@@ -141,6 +147,18 @@ class Pipeline:
             ray.get([a.shutdown.remote() for a in self.actors.values()], timeout=30)
         except Exception:  # noqa: BLE001 - the actors are killed by LocalRay.shutdown anyway
             logger.warning("worker shutdown failed", exc_info=True)
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a local process, every thread (Linux /proc; NaN elsewhere). 1/CLK_TCK steps."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime (fields 14, 15 of stat)
 
 
 def random_specs(names: list[str], sizes: Mapping[str, Any]) -> dict[str, Any]:

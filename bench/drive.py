@@ -40,7 +40,7 @@ class DecodeRun:
 
     batch: int
     step_s: list[float] = field(default_factory=list)  # every step, the first (prefill) included
-    step_cpu_s: list[float] = field(default_factory=list)  # CPU seconds of this process (all threads) per step
+    step_cpu_s: list[float] = field(default_factory=list)  # CPU seconds per step (cpu_fn: this process by default)
     step_tokens: list[int] = field(default_factory=list)  # tokens emitted by each step
     drafted: int = 0
     accepted: int = 0
@@ -64,9 +64,11 @@ class DecodeRun:
         return median(self.steady(warmup_steps)[0])
 
     def steady_cpu_s(self, warmup_steps: int) -> float:
+        """Mean CPU seconds of the steady steps (CPU time adds up, so the mean is the work per step)."""
         lo = 1 + warmup_steps
         hi = len(self.step_cpu_s) - 1 if len(self.step_cpu_s) - 1 > lo else len(self.step_cpu_s)
-        return median(self.step_cpu_s[lo:hi])
+        steady = self.step_cpu_s[lo:hi]
+        return sum(steady) / len(steady) if steady else float("nan")
 
     @property
     def total_cpu_s(self) -> float:
@@ -89,8 +91,12 @@ def run_decoder(
     new_tokens: int,
     tag: str,
     speculative: SpeculativeConfig | None = None,
+    cpu_fn: Callable[[], float] = time.process_time,
 ) -> DecodeRun:
-    """Run ``prompts`` as one batch of greedy requests (no stop token: every request makes ``new_tokens``)."""
+    """Run ``prompts`` as one batch of greedy requests (no stop token: every request makes ``new_tokens``).
+
+    cpu_fn: CPU seconds so far of every process doing the work (this process by default; add the workers' for a
+    distributed run)."""
     ids = [f"{tag}-{i}" for i in range(len(prompts))]
     for rid, prompt in zip(ids, prompts):
         decoder.add_request(
@@ -106,10 +112,10 @@ def run_decoder(
         )
     run = DecodeRun(batch=len(prompts))
     while decoder.has_work():
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0 = time.perf_counter(), cpu_fn()
         events = decoder.step()
         run.step_s.append(time.perf_counter() - t0)
-        run.step_cpu_s.append(time.process_time() - c0)
+        run.step_cpu_s.append(cpu_fn() - c0)
         run.step_tokens.append(sum(1 for e in events if e.token_id is not None))
     for rid in ids:
         res = decoder.take_result(rid)
@@ -148,6 +154,40 @@ def steady_step(
     runs = [run_decoder(decoder, recipe, prompts, new_tokens=new_tokens, tag=f"r{r}") for r in range(repeats)]
     wall = median([r.steady_step_s(warmup_steps) for r in runs])
     return Timing(wall, median([r.steady_cpu_s(warmup_steps) for r in runs])), runs
+
+
+@dataclass
+class Arm:
+    """One thing a paired measurement compares: a Decoder, the recipe it runs and the CPU clock of its work."""
+
+    decoder: Decoder
+    recipe: Recipe
+    cpu_fn: Callable[[], float] = time.process_time
+
+
+def paired_rounds(
+    arms: Mapping[str, Arm],
+    prompts: Sequence[Sequence[int]],
+    *,
+    warmup_steps: int,
+    measure_steps: int,
+    repeats: int,
+    before_each: Callable[[], Any] = lambda: None,
+) -> tuple[list[Any], dict[str, list[DecodeRun]]]:
+    """``repeats`` rounds; each calls ``before_each`` and then runs every arm once, back to back, so a drifting
+    machine load hits every arm of a round alike (compare per-round ratios). One untimed warm-up run per arm first.
+    Returns what ``before_each`` gave per round and each arm's runs."""
+    new_tokens = 1 + warmup_steps + measure_steps + 1  # prefill step, warm-up, timed steps, final step
+    for label, a in arms.items():
+        run_decoder(a.decoder, a.recipe, prompts, new_tokens=2, tag=f"warm-{label}", cpu_fn=a.cpu_fn)
+    pre: list[Any] = []
+    runs: dict[str, list[DecodeRun]] = {label: [] for label in arms}
+    for r in range(repeats):
+        pre.append(before_each())
+        for label, a in arms.items():
+            runs[label].append(run_decoder(a.decoder, a.recipe, prompts, new_tokens=new_tokens, tag=f"{label}-{r}",
+                                           cpu_fn=a.cpu_fn))
+    return pre, runs
 
 
 # ----------------------------------------------------------------------------------------------------- pure forward

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from bench.common import Section, SuiteConfig, median, ms, time_call
-from bench.drive import steady_step
+from bench.drive import Arm, make_decoder, paired_rounds, random_prompts
 from bench.models import RandomFamily, close_runners
 from logitfusion.fusion import SOLVERS, fuse, presets
 from logitfusion.fusion.dlf import problem_from_log_probs, solve_problem
@@ -42,7 +42,8 @@ def solve_s(logits: Mapping[str, torch.Tensor], experts: list[str], solver: str,
 def solver_section(cfg: SuiteConfig, fam: RandomFamily) -> Section:
     sec = Section(key="", title="DLF solver share of a fused step", columns=COLUMNS)
     counts = sorted({1, len(fam.experts)})
-    reps = 3 if cfg.quick else 7
+    reps = 3 if cfg.quick else 5
+    w = cfg.warmup_steps
     for t in counts:
         experts = fam.experts[:t]
         names = ["large", "small", *experts]
@@ -53,21 +54,30 @@ def solver_section(cfg: SuiteConfig, fam: RandomFamily) -> Section:
                 big = random_logits(names, b, cfg.solver_vocab, seed=1)
                 static = presets.static("large", "small", experts)
                 static_s = median(time_call(lambda: fuse(logits, static), warmup=1, repeats=reps))
+                decoder = make_decoder(runners, b)
+                prompts = random_prompts(b, cfg.prompt_tokens, fam.vocab_size, seed=b)
                 for solver in SOLVERS:
                     recipe = presets.dlf("large", "small", experts, solver=solver)
-                    step, _ = steady_step(runners, recipe, b, prompt_tokens=cfg.prompt_tokens,
-                                          vocab_size=fam.vocab_size, warmup_steps=cfg.warmup_steps,
-                                          measure_steps=cfg.measure_steps, repeats=cfg.repeats)
-                    solve = solve_s(logits, experts, solver, reps)
-                    solve_cpu = solve_s(logits, experts, solver, reps, clock=time.thread_time)
+
+                    def solve_now(solver: str = solver) -> tuple[float, float]:
+                        return (solve_s(logits, experts, solver, reps),
+                                solve_s(logits, experts, solver, reps, clock=time.thread_time))
+
+                    # each round: the solver alone, then a Decoder run with that recipe (a drifting load hits both)
+                    solves, runs = paired_rounds({"dlf": Arm(decoder, recipe)}, prompts, warmup_steps=w,
+                                                 measure_steps=cfg.measure_steps, repeats=cfg.repeats,
+                                                 before_each=solve_now)
+                    steps = [r.steady_step_s(w) for r in runs["dlf"]]
+                    step_cpu = median([r.steady_cpu_s(w) for r in runs["dlf"]])
+                    solve, solve_cpu = median([x[0] for x in solves]), median([x[1] for x in solves])
+                    share = median([x[0] / s for x, s in zip(solves, steps)])
                     fuse_s = median(time_call(lambda: fuse(logits, recipe), warmup=1, repeats=reps))
-                    share = solve / step.wall_s
                     sec.rows.append({
                         "solver": solver, "experts": t, "batch": b, "solve_ms": ms(solve, 3), "fuse_ms": ms(fuse_s, 3),
-                        "static_fuse_ms": ms(static_s, 3), "step_ms": ms(step.wall_s),
+                        "static_fuse_ms": ms(static_s, 3), "step_ms": ms(median(steps)),
                         "solver_share": round(share, 4), "under_3pct": share < 0.03,
-                        "solve_cpu_ms": ms(solve_cpu, 3), "step_cpu_ms": ms(step.cpu_s),
-                        "share_cpu": round(solve_cpu / step.cpu_s, 4),
+                        "solve_cpu_ms": ms(solve_cpu, 3), "step_cpu_ms": ms(step_cpu),
+                        "share_cpu": round(solve_cpu / step_cpu, 4),
                         "solve_ms_v32000": ms(solve_s(big, experts, solver, reps), 2),
                     })
         finally:
@@ -75,8 +85,9 @@ def solver_section(cfg: SuiteConfig, fam: RandomFamily) -> Section:
     sec.notes += [
         f"solve/fuse at the family's V = {fam.vocab_size}; solve_ms_v32000 is the solver alone at V = "
         f"{cfg.solver_vocab}; fp32 on one CPU thread, median of {reps} after a warm-up",
-        "solver_share = solve_ms / step_ms (the Decoder's steady step with that recipe, in process); share_cpu = the "
-        "solver's thread CPU / the step's process CPU (all models' work): the same question asked of work, not time",
+        "solver_share = solve_ms / step_ms (the Decoder's steady step with that recipe, in process; each round times "
+        "the solver alone then a Decoder run, the share is the median of per-round shares); share_cpu = the solver's "
+        "thread CPU / the step's process CPU (all models' work): the same question asked of work, not time",
         "the step of these tiny CPU models is short, so the share here is far larger than next to a 7B model; on a "
         "GPU the Decoder currently fuses on the CPU (the runner contract returns CPU fp32 logits): see bench/gpu.py",
     ]

@@ -8,7 +8,7 @@ e. the naive sequential three-model loop (``engine.reference.sequential_decode``
 from __future__ import annotations
 
 from bench.common import Section, SuiteConfig, median, ms
-from bench.drive import make_decoder, random_prompts, run_decoder, sequential_loop, steady_step
+from bench.drive import Arm, make_decoder, paired_rounds, random_prompts, run_decoder, sequential_loop
 from bench.models import RandomFamily, close_runners
 from logitfusion.fusion import presets
 
@@ -23,25 +23,32 @@ def throughput_section(cfg: SuiteConfig, fam: RandomFamily) -> Section:
     fused = presets.dlf("large", "small", ["expert_0"], solver="newton")
     alone = presets.single("large")
     runners = fam.runners(["large", "small", "expert_0"])
-    common = dict(prompt_tokens=cfg.prompt_tokens, vocab_size=fam.vocab_size, warmup_steps=cfg.warmup_steps,
-                  measure_steps=cfg.measure_steps, repeats=cfg.repeats)
+    w = cfg.warmup_steps
     try:
         for b in cfg.throughput_batches:
-            f, _ = steady_step(runners, fused, b, **common)
-            a, _ = steady_step(runners, alone, b, **common)
+            decoder = make_decoder(runners, b)
+            prompts = random_prompts(b, cfg.prompt_tokens, fam.vocab_size, seed=b)
+            _, runs = paired_rounds({"fused": Arm(decoder, fused), "alone": Arm(decoder, alone)}, prompts,
+                                    warmup_steps=w, measure_steps=cfg.measure_steps, repeats=cfg.repeats)
+            f = median([r.steady_step_s(w) for r in runs["fused"]])
+            a = median([r.steady_step_s(w) for r in runs["alone"]])
+            ratio = median([y.steady_step_s(w) / x.steady_step_s(w) for x, y in zip(runs["fused"], runs["alone"])])
             sec.rows.append({
-                "batch": b, "fused_step_ms": ms(f.wall_s), "fused_tok_s": round(b / f.wall_s, 1),
-                "large_alone_step_ms": ms(a.wall_s), "large_alone_tok_s": round(b / a.wall_s, 1),
-                "fused_vs_alone": round(a.wall_s / f.wall_s, 3), "fused_cpu_ms": ms(f.cpu_s), "alone_cpu_ms": ms(a.cpu_s),
+                "batch": b, "fused_step_ms": ms(f), "fused_tok_s": round(b / f, 1), "large_alone_step_ms": ms(a),
+                "large_alone_tok_s": round(b / a, 1), "fused_vs_alone": round(ratio, 3),
+                "fused_cpu_ms": ms(median([r.steady_cpu_s(w) for r in runs["fused"]])),
+                "alone_cpu_ms": ms(median([r.steady_cpu_s(w) for r in runs["alone"]])),
             })
     finally:
         close_runners(runners)
     sec.notes += [
         "fused = DLF newton over large + small + 1 expert; large alone = recipe single(large) through the same Decoder",
-        f"tok/s = batch / median steady step ({cfg.repeats} runs x {cfg.measure_steps} steps after "
-        f"{cfg.warmup_steps} warm-up), prompts of {cfg.prompt_tokens} tokens, greedy",
-        "fused_vs_alone = large-alone step / fused step: the share of the large model's own speed that fusion keeps",
-        "cpu_ms: CPU time of the process per step (all threads): the work, robust to the machine's load",
+        f"tok/s = batch / median steady step ({cfg.repeats} rounds x {cfg.measure_steps} steps after "
+        f"{cfg.warmup_steps} warm-up; each round runs fused then alone back to back), prompts of "
+        f"{cfg.prompt_tokens} random tokens, greedy",
+        "fused_vs_alone = large-alone step / fused step (median of per-round ratios): the share of the large "
+        "model's own speed that fusion keeps",
+        "cpu_ms: mean CPU time of the process per steady step (all threads): the work, robust to the machine's load",
         "one torch thread per model on 2 shared cores: large batches are compute bound on the CPU, so tok/s flattens "
         "early; a GPU keeps scaling much further (memory-bound decode)",
     ]

@@ -69,7 +69,7 @@ def test_orchestration_and_solver_rows(doc):
     assert {(r["mode"], r["recipe"], r["batch"]) for r in b["rows"]} == {
         ("in-process", rec, bs) for rec in ("proxy_tuning", "dlf-newton") for bs in (1, 2)
     }
-    assert all(r["efficiency"] > 0 and r["sum_fwd_ms"] >= r["large_fwd_ms"] for r in b["rows"])
+    assert all(r["efficiency"] > 0 and r["sum_fwd_cpu_ms"] > 0 and r["step_cpu_ms"] > 0 for r in b["rows"])
     assert any("distributed" in s for s in b["skipped"])
     c = doc["sections"]["c_solver_share"]["rows"]
     assert {(r["solver"], r["experts"]) for r in c} == {(s, t) for s in ("grid", "newton", "joint") for t in (1, 2)}
