@@ -74,7 +74,8 @@ def bench(model_dir: str, batch: int, prompt_tokens: int, steps: int) -> list[di
         worst = max(float((a - b).abs().max()) for a, b in zip(outs["tp2"], outs["local"]))
         for _ in range(steps):
             # every runner gets the local model's greedy tokens, so all hold identical sequences
-            plan = StepPlan(extends=tuple(ExtendOp(str(i), (int(o[-1].argmax()),)) for i, o in enumerate(outs["local"])))
+            tokens = [int(o[-1].argmax()) for o in outs["local"]]
+            plan = StepPlan(extends=tuple(ExtendOp(str(i), (t,)) for i, t in enumerate(tokens)))
             for name, runner in runners.items():
                 t0 = time.perf_counter()
                 outs[name] = runner.step(plan)

@@ -25,7 +25,13 @@ DeepSpeed's CPU all-reduce (seen with 0.19.8): it uses a shared-memory kernel wh
 size; without LOCAL_SIZE the kernel is still called but was never initialised, and the process dies with SIGSEGV.
 So every rank gets LOCAL_RANK and LOCAL_SIZE. The kernel's segments (/dev/shm/deepspeed_allreduce_buffer_*, about
 66 MiB per rank) are never unlinked by DeepSpeed; each rank unlinks its own once every rank has mapped them, so a
-killed group leaks nothing. The kernel spins while it waits for its peers.
+killed group leaks nothing. The kernel spins while it waits for its peers (a rank whose peer died keeps one core
+busy until it is killed, which close() does).
+
+Other DeepSpeed facts worth knowing (0.19.8): ``import deepspeed`` takes about 3 s; the first group on a machine
+JIT-compiles the shm op (about 40 s on 2 cores, then cached under ~/.cache/torch_extensions or
+TORCH_EXTENSIONS_DIR); DS_ACCELERATOR is set explicitly so DeepSpeed does not guess (and warn); AutoTP refuses
+architectures it does not know (GPT-2: "AutoTP not supported for model"), which setup reports as RunnerUnavailable.
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ from logitfusion.models.loading import DTYPES
 logger = logging.getLogger(__name__)
 
 DeviceKind = Literal["auto", "cpu", "cuda"]
+_live_groups: set[str] = set()  # placement-group names of the runners alive in this process
+_live_lock = threading.Lock()
 SHM_BUFFER_PREFIX = "deepspeed_allreduce_buffer"  # DeepSpeed's SHM_BUFFER_NAME (csrc/cpu/comm/shm.cpp)
 
 
@@ -335,8 +343,6 @@ class TensorParallelRunner(ModelRunner):
 
     def __init__(self, config: TPConfig, *, placement: tuple[Any, Sequence[int]] | None = None) -> None:
         import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if not ray.is_initialized():
             raise RunnerUnavailable("TensorParallelRunner needs a connected Ray: call ray.init() first")
@@ -350,38 +356,15 @@ class TensorParallelRunner(ModelRunner):
         self.use_gpu = self._want_gpu(config)
         # A restarted host actor keeps its id: the name finds the group its previous incarnation left behind.
         self.owner = ray.get_runtime_context().get_actor_id() or f"driver-{uuid.uuid4().hex[:12]}"
-        if placement is None:
-            if release_group(self.owner, config.name):
-                logger.warning("%s: removed the shard group a previous incarnation of this host left", config.name)
-            bundles = shard_bundles(config.tp_size, self.use_gpu, config.num_cpus_per_shard)
-            self._pg = placement_group(bundles, strategy="STRICT_PACK", name=group_name(self.owner, config.name))
-            indices: Sequence[int] = range(config.tp_size)
-        else:
-            self._pg, indices = placement[0], list(placement[1])
-            if len(indices) != config.tp_size:
-                raise ValueError(f"placement names {len(indices)} bundles; tp_size={config.tp_size} needs one each")
+        self.group_name = group_name(self.owner, config.name)
+        with _live_lock:
+            if self.group_name in _live_groups:
+                raise ValueError(f"this process already hosts a tensor-parallel group for model {config.name!r}")
+            _live_groups.add(self.group_name)
+        self._pg: Any = None
         try:
-            try:
-                ray.get(self._pg.ready(), timeout=config.placement_timeout_s)
-            except ray.exceptions.GetTimeoutError as exc:
-                raise RunnerUnavailable(
-                    f"{config.name}: no node could hold {config.tp_size} shard bundles "
-                    f"{shard_bundles(1, self.use_gpu, config.num_cpus_per_shard)[0]} together (STRICT_PACK) within "
-                    f"placement_timeout_s={config.placement_timeout_s}"
-                ) from exc
-            actor_cls = ray.remote(TPShard)
-            for rank, bundle in enumerate(indices):
-                self._shards.append(
-                    actor_cls.options(
-                        num_cpus=config.num_cpus_per_shard,
-                        num_gpus=1 if self.use_gpu else 0,
-                        scheduling_strategy=PlacementGroupSchedulingStrategy(
-                            placement_group=self._pg, placement_group_bundle_index=bundle
-                        ),
-                        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
-                        name=None,
-                    ).remote()
-                )
+            indices = self._reserve(placement)
+            self._shards = self._start_shards(indices)
             self._info = self._setup(ray)
         except BaseException as exc:
             self._broken = f"{config.name}: setup failed: {exc!r}"  # ranks may be stuck in a collective: kill
@@ -395,13 +378,60 @@ class TensorParallelRunner(ModelRunner):
             self._info.num_parameters,
         )
 
+    def _reserve(self, placement: tuple[Any, Sequence[int]] | None) -> list[int]:
+        """Create (or adopt) the placement group and wait for its resources; the bundle index of each rank."""
+        import ray
+        from ray.util.placement_group import placement_group
+
+        cfg = self.config
+        bundle = shard_bundles(1, self.use_gpu, cfg.num_cpus_per_shard)[0]
+        if placement is None:
+            if release_group(self.owner, cfg.name):
+                logger.warning("%s: removed the shard group a previous incarnation of this host left", cfg.name)
+            bundles = shard_bundles(cfg.tp_size, self.use_gpu, cfg.num_cpus_per_shard)
+            self._pg = placement_group(bundles, strategy="STRICT_PACK", name=self.group_name)
+            indices = list(range(cfg.tp_size))
+        else:
+            self._pg, indices = placement[0], list(placement[1])
+            if len(indices) != cfg.tp_size:
+                raise ValueError(f"placement names {len(indices)} bundles; tp_size={cfg.tp_size} needs one each")
+        try:
+            ray.get(self._pg.ready(), timeout=cfg.placement_timeout_s)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise RunnerUnavailable(
+                f"{cfg.name}: no node could hold {cfg.tp_size} shard bundles {bundle} together (STRICT_PACK) "
+                f"within placement_timeout_s={cfg.placement_timeout_s}"
+            ) from exc
+        return indices
+
+    def _start_shards(self, indices: Sequence[int]) -> list[Any]:
+        """One TPShard actor per rank, rank r in bundle indices[r]."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        cfg = self.config
+        actor_cls = ray.remote(TPShard)
+        return [
+            actor_cls.options(
+                num_cpus=cfg.num_cpus_per_shard,
+                num_gpus=1 if self.use_gpu else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self._pg, placement_group_bundle_index=index
+                ),
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+            ).remote()
+            for index in indices
+        ]
+
     @staticmethod
     def _want_gpu(config: TPConfig) -> bool:
         import ray
 
         gpus = int(ray.cluster_resources().get("GPU", 0))
         if config.device == "cuda" and gpus < config.tp_size:
-            raise RunnerUnavailable(f"{config.name}: device='cuda' with tp_size={config.tp_size} but Ray has {gpus} GPUs")
+            raise RunnerUnavailable(
+                f"{config.name}: device='cuda' with tp_size={config.tp_size} but the Ray cluster has {gpus} GPUs"
+            )
         return config.device == "cuda" or (config.device == "auto" and gpus >= config.tp_size)
 
     def _setup(self, ray: Any) -> RunnerInfo:
@@ -508,8 +538,10 @@ class TensorParallelRunner(ModelRunner):
                 logger.warning("%s: graceful close failed: %r", self.config.name, _cause(exc))
         for shard in shards:
             ray.kill(shard, no_restart=True)
-        if self._owns_pg and getattr(self, "_pg", None) is not None:
+        if self._owns_pg and self._pg is not None:
             remove_placement_group(self._pg)
+        with _live_lock:
+            _live_groups.discard(self.group_name)
 
     @property
     def placement_group(self) -> Any:

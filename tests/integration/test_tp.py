@@ -292,8 +292,8 @@ def test_a_dead_rank_makes_the_runner_unavailable_and_close_still_cleans_up(ray_
 
 def _groups_named(model: str) -> list[str]:
     """States of every placement group a TensorParallelRunner made for ``model``."""
-    table = ray.util.placement_group_table()
-    return [pg["state"] for pg in table.values() if pg["name"].startswith("logitfusion-tp:") and pg["name"].endswith(f":{model}")]
+    groups = [(pg["name"], pg["state"]) for pg in ray.util.placement_group_table().values()]
+    return [state for name, state in groups if name.startswith("logitfusion-tp:") and name.endswith(f":{model}")]
 
 
 @pytest.mark.timeout(600)
@@ -360,6 +360,7 @@ def _host_class():
 def test_a_worker_actor_hosts_the_group_and_a_restart_frees_the_old_group(
     ray_local, model_dir: Path, reference: LocalRunner
 ) -> None:
+    logger.info("starting host")
     host = ray.remote(num_cpus=0.1, max_restarts=1, max_task_retries=2)(_host_class()).remote(str(model_dir))
     plan = StepPlan(extends=(ExtendOp("h", _ids(reference, 5, 7), "all"),))
     want = reference.step(plan)
