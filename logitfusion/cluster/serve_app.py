@@ -183,7 +183,8 @@ def request_from_pb(
                 raise InvalidRequest(f"token_ids.ids[{i}]: {t} is outside [0, vocab_size={vocab_size})", field=where)
     if len(prompt) > limits.max_prompt_tokens:
         raise InvalidRequest(
-            f"{where}: the prompt has {len(prompt)} tokens, over the limit max_prompt_tokens ({limits.max_prompt_tokens})",
+            f"{where}: the prompt has {len(prompt)} tokens, over the limit max_prompt_tokens "
+            f"({limits.max_prompt_tokens})",
             field=where,
         )
     max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else limits.default_max_new_tokens

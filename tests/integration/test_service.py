@@ -47,7 +47,9 @@ def family(tmp_path_factory) -> Path:
 def service(family):
     from logitfusion.cluster.cli import free_port, run_service
 
-    config = service_models.write_topology(family, max_concurrent_requests=MAX_CONCURRENT, max_batch_size=MAX_CONCURRENT)
+    config = service_models.write_topology(
+        family, max_concurrent_requests=MAX_CONCURRENT, max_batch_size=MAX_CONCURRENT
+    )
     started_ray = not ray.is_initialized()
     t0 = time.monotonic()
     svc = run_service(config, grpc_port=free_port(), blocking=False, num_cpus=4)
@@ -306,7 +308,8 @@ BAD = [
     ("empty stop", dict(stop=[""]), "INVALID_ARGUMENT", ["stop[0]", "max_stop_string_chars"]),
     ("too many stops", dict(stop=["a"] * 9), "INVALID_ARGUMENT", ["stop", "max_stop_strings (8)"]),
     ("long request id", dict(request_id="r" * 200), "INVALID_ARGUMENT", ["request_id", "max_request_id_chars (128)"]),
-    ("oversized message", dict(prompt="y" * 70_000), "RESOURCE_EXHAUSTED", ["bytes exceed", "max_message_bytes (65536)"]),
+    ("oversized message", dict(prompt="y" * 70_000), "RESOURCE_EXHAUSTED",
+     ["bytes exceed", "max_message_bytes (65536)"]),
 ]
 
 
