@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -241,6 +243,27 @@ def test_client_cancel_releases_sequences_on_every_worker(client, app, workers, 
     stream.cancel()
     with pytest.raises(errors.Cancelled):
         list(it)
+    assert_idle(app, workers)
+
+
+def test_client_process_killed_mid_stream_releases_sequences(service, app, workers, idle):
+    """A real disconnect: the client process dies (SIGKILL) while its stream runs; the TCP connection drops."""
+    code = (
+        "import sys\n"
+        "from logitfusion.client import FusionClient\n"
+        f"c = FusionClient({service.address!r}, timeout_s=120)\n"
+        f"for t in c.generate_stream('killed client', max_new_tokens={LONG}, stop_at_eos=False):\n"
+        "    print(t.token_id, flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert proc.stdout.readline().strip() and proc.stdout.readline().strip()  # two tokens arrived: it runs
+        held = worker_sequences(workers)
+        assert all(held.values()), held
+    finally:
+        proc.kill()
+        proc.wait(30)
     assert_idle(app, workers)
 
 
