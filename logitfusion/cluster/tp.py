@@ -234,11 +234,14 @@ class TPShard:
 
     # ---------------------------------------------------------------------------------------------- rank 0 only
 
-    def reserve(self) -> tuple[int, str]:
-        """Rank 0: reserve the group's port and create the rendezvous directory; returns (port, store path)."""
+    def reserve(self) -> tuple[int, str, str]:
+        """Rank 0: reserve the group's port and create the rendezvous directory; (port, store path, node id)."""
+        import ray
+
         self._port_sock = _reserve_port()
         self._store_dir = tempfile.mkdtemp(prefix="logitfusion-tp-")
-        return self._port_sock.getsockname()[1], os.path.join(self._store_dir, "store")
+        node = ray.get_runtime_context().get_node_id()
+        return self._port_sock.getsockname()[1], os.path.join(self._store_dir, "store"), node
 
     # ---------------------------------------------------------------------------------------------- every rank
 
@@ -273,11 +276,16 @@ class TPShard:
 
         model, vocab_size, fingerprint, max_length = _load(cfg.model_dir, cfg.dtype)
         num_parameters = sum(p.numel() for p in model.parameters())
-        engine = deepspeed.init_inference(
-            model, tensor_parallel={"tp_size": cfg.tp_size}, dtype=DTYPES[cfg.dtype], replace_with_kernel_inject=False
-        )
-        dist.barrier()  # every rank has mapped every shm segment: each may now unlink its own
-        shm_segment_path("127.0.0.1", setup.master_port, setup.rank).unlink(missing_ok=True)
+        try:
+            engine = deepspeed.init_inference(
+                model,
+                tensor_parallel={"tp_size": cfg.tp_size},
+                dtype=DTYPES[cfg.dtype],
+                replace_with_kernel_inject=False,
+            )
+            dist.barrier()  # every rank has mapped every shm segment: each may now unlink its own
+        finally:  # on failure too (e.g. an architecture AutoTP refuses): the group is about to be killed
+            shm_segment_path("127.0.0.1", setup.master_port, setup.rank).unlink(missing_ok=True)
         self._runner = LocalRunner(
             engine.module,
             name=cfg.name,
@@ -353,6 +361,7 @@ class TensorParallelRunner(ModelRunner):
         self._shards: list[Any] = []
         self._owns_pg = placement is None
         self.master_port = 0
+        self._node_id: str | None = None  # the node of the group (all ranks: STRICT_PACK)
         self.use_gpu = self._want_gpu(config)
         # A restarted host actor keeps its id: the name finds the group its previous incarnation left behind.
         self.owner = ray.get_runtime_context().get_actor_id() or f"driver-{uuid.uuid4().hex[:12]}"
@@ -436,7 +445,7 @@ class TensorParallelRunner(ModelRunner):
 
     def _setup(self, ray: Any) -> RunnerInfo:
         cfg = self.config
-        port, store_path = ray.get(self._shards[0].reserve.remote(), timeout=cfg.call_timeout_s)
+        port, store_path, self._node_id = ray.get(self._shards[0].reserve.remote(), timeout=cfg.call_timeout_s)
         self.master_port = port  # names the group's DeepSpeed shm segments on its node
         devices, local_ranks = "", [-1] * cfg.tp_size
         if self.use_gpu:
@@ -538,6 +547,10 @@ class TensorParallelRunner(ModelRunner):
                 logger.warning("%s: graceful close failed: %r", self.config.name, _cause(exc))
         for shard in shards:
             ray.kill(shard, no_restart=True)
+        if self.master_port and self._node_id == ray.get_runtime_context().get_node_id():
+            # a rank killed between creating its shm segment and unlinking it would leave ~66 MiB behind
+            for rank in range(self.config.tp_size):
+                shm_segment_path("127.0.0.1", self.master_port, rank).unlink(missing_ok=True)
         if self._owns_pg and self._pg is not None:
             remove_placement_group(self._pg)
         with _live_lock:

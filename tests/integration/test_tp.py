@@ -264,6 +264,7 @@ def test_close_removes_shards_placement_group_and_shm(ray_local, model_dir: Path
     assert ray.util.placement_group_table(pg)["strategy"] == "STRICT_PACK"
     segments = [shm_segment_path("127.0.0.1", runner.master_port, rank) for rank in range(2)]
     assert not any(p.exists() for p in segments)  # unlinked once every rank had mapped them
+    assert not list(Path("/dev/shm").glob(f"*_{runner.master_port}_*"))  # under whatever name DeepSpeed used
     assert runner.step(StepPlan(extends=(ExtendOp("s", (1, 2, 3)),)))[0].shape[0] == 1
     runner.close()
     runner.close()  # idempotent
@@ -306,11 +307,11 @@ def test_an_architecture_autotp_cannot_shard_is_refused_and_nothing_is_left(
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=1, n_head=4, n_positions=64)).save_pretrained(gpt2)
     _tokenizer().save_pretrained(gpt2)
-    logger.info("gpt2 saved")
+    segments_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     with pytest.raises(RunnerUnavailable, match="AutoTP not supported"):
         TensorParallelRunner(TPConfig(model_dir=str(gpt2), name="gpt2", tp_size=2, device="cpu"))
     assert set(_groups_named("gpt2")) == {"REMOVED"}
-    logger.info("gpt2 refused")
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= segments_before  # ~66 MiB each
     with pytest.raises(RunnerUnavailable, match="nowhere"):
         TensorParallelRunner(TPConfig(model_dir=str(tmp_path / "nowhere"), name="missing", tp_size=2, device="cpu"))
     assert set(_groups_named("missing")) == {"REMOVED"}
