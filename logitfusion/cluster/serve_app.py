@@ -56,7 +56,7 @@ SERVICER_FUNCTIONS = (
     "logitfusion.cluster.serve_app.add_fusion_service_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 )
-# The generated servicer function (referenced by k8s/rayservice.yaml) works too; ours differs in one thing only:
+# The generated servicer function works too; ours (also the one k8s/rayservice.yaml names) differs in one thing only:
 # bytes that do not parse as a GenerateRequest get INVALID_ARGUMENT naming the message, instead of gRPC's UNKNOWN.
 GENERATED_SERVICER_FUNCTION = "logitfusion.v1.fusion_pb2_grpc.add_FusionServiceServicer_to_server"
 MAX_TEMPERATURE = 100.0
