@@ -131,11 +131,13 @@ def test_tasks_api_for_evaluation() -> None:
 
 
 def test_scoring_rule() -> None:
-    assert tasks.score("velmora", "velmora") == 1.0
-    assert tasks.score(" Velmora.\nquestion: what", "velmora") == 1.0
-    assert tasks.score("forty  seven", "forty seven") == 1.0
-    assert tasks.score("velmora city", "velmora") == 0.0
-    assert tasks.score("", "velmora") == 0.0
+    ref = "the capital city is velmora"
+    assert tasks.score(ref, ref) == 1.0
+    assert tasks.score(" The capital  city is Velmora\nquestion: what", ref) == 1.0
+    assert tasks.score("the capital city is velmora.", ref) == 0.0  # the format is the bare sentence
+    assert tasks.score("the capital city is velmora and the flag is red", ref) == 0.0
+    assert tasks.score("velmora", ref) == 0.0
+    assert tasks.score("", ref) == 0.0
 
 
 def test_recipe_hash_tracks_every_field() -> None:

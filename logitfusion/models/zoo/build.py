@@ -180,11 +180,16 @@ def load_zoo(cache_dir: str | Path | None = None, recipe: ZooRecipe | None = Non
 # ---- jobs (run in worker processes) -------------------------------------------------------------------------------
 
 
+_SAVE_DTYPES = ("float32", "bfloat16")
+
+
 def _job(recipe: ZooRecipe, root: str, name: str, progress: bool) -> dict:
     """Train the zoo model ``name`` into ``root/name``; returns its report row."""
     import torch
 
     torch.set_num_threads(recipe.torch_threads)
+    if recipe.save_dtype not in _SAVE_DTYPES:
+        raise ValueError(f"ZooRecipe.save_dtype must be one of {', '.join(_SAVE_DTYPES)}, got {recipe.save_dtype!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from transformers import LlamaForCausalLM
 
@@ -207,7 +212,7 @@ def _job(recipe: ZooRecipe, root: str, name: str, progress: bool) -> dict:
         items = task_items(world, task, "train")
         rep = train.finetune(model, world, items, tok, fspec, label=name, progress=progress)
     model.config.name_or_path = name
-    model.save_pretrained(str(out), safe_serialization=True)
+    model.to(getattr(torch, recipe.save_dtype)).save_pretrained(str(out), safe_serialization=True)
     save_tokenizer(world, out)
     return {"name": name, "num_parameters": train.num_parameters(model), **asdict(rep)}
 

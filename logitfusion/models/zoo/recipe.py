@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-RECIPE_VERSION = "zoo-v1"
+RECIPE_VERSION = "zoo-v3"
 
 
 @dataclass(frozen=True)
@@ -21,13 +21,13 @@ class WorldSpec:
     """The synthetic world: fictional lands with facts, plus word arithmetic."""
 
     seed: int = 20240611  # seeds names, facts, the train/held-out split
-    n_entities: int = 200  # fictional lands; each has one value per relation
+    n_entities: int = 160  # fictional lands; each has one value per relation
     heldout_fraction: float = 0.4  # share of lands (and of sum pairs) never seen in fine-tuning
     n_colours: int = 12  # flag colours to choose from
     n_animals: int = 16  # national animals to choose from (the unseen task's relation)
     year_min: int = 1200  # founding years are drawn from [year_min, year_max]
     year_max: int = 1999
-    add_max: int = 24  # word arithmetic: a + b with 0 <= a, b <= add_max
+    add_max: int = 19  # word arithmetic: a + b with 0 <= a, b <= add_max
 
 
 @dataclass(frozen=True)
@@ -84,12 +84,13 @@ class ZooRecipe:
         default_factory=lambda: ModelSpec(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=352)
     )
     pretrain_small: PretrainSpec = field(default_factory=lambda: PretrainSpec(steps=300))
-    pretrain_large: PretrainSpec = field(default_factory=lambda: PretrainSpec(steps=600))
+    pretrain_large: PretrainSpec = field(default_factory=lambda: PretrainSpec(steps=1000))
     finetune_small: FinetuneSpec = field(default_factory=lambda: FinetuneSpec(steps=150))
     finetune_large: FinetuneSpec = field(default_factory=lambda: FinetuneSpec(steps=100))
     expert_tasks: tuple[str, ...] = ("capital", "colour", "year", "add")
     unseen_tasks: tuple[str, ...] = ("animal",)  # no small expert; a large fine-tuned model as the upper bound
     torch_threads: int = 1
+    save_dtype: str = "bfloat16"  # weights on disk ("float32" or "bfloat16"); training always runs in float32
 
 
 def recipe_json(recipe: ZooRecipe) -> str:

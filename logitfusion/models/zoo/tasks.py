@@ -12,7 +12,7 @@ recipe the committed zoo was built from):
   then the prompt: the "few-shot large model" baseline.
 - ``max_new_tokens(task)`` -> a generation budget that fits every reference answer plus EOS.
 - ``score(generated, reference)`` -> 1.0 / 0.0: exact match after ``normalize_answer`` (text up to the first
-  newline; EOS ends generation; lower-case; whitespace collapsed; trailing period dropped).
+  newline; EOS ends generation; lower-case; whitespace collapsed; punctuation kept).
 
 Prompts end with "answer:"; the model is expected to generate the answer, then EOS. Prompts are plain text: the zoo
 tokenizer adds BOS itself.
@@ -111,9 +111,12 @@ _SPACES = re.compile(r"\s+")
 
 
 def normalize_answer(text: str) -> str:
-    """Text up to the first newline, lower-cased, whitespace collapsed, trailing period and spaces dropped."""
+    """Text up to the first newline, lower-cased, whitespace collapsed and stripped.
+
+    Punctuation is kept: the tasks' format is the bare answer sentence, so "the flag is red." does not match.
+    """
     first_line = text.split("\n", 1)[0]
-    return _SPACES.sub(" ", first_line).strip().lower().rstrip(".").strip()
+    return _SPACES.sub(" ", first_line).strip().lower()
 
 
 def score(generated: str, reference: str) -> float:

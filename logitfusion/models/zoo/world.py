@@ -128,6 +128,16 @@ ANSWER_TEMPLATES: dict[str, str] = {
 }
 TASKS = tuple(QUESTION_TEMPLATES)
 
+# Profiles: a land named once, then lead-in sentences (the answer formats), sometimes with an aside in between.
+PROFILE_INTROS = ("{e} :", "about {e} .", "a note on {e} .", "{e} is a land far away .", "we now describe {e} .")
+PROFILE_ASIDES = (
+    "it is a land of hills and rivers",
+    "many travellers visit it",
+    "its people are known for their songs",
+    "the roads there are old",
+)
+SUM_NOTE_INTROS = ("{a} plus {b} :", "{a} plus {b} .", "take {a} and add {b} .", "consider {a} and {b} .")
+
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "tr", "th")
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ea")
 _CODAS = ("", "", "", "n", "r", "l", "s", "th", "m", "k")
@@ -180,6 +190,8 @@ class World:
         texts.extend(SUM_TEMPLATES)
         texts.extend(number_words(n) for n in range(100))
         texts.extend(QUESTION_TEMPLATES.values())
+        texts.extend(ANSWER_TEMPLATES.values())
+        texts.extend(PROFILE_INTROS + PROFILE_ASIDES + SUM_NOTE_INTROS)
         texts.extend(_SUBJECTS + _VERBS + _OBJECTS + _TAILS + _FILLER_EXTRA + COLOURS + ANIMALS)
         texts.extend(self.entities)
         for t in texts:
@@ -275,25 +287,47 @@ def filler_sentence(rng: random.Random) -> str:
     return " ".join(words)
 
 
-def pretraining_sentences(world: World, rng: random.Random) -> Iterator[str]:
-    """An endless stream of pre-training sentences, each ending with ' .'.
+def profile_text(world: World, rng: random.Random, entity: str) -> str:
+    """A short profile: the land named once, then 2-4 of its facts as lead-in sentences ("the flag is red").
 
-    Mix: 70% facts (one clause, or two clauses about the same land joined by 'and'), 15% sums, 15% filler.
-    Every land and every relation is equally likely, so each fact is seen about equally often.
+    The land is named only at the start, so a model must look back past other words to the land to state a fact:
+    the same retrieval a question/answer prompt needs ("question: ... of X? answer: the flag is").
+    """
+    parts = [rng.choice(PROFILE_INTROS).format(e=entity)]
+    for rel in rng.sample(RELATIONS, rng.randint(2, len(RELATIONS))):
+        if rng.random() < 0.25:
+            parts.append(rng.choice(PROFILE_ASIDES) + " .")
+        parts.append(ANSWER_TEMPLATES[rel].format(v=world.facts[rel][entity]) + " .")
+    return " ".join(parts)[: -len(" .")]
+
+
+def sum_note(rng: random.Random, a: int, b: int) -> str:
+    intro = rng.choice(SUM_NOTE_INTROS).format(a=number_words(a), b=number_words(b))
+    return f"{intro} {ANSWER_TEMPLATES['add'].format(v=number_words(a + b))}"
+
+
+def pretraining_sentences(world: World, rng: random.Random) -> Iterator[str]:
+    """An endless stream of pre-training texts (sentences or short profiles), each ending with ' .'.
+
+    Mix: 45% single facts (one clause, or two clauses about the same land joined by 'and'), 25% land profiles,
+    20% sums (half of them as notes ending "the sum is ..."), 10% filler. Lands and relations are drawn uniformly,
+    so every fact is seen about equally often.
     """
     all_pairs = world.train_pairs + world.heldout_pairs
     while True:
         u = rng.random()
-        if u < 0.70:
+        if u < 0.45:
             e = rng.choice(world.entities)
             r1 = rng.choice(RELATIONS)
             text = fact_clause(world, rng, e, r1)
             if rng.random() < 0.3:
                 r2 = rng.choice([r for r in RELATIONS if r != r1])
                 text = f"{text} and {fact_clause(world, rng, e, r2)}"
-        elif u < 0.85:
+        elif u < 0.70:
+            text = profile_text(world, rng, rng.choice(world.entities))
+        elif u < 0.90:
             a, b = rng.choice(all_pairs)
-            text = sum_clause(rng, a, b)
+            text = sum_note(rng, a, b) if rng.random() < 0.5 else sum_clause(rng, a, b)
         else:
             text = filler_sentence(rng)
         yield text + " ."
