@@ -116,7 +116,8 @@ def orchestration_section(cfg: SuiteConfig, fam: RandomFamily, ray: LocalRay | N
         f"per-round ratios; prompts of {cfg.prompt_tokens} random tokens",
         "step_cpu_ms: mean CPU per steady step of every process doing the work (in process: the Decoder's process, all "
         "threads; distributed: the Decoder's process + the 3 worker processes from /proc, 10 ms ticks averaged); "
-        "extra_cpu_ms = step_cpu_ms - the models' own forward CPU: the work orchestration adds, robust to load",
+        "extra_cpu_ms = step_cpu_ms - the models' own forward CPU: the work orchestration adds, robust to load, but a "
+        "difference of two separate measurements (a few ms of noise)",
         "in-process: one thread per LocalRunner in one Python process (the GIL serialises their Python work); "
         "distributed: one Ray actor process per model with one torch thread, on the same 2 shared cores",
     ]

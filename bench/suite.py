@@ -102,14 +102,16 @@ def run_suite(cfg: SuiteConfig, letters: list[str], out: TextIO | None = None) -
     out = out or sys.stdout
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    doc: dict[str, Any] = {"machine": machine_info(), "config": asdict(cfg), "sections": {}}
+    doc: dict[str, Any] = {"machine": machine_info(), "config": asdict(cfg), "sections": {}, "markdown": []}
     sections, cleanup = build_sections(cfg, letters)
     try:
         for key, thunk in sections:
             logger.info("section %s ...", key)
             sec = run_section(key, thunk)
             doc["sections"][key] = sec.to_json()
-            print(render(sec), file=out, flush=True)
+            text = render(sec)
+            doc["markdown"].append(text)
+            print(text, file=out, flush=True)
     finally:
         cleanup()
     doc["total_wall_s"] = round(time.perf_counter() - t0, 1)
@@ -120,6 +122,7 @@ def run_suite(cfg: SuiteConfig, letters: list[str], out: TextIO | None = None) -
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.suite", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="write the results here (parents created)")
+    ap.add_argument("--markdown", type=Path, help="also write every section's table here")
     ap.add_argument("--quick", action="store_true", help="tiny models and iteration counts (about a minute)")
     ap.add_argument("--sections", default=",".join(SECTION_KEYS), help="comma-separated letters a..g")
     ap.add_argument("--no-distributed", action="store_true", help="skip the Ray rows")
@@ -137,10 +140,17 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     doc = run_suite(cfg, letters)
     print(f"total {doc['total_wall_s']} s; load average at the end {doc['loadavg_end']}")
+    markdown = doc.pop("markdown")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=1, default=str) + "\n")
         print(f"wrote {args.json}")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        head = f"## logitfusion CPU benchmarks ({'quick' if cfg.quick else 'full'})\n\nmachine: {doc['machine']}\n\n"
+        tail = f"total {doc['total_wall_s']} s; load average at the end {doc['loadavg_end']}\n"
+        args.markdown.write_text(head + "\n".join(markdown) + tail)
+        print(f"wrote {args.markdown}")
     return 0
 
 

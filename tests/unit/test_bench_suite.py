@@ -101,9 +101,11 @@ def test_render_shows_rows_notes_and_skips():
 
 
 def test_main_writes_the_json(tmp_path, capsys):
-    path = tmp_path / "sub" / "bench.json"
-    assert main(["--quick", "--sections", "g", "--no-distributed", "--no-zoo", "--json", str(path)]) == 0
+    path, md = tmp_path / "sub" / "bench.json", tmp_path / "bench.md"
+    assert main(["--quick", "--sections", "g", "--no-distributed", "--no-zoo", "--json", str(path),
+                 "--markdown", str(md)]) == 0
     doc = json.loads(path.read_text())
+    assert "### g_local_pack:" in md.read_text()
     assert list(doc["sections"]) == ["g_local_pack"]
     assert doc["config"]["quick"] is True
     assert "g_local_pack" in capsys.readouterr().out
