@@ -139,3 +139,16 @@ def test_distributed_rows_on_local_ray():
     assert all(r["dist_step_ms"] > 0 and r["ratio"] > 0 for r in f["rows"])
     rtt = f["extra"]["stream_round_trip_ms (empty plan, median)"]
     assert set(rtt) == {"large", "small", "expert_0"}
+
+
+def test_speculative_rows_on_the_committed_zoo_are_token_identical():
+    from bench.models import find_zoo
+
+    zoo, why = find_zoo()
+    if zoo is None:
+        pytest.skip(f"no zoo matching the recipe: {why}")
+    d = run_suite(tiny_config(zoo=True), ["a"], out=io.StringIO())
+    rows = [r for r in d["sections"]["a_speculative"]["rows"] if r["models"].startswith("zoo")]
+    assert [r["recipe"] for r in rows] == ["proxy_tuning", "dlf-newton"]
+    assert all(r["identical"] and r["draft"] == "expert_capital" for r in rows)
+    assert all(0.0 <= r["acceptance"] <= 1.0 for r in rows)
