@@ -391,14 +391,31 @@ def plot_weights(records: Sequence[dict], path: Path, n_examples: int) -> bool:
     return True
 
 
+def _default_env_vars() -> dict[str, str]:
+    """One thread per worker process, minus what a submitted job's own runtime env already sets.
+
+    Ray refuses a driver's runtime env that names an environment variable the job's runtime env (`ray job submit
+    --runtime-env-json`) also names, so the job's choice wins and only the missing defaults are added.
+    """
+    defaults = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job manager for a submitted job
+    if job_config:
+        try:
+            job_vars = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}
+        except (ValueError, AttributeError):
+            job_vars = {}
+        defaults = {k: v for k, v in defaults.items() if k not in job_vars}
+    return defaults
+
+
 def _connect_ray(cfg: EvalConfig) -> None:
     import ray
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}}
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     if address:  # under `ray job submit` the job's cluster is in RAY_ADDRESS
+        env = {"env_vars": _default_env_vars()}
         ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
     else:
         from logitfusion.cluster.cli import start_local_ray

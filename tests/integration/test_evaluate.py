@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -139,64 +141,72 @@ def _free_port() -> int:
 
 @pytest.mark.timeout(600)
 def test_ray_job_submit_against_a_head(tmp_path):
-    import secrets
-
-    from ray.job_submission import JobStatus
-
-    env = _env()
-    env.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    """The README's path: `ray start --head`, then the `ray job submit` CLI with the cluster's token, to the end."""
+    # The head and the CLI share one token and state the mode: a client whose process never ran ray.init() would
+    # otherwise stay in Ray's default "disabled" mode and be refused by the head (which turned token auth on).
+    env = dict(_env(), RAY_AUTH_MODE="token")
     gcs, dash = _free_port(), _free_port()
+    # Ray's plasma socket lives under the temp dir and AF_UNIX paths stop at 107 bytes: pytest's tmp_path is too deep.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="lf-ray-", dir="/tmp"))
     ray_bin = str(Path(sys.executable).parent / "ray")
     start = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-             f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"]
+             f"--temp-dir={ray_tmp}", "--disable-usage-stats"]
     # --block keeps the head in the foreground of its own session, so the test stops exactly this cluster (never
     # `ray stop`, which would stop every Ray cluster on the machine).
     head_log = open(tmp_path / "ray-head.log", "wb")  # noqa: SIM115 - a file, not a pipe that could fill up
     head = subprocess.Popen([*start, "--block"], env=env, start_new_session=True, stdout=head_log, stderr=head_log)
     try:
-        os.environ["RAY_AUTH_TOKEN"] = env["RAY_AUTH_TOKEN"]  # the job client authenticates with the same token
-        client = _connect_client(f"http://127.0.0.1:{dash}", head, tmp_path / "ray-head.log", timeout_s=180)
+        address = f"http://127.0.0.1:{dash}"
+        _wait_for_dashboard(address, head, tmp_path / "ray-head.log", env, timeout_s=180)
         out = tmp_path / "job-out"
         config = _config(tmp_path, datasets=[{"zoo_task": "capital", "limit": 4}], pipelines=1)
-        job = client.submit_job(
-            entrypoint=f"{sys.executable} -m logitfusion.cluster.evaluate --config {config} --output-dir {out} "
-            "--no-progress",
-            runtime_env={"working_dir": str(REPO), "excludes": ["/.venv", "/results", "*.pyc"],
-                         "env_vars": {"OMP_NUM_THREADS": "1"}},
-        )
-        deadline = time.monotonic() + 480
-        status = client.get_job_status(job)
-        while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.monotonic() < deadline:
-            time.sleep(1.0)  # polling the job's status over HTTP
-            status = client.get_job_status(job)
-        logs = client.get_job_logs(job)
-        assert status == JobStatus.SUCCEEDED, logs[-3000:]
+        runtime_env = {"excludes": ["/.venv", "/results", "*.pyc"], "env_vars": {"OMP_NUM_THREADS": "1"}}
+        submit = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO),
+                  "--runtime-env-json", json.dumps(runtime_env), "--",
+                  sys.executable, "-m", "logitfusion.cluster.evaluate", "--config", str(config),
+                  "--output-dir", str(out), "--no-progress"]
+        # Without --no-wait the CLI tails the job's logs and exits 1 when the job fails.
+        job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=480)
+        logs = job.stdout + job.stderr
+        assert job.returncode == 0, logs[-3000:]
+        assert "succeeded" in logs.lower(), logs[-3000:]
         summary = json.loads((out / "summary.json").read_text())
         assert summary["units"] == 4 * 4 and summary["status"][STATUS_OK] == 16
         assert "# Evaluation summary" in logs
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        _kill_group(head, signal.SIGTERM)
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+            _kill_group(head, signal.SIGKILL)
             head.wait(timeout=30)
         head_log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def _connect_client(url: str, head: subprocess.Popen, log_path: Path, timeout_s: float):
-    """A JobSubmissionClient once the head's dashboard answers (it starts a few seconds after `ray start`)."""
-    from ray.job_submission import JobSubmissionClient
-
+def _wait_for_dashboard(address: str, head: subprocess.Popen, log_path: Path, env: dict, timeout_s: float) -> None:
+    """Return once `ray job list` answers at ``address`` with the token (the dashboard starts after `ray start`)."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
     deadline = time.monotonic() + timeout_s
-    last: Exception | None = None
+    last = ""
     while time.monotonic() < deadline:
         if head.poll() is not None:
             pytest.fail(f"ray start exited with {head.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            return JobSubmissionClient(url)
-        except Exception as exc:  # noqa: BLE001 - connection refused until the dashboard is up
-            last = exc
-            time.sleep(1.0)  # polling the head's HTTP endpoint
-    pytest.fail(f"the Ray head's dashboard at {url} did not answer within {timeout_s} s: {last}")
+        probe = subprocess.run([ray_bin, "job", "list", "--address", address], env=env, capture_output=True,
+                               text=True, timeout=120)
+        if probe.returncode == 0:
+            return
+        last = (probe.stdout + probe.stderr)[-1000:]
+        time.sleep(1.0)  # polling the head's HTTP endpoint
+    pytest.fail(f"the Ray head's dashboard at {address} did not answer within {timeout_s} s: {last}")
+
+
+def _kill_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the process group `proc` leads; it may already be gone (a head that failed to start exits by itself)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
