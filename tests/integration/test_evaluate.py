@@ -141,8 +141,11 @@ def _free_port() -> int:
 
 @pytest.mark.timeout(600)
 def test_ray_job_submit_against_a_head(tmp_path):
-    """The README's path: `ray start --head`, then the `ray job submit` CLI with the cluster's token, to the end."""
-    # The head and the CLI share one token and state the mode: a client whose process never ran ray.init() would
+    """`ray start --head` on loopback, the `ray` CLI answering with the cluster's token, a job submitted with
+    JobSubmissionClient and run to the end."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    # The head and the CLI share one token and state the mode: a CLI process that never ran ray.init() would
     # otherwise stay in Ray's default "disabled" mode and be refused by the head (which turned token auth on).
     env = dict(_env(), RAY_AUTH_MODE="token")
     gcs, dash = _free_port(), _free_port()
@@ -161,16 +164,23 @@ def test_ray_job_submit_against_a_head(tmp_path):
         _wait_for_dashboard(address, head, tmp_path / "ray-head.log", env, timeout_s=180)
         out = tmp_path / "job-out"
         config = _config(tmp_path, datasets=[{"zoo_task": "capital", "limit": 4}], pipelines=1)
-        runtime_env = {"excludes": ["/.venv", "/results", "*.pyc"], "env_vars": {"OMP_NUM_THREADS": "1"}}
-        submit = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO),
-                  "--runtime-env-json", json.dumps(runtime_env), "--",
-                  sys.executable, "-m", "logitfusion.cluster.evaluate", "--config", str(config),
-                  "--output-dir", str(out), "--no-progress"]
-        # Without --no-wait the CLI tails the job's logs and exits 1 when the job fails.
-        job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=480)
-        logs = job.stdout + job.stderr
-        assert job.returncode == 0, logs[-3000:]
-        assert "succeeded" in logs.lower(), logs[-3000:]
+        # The SDK client sends the cluster's token as a bearer header of its own: this process's Ray config may be in
+        # either auth mode (depending on which tests ran before), and an explicit Authorization header is always used.
+        client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
+        job = client.submit_job(
+            entrypoint=f"{sys.executable} -m logitfusion.cluster.evaluate --config {config} --output-dir {out} "
+            "--no-progress",
+            runtime_env={"working_dir": str(REPO), "excludes": ["/.venv", "/results", "*.pyc"],
+                         # a job that sets a thread variable itself: the entrypoint must not collide with it
+                         "env_vars": {"OMP_NUM_THREADS": "1"}},
+        )
+        deadline = time.monotonic() + 480
+        status = client.get_job_status(job)
+        while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.monotonic() < deadline:
+            time.sleep(1.0)  # polling the job's status over HTTP
+            status = client.get_job_status(job)
+        logs = client.get_job_logs(job)
+        assert status == JobStatus.SUCCEEDED, logs[-3000:]
         summary = json.loads((out / "summary.json").read_text())
         assert summary["units"] == 4 * 4 and summary["status"][STATUS_OK] == 16
         assert "# Evaluation summary" in logs
