@@ -132,15 +132,19 @@ def run_service(
     grpc_port: int | None = None,
     blocking: bool = True,
     num_cpus: int | None = None,
+    access_log: bool = True,
 ) -> RunningService:
     """Start Serve with gRPC ingress and the topology's application; return once it reports SERVING.
 
     address None: embedded local Ray on serve.host (loopback by default); else join that Ray cluster.
     grpc_port: overrides serve.grpc_port. blocking: serve until Ctrl-C, then shut down.
+    access_log: False keeps Serve's per-call access log lines (and its INFO chatter) off the console, as the demo
+    wants; warnings and errors still show.
     """
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
+    from ray.serve.schema import LoggingConfig
 
     from logitfusion.cluster.serve_app import SERVICER_FUNCTIONS, build_app
     from logitfusion.cluster.topology import load_topology
@@ -157,12 +161,15 @@ def run_service(
             ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
         started = True
     service = RunningService(f"{host}:{port}", topology.serve.app_name, 0.0, started)
+    log_config = None if access_log else LoggingConfig(log_level="WARNING", enable_access_log=False)
     try:
         serve.start(
             http_options=HTTPOptions(host=host, port=free_port(host)),
             grpc_options=gRPCOptions(port=port, grpc_servicer_functions=list(SERVICER_FUNCTIONS)),
+            logging_config=log_config,
         )
-        serve.run(build_app({"config": str(config)}), name=topology.serve.app_name, route_prefix="/")
+        serve.run(build_app({"config": str(config)}), name=topology.serve.app_name, route_prefix="/",
+                  logging_config=log_config)
         wait_until_serving(service.address, timeout_s=topology.serve.startup_timeout_s)
     except BaseException:
         service.shutdown()

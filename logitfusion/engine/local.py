@@ -403,7 +403,10 @@ class LocalRunner(ModelRunner):
             for s, n in zip(seq_ids, lengths):
                 self._lengths[s] = n
             if self._reuse_pack and n_new == 1 and len(seq_ids) > 1:
-                self._dissolve_pack()
+                if self._pack is not None and set(self._pack.seq_ids) == set(seq_ids):
+                    self._pack = None  # superseded by the grown pack of the same rows: no per-row views to rebuild
+                else:
+                    self._dissolve_pack()
                 l_pad = layers[0][0].shape[-2]
                 if mask is None:
                     mask = torch.ones((len(seq_ids), l_pad), dtype=torch.long, device=self._device)
