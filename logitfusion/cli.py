@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-k", type=int, default=0)
     ge.add_argument("--seed", type=int, default=None)
     ge.add_argument("--solver", default=None, choices=["grid", "newton", "joint"], help="override the DLF solver")
+    ge.add_argument("--draft", default=None, metavar="MODEL",
+                    help="speculative decoding: the model that drafts (e.g. the recipe's expert)")
+    ge.add_argument("--draft-tokens", type=int, default=None, metavar="K", help="tokens drafted per step (default 4)")
+    ge.add_argument("--adaptive-draft", action="store_true", help="adapt the drafted tokens to the acceptance")
     ge.add_argument("--timeout-s", type=float, default=60.0)
     ge.set_defaults(func=_cmd_generate)
     return p

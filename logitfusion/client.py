@@ -47,9 +47,9 @@ class TokenEvent:
     token_id: int
     text: str  # text this token adds to the completion
     index: int  # position in the completion, from 0
-    step: int  # decoding step of the request that produced it
-    weights: dict[str, float]  # expert -> weight used at that step (empty for recipes without experts)
-    loss: float | None  # DLF objective at that step (None for static recipes)
+    step: int  # decoding step of the request that produced it (shared by the tokens of one speculative draft)
+    weights: dict[str, float]  # expert -> weight that produced this token (empty for recipes without experts)
+    loss: float | None  # DLF objective at that position (None for static recipes)
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,17 @@ class Completion:
     finish_reason: str | None  # "length" | "eos" | "stop"
     prompt_tokens: int
     completion_tokens: int
-    steps: int
-    weights: list[dict[str, float]] = field(default_factory=list)  # per step: expert -> weight
+    steps: int  # decoding steps (fewer than completion_tokens when speculative drafts were accepted)
+    weights: list[dict[str, float]] = field(default_factory=list)  # per token: expert -> weight
     recipe: str = ""
     stop: str = ""  # the stop string that ended it, if any
+    drafted_tokens: int = 0  # speculative decoding: tokens proposed by the draft model
+    accepted_tokens: int = 0  # of those, accepted by the fused distribution
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """accepted / drafted tokens; None without speculative decoding."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
 
 
 @dataclass(frozen=True)
@@ -105,8 +112,14 @@ def build_request(
     stop: Sequence[str] = (),
     stop_at_eos: bool | None = None,
     request_id: str = "",
+    draft_model: str | None = None,
+    num_draft_tokens: int | None = None,
+    adaptive_draft: bool = False,
 ) -> pb.GenerateRequest:
-    """Keyword arguments -> GenerateRequest. Unset (None) fields stay unset so the server's defaults apply."""
+    """Keyword arguments -> GenerateRequest. Unset (None) fields stay unset so the server's defaults apply.
+
+    draft_model turns on speculative fused decoding (same output, fewer decoding steps when the draft agrees).
+    """
     req = pb.GenerateRequest(request_id=request_id, stop=list(stop))
     if isinstance(prompt, str):
         req.text = prompt
@@ -135,6 +148,11 @@ def build_request(
             setattr(rec, name, value)
     rec.experts.extend(experts)
     rec.alphas.extend(float(a) for a in alphas)
+    if draft_model is not None or num_draft_tokens is not None or adaptive_draft:
+        req.speculative.draft_model = draft_model or ""
+        req.speculative.adaptive = adaptive_draft
+        if num_draft_tokens is not None:
+            req.speculative.num_draft_tokens = num_draft_tokens
     return req
 
 
@@ -179,6 +197,8 @@ def completion_from_pb(resp: pb.GenerateResponse) -> Completion:
         steps=resp.usage.steps,
         weights=[_weights(s) for s in resp.steps],
         recipe=resp.recipe,
+        drafted_tokens=resp.usage.drafted_tokens,
+        accepted_tokens=resp.usage.accepted_tokens,
     )
 
 
@@ -222,6 +242,8 @@ class GenerationStream:
                         steps=f.usage.steps,
                         weights=list(self._weights),
                         stop=f.stop,
+                        drafted_tokens=f.usage.drafted_tokens,
+                        accepted_tokens=f.usage.accepted_tokens,
                     )
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
@@ -329,9 +351,9 @@ class FusionClient:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _weights_line(step: int, weights: dict[str, float]) -> str:
+def _weights_line(index: int, step: int, weights: dict[str, float]) -> str:
     body = " ".join(f"{k}={v:.3f}" for k, v in weights.items()) or "(no experts)"
-    return f"  step {step:4d}  {body}"
+    return f"  token {index:4d}  step {step:4d}  {body}"
 
 
 def generate_main(args: argparse.Namespace) -> int:
@@ -344,16 +366,18 @@ def generate_main(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "preset": args.preset or "",
         "solver": args.solver,
+        "draft_model": getattr(args, "draft", None),
+        "num_draft_tokens": getattr(args, "draft_tokens", None),
+        "adaptive_draft": bool(getattr(args, "adaptive_draft", False)),
     }
     try:
         with FusionClient(args.address, timeout_s=args.timeout_s) as client:
             stream = client.generate_stream(args.prompt, **kw)
-            steps: list[tuple[int, dict[str, float]]] = []
+            tokens: list[tuple[int, int, dict[str, float]]] = []
             for tok in stream:
                 sys.stdout.write(tok.text)
                 sys.stdout.flush()
-                if not steps or steps[-1][0] != tok.step:
-                    steps.append((tok.step, tok.weights))
+                tokens.append((tok.index, tok.step, tok.weights))
     except FusionError as e:
         sys.stderr.write(f"\nerror: {e.code.name}: {e}\n")
         return 1
@@ -362,10 +386,13 @@ def generate_main(args: argparse.Namespace) -> int:
     if done is not None:
         sys.stderr.write(
             f"[{done.request_id}] finish={done.finish_reason} prompt_tokens={done.prompt_tokens} "
-            f"completion_tokens={done.completion_tokens} steps={done.steps}\n"
+            f"completion_tokens={done.completion_tokens} steps={done.steps}"
+            + (f" drafted={done.drafted_tokens} accepted={done.accepted_tokens} "
+               f"acceptance={done.acceptance_rate:.2f}" if done.acceptance_rate is not None else "")
+            + "\n"
         )
-    if any(w for _, w in steps):
-        sys.stderr.write("per-step expert weights:\n")
-        for step, w in steps:
-            sys.stderr.write(_weights_line(step, w) + "\n")
+    if any(w for _, _, w in tokens):
+        sys.stderr.write("expert weights per token:\n")
+        for index, step, w in tokens:
+            sys.stderr.write(_weights_line(index, step, w) + "\n")
     return 0

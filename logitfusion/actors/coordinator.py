@@ -96,15 +96,21 @@ class FinishInfo:
     stop: str  # the stop string that ended it ("" otherwise)
     prompt_tokens: int
     completion_tokens: int
-    steps: int
+    steps: int  # decoding steps (fewer than completion_tokens when speculative drafts were accepted)
+    drafted_tokens: int = 0  # speculative decoding: tokens the draft model proposed
+    accepted_tokens: int = 0  # of those, the ones the fused distribution accepted
 
 
 @dataclass(frozen=True)
 class StreamChunk:
-    """What a request gets from one decoding step: its new tokens, the expert weights, and the end if it ended."""
+    """One generated token of a request, the expert weights that produced it, and the end if it ended.
+
+    A speculative step emits several tokens: each gets its own chunk (the weights are solved per position), and
+    they share the step number.
+    """
 
     request_id: str
-    step: int  # request-local step, from 0
+    step: int  # request-local decoding step, from 0
     tokens: tuple[TokenOut, ...]
     weights: tuple[tuple[str, float], ...]  # (expert, alpha) in recipe order
     finished: FinishInfo | None = None
@@ -215,7 +221,9 @@ class _Entry:
     models: frozenset[str]
     deadline: float  # time.monotonic() after which the request is aborted
     timeout_s: float  # the time it was given (for the message)
-    steps: int = 0  # chunks handed out
+    steps: int = 0  # decoding steps that gave it tokens
+    drafted: int = 0  # speculative totals, from the Decoder's events
+    accepted: int = 0
     token_ids: list[int] = field(default_factory=list)  # the completion so far
     text: str = ""  # its text so far
     error: FusionError | None = None  # set when the coordinator aborts it on purpose
@@ -443,31 +451,32 @@ class Coordinator:
                 entry = self._entries.get(rid)
             if entry is None:
                 continue
-            chunk = self._chunk(entry, evs)
-            if chunk is not None and entry.error is None:
-                entry.stream._push(chunk)
+            chunks = self._chunks(entry, evs)
+            if entry.error is None:
+                for chunk in chunks:
+                    entry.stream._push(chunk)
             if evs[-1].finished:
                 # aborted because the client went away: end the stream for anyone still holding it
                 entry.stream._push(Cancelled(f"request {rid} was cancelled"))
                 self._drop(rid)
 
-    def _chunk(self, entry: _Entry, evs: Sequence[StepEvent]) -> StreamChunk | None:
-        """One request's events of one step -> its chunk (None for a bare abort event)."""
-        tokens = []
+    def _chunks(self, entry: _Entry, evs: Sequence[StepEvent]) -> list[StreamChunk]:
+        """One request's events of one step -> one chunk per token (none for a bare abort event)."""
+        chunks = []
+        experts = entry.request.recipe.experts
         for ev in evs:
             if ev.token_id is None:
                 continue
-            tokens.append(TokenOut(ev.token_id, ev.text_delta, len(entry.token_ids)))
+            token = TokenOut(ev.token_id, ev.text_delta, len(entry.token_ids))
             entry.token_ids.append(ev.token_id)
             entry.text += ev.text_delta
-        last = evs[-1]
-        if not tokens:
-            return None
-        weights = tuple(zip(entry.request.recipe.experts, last.alphas))
-        finished = self._finish_info(entry, last.finish_reason) if last.finished else None
-        chunk = StreamChunk(entry.request.request_id, entry.steps, tuple(tokens), weights, finished)
-        entry.steps += 1
-        return chunk
+            entry.drafted, entry.accepted = ev.num_drafted_tokens, ev.num_accepted_tokens
+            finished = self._finish_info(entry, ev.finish_reason) if ev.finished else None
+            chunks.append(StreamChunk(entry.request.request_id, entry.steps, (token,), tuple(zip(experts, ev.alphas)),
+                                      finished))
+        if chunks:
+            entry.steps += 1
+        return chunks
 
     def _finish_info(self, entry: _Entry, reason: str | None) -> FinishInfo | None:
         """The Decoder's finish reason -> ours: "length", "eos" (a stop token) or "stop" (a stop string)."""
@@ -483,7 +492,8 @@ class Coordinator:
             kind = "stop"
             full = self.codec.decode(entry.token_ids)
             stop = next((s for s in req.stop_strings if full.startswith(s, len(entry.text))), "")
-        return FinishInfo(kind, entry.text, stop, len(req.prompt_ids), len(entry.token_ids), entry.steps + 1)
+        return FinishInfo(kind, entry.text, stop, len(req.prompt_ids), len(entry.token_ids), entry.steps + 1,
+                          entry.drafted, entry.accepted)
 
     def _stop_ids(self, req: GenerationRequest) -> tuple[int, ...]:
         return tuple(req.stop_token_ids) if req.stop_token_ids is not None else self.codec.eos_token_ids

@@ -44,8 +44,8 @@ from logitfusion.errors import (
 from logitfusion.v1 import fusion_pb2 as pb
 
 if TYPE_CHECKING:
-    from logitfusion.actors.coordinator import Coordinator, StreamChunk, TextCodec
-    from logitfusion.engine.decoder import GenerationRequest
+    from logitfusion.actors.coordinator import Coordinator, FinishInfo, StreamChunk, TextCodec
+    from logitfusion.engine.decoder import GenerationRequest, SpeculativeConfig
     from logitfusion.engine.runner import RunnerInfo
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def request_from_pb(
     msg: pb.GenerateRequest, *, topology: Topology, codec: TextCodec, vocab_size: int, request_id: str
 ) -> GenerationRequest:
     """GenerateRequest -> the engine's GenerationRequest, checking every field against the deployment's limits."""
-    from logitfusion.engine.decoder import GenerationRequest
+    from logitfusion.engine.decoder import GenerationRequest, SpeculativeConfig
     from logitfusion.fusion import SamplingParams
 
     limits = topology.limits
@@ -229,7 +229,35 @@ def request_from_pb(
         max_new_tokens=int(max_new),
         stop_strings=tuple(msg.stop),
         stop_token_ids=stop_ids,
+        speculative=speculative_from_pb(msg, topology) if msg.HasField("speculative") else None,
     )
+
+
+def speculative_from_pb(msg: pb.GenerateRequest, topology: Topology) -> SpeculativeConfig | None:
+    """GenerateRequest.speculative -> the Decoder's SpeculativeConfig (None: plain decoding), checked by name."""
+    from logitfusion.engine.decoder import SpeculativeConfig
+
+    spec = msg.speculative
+    if not spec.draft_model:
+        if spec.HasField("num_draft_tokens") or spec.adaptive:
+            raise InvalidRequest("speculative.draft_model: set it to one of this deployment's models to draft with",
+                                 field="speculative.draft_model")
+        return None
+    names = [m.name for m in topology.models]
+    if spec.draft_model not in names:
+        raise InvalidRequest(
+            f"speculative.draft_model: {spec.draft_model!r} is not a model of this deployment (models: "
+            f"{', '.join(names)})",
+            field="speculative.draft_model",
+        )
+    limit = topology.limits.max_draft_tokens
+    k = spec.num_draft_tokens if spec.HasField("num_draft_tokens") else min(4, limit)
+    if not 1 <= k <= limit:
+        raise InvalidRequest(
+            f"speculative.num_draft_tokens: {k} must be in [1, {limit}] (the limit max_draft_tokens)",
+            field="speculative.num_draft_tokens",
+        )
+    return SpeculativeConfig(spec.draft_model, num_draft_tokens=int(k), adaptive=spec.adaptive, max_draft_tokens=limit)
 
 
 # ------------------------------------------------------------------------------------------------ edge: to_pb
@@ -237,6 +265,11 @@ def request_from_pb(
 
 def _weights_pb(chunk: StreamChunk) -> pb.StepWeights:
     return pb.StepWeights(step=chunk.step, experts=[pb.ExpertWeight(expert=e, weight=w) for e, w in chunk.weights])
+
+
+def _usage_pb(f: FinishInfo) -> pb.Usage:
+    return pb.Usage(prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens, steps=f.steps,
+                    drafted_tokens=f.drafted_tokens, accepted_tokens=f.accepted_tokens)
 
 
 def chunk_to_pb(chunk: StreamChunk) -> pb.GenerateStreamResponse:
@@ -250,7 +283,7 @@ def chunk_to_pb(chunk: StreamChunk) -> pb.GenerateStreamResponse:
         out.finished.CopyFrom(
             pb.Finished(
                 reason=_FINISH_TO_PB[f.reason],
-                usage=pb.Usage(prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens, steps=f.steps),
+                usage=_usage_pb(f),
                 stop=f.stop,
                 text=f.text,
             )
@@ -268,7 +301,7 @@ def response_from_chunks(chunks: Sequence[StreamChunk], recipe: str) -> pb.Gener
         text=last.text,
         token_ids=[t.token_id for c in chunks for t in c.tokens],
         finish_reason=_FINISH_TO_PB[last.reason],
-        usage=pb.Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens, steps=last.steps),
+        usage=_usage_pb(last),
         steps=[_weights_pb(c) for c in chunks],
         recipe=recipe,
     )

@@ -141,6 +141,7 @@ class Limits(_Strict):
     max_stop_strings: int = Field(8, ge=0, le=256, description="most stop strings per request")
     max_stop_string_chars: int = Field(64, ge=1, le=4096, description="longest stop string in characters")
     max_request_id_chars: int = Field(128, ge=1, le=1024, description="longest client-chosen request id")
+    max_draft_tokens: int = Field(8, ge=1, le=64, description="most tokens a speculative draft may propose per step")
 
     @model_validator(mode="after")
     def _cross(self) -> Limits:

@@ -92,6 +92,8 @@ class StepEvent:
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     step: int  # the Decoder step that produced the event
+    num_drafted_tokens: int = 0  # the request's speculative totals so far (0 without speculation)
+    num_accepted_tokens: int = 0
 
 
 @dataclass
@@ -756,7 +758,8 @@ class Decoder:
         if reason is None and len(live.generated) >= live.request.max_new_tokens:
             reason = FINISH_LENGTH
         live.finish_reason = reason
-        return StepEvent(live.rid, token, delta, tuple(weights), reason is not None, reason, self._step)
+        return StepEvent(live.rid, token, delta, tuple(weights), reason is not None, reason, self._step,
+                         live.drafted, live.accepted)
 
     def _finish(self, live: _Live) -> None:
         """Take a finished request out of the batch; its caches are freed by the next plans."""

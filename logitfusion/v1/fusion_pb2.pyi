@@ -58,8 +58,18 @@ class RecipeSelection(_message.Message):
     model: str
     def __init__(self, preset: _Optional[str] = ..., method: _Optional[str] = ..., solver: _Optional[str] = ..., experts: _Optional[_Iterable[str]] = ..., alphas: _Optional[_Iterable[float]] = ..., beta: _Optional[float] = ..., interp_lambda: _Optional[float] = ..., max_alpha: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
 
+class SpeculativeOptions(_message.Message):
+    __slots__ = ("draft_model", "num_draft_tokens", "adaptive")
+    DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    NUM_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
+    draft_model: str
+    num_draft_tokens: int
+    adaptive: bool
+    def __init__(self, draft_model: _Optional[str] = ..., num_draft_tokens: _Optional[int] = ..., adaptive: _Optional[bool] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "max_new_tokens", "sampling", "recipe", "stop", "stop_at_eos")
+    __slots__ = ("request_id", "text", "token_ids", "max_new_tokens", "sampling", "recipe", "stop", "stop_at_eos", "speculative")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +78,7 @@ class GenerateRequest(_message.Message):
     RECIPE_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     STOP_AT_EOS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: TokenIds
@@ -76,7 +87,8 @@ class GenerateRequest(_message.Message):
     recipe: RecipeSelection
     stop: _containers.RepeatedScalarFieldContainer[str]
     stop_at_eos: bool
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., recipe: _Optional[_Union[RecipeSelection, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., stop_at_eos: _Optional[bool] = ...) -> None: ...
+    speculative: SpeculativeOptions
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., recipe: _Optional[_Union[RecipeSelection, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., stop_at_eos: _Optional[bool] = ..., speculative: _Optional[_Union[SpeculativeOptions, _Mapping]] = ...) -> None: ...
 
 class Token(_message.Message):
     __slots__ = ("id", "text", "index")
@@ -107,14 +119,18 @@ class StepWeights(_message.Message):
     def __init__(self, step: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertWeight, _Mapping]]] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "steps")
+    __slots__ = ("prompt_tokens", "completion_tokens", "steps", "drafted_tokens", "accepted_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     steps: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
+    drafted_tokens: int
+    accepted_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ...) -> None: ...
 
 class Finished(_message.Message):
     __slots__ = ("reason", "usage", "stop", "text")
@@ -215,7 +231,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., vocab_size: _Optional[int] = ..., vocab_fingerprint: _Optional[str] = ..., max_length_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_parameters: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_concurrent_requests", "max_batch_size", "max_new_tokens", "max_prompt_tokens", "max_message_bytes", "request_timeout_s", "max_stop_strings", "max_stop_string_chars", "default_max_new_tokens")
+    __slots__ = ("max_concurrent_requests", "max_batch_size", "max_new_tokens", "max_prompt_tokens", "max_message_bytes", "request_timeout_s", "max_stop_strings", "max_stop_string_chars", "default_max_new_tokens", "max_draft_tokens")
     MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +241,7 @@ class Limits(_message.Message):
     MAX_STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_STRING_CHARS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_concurrent_requests: int
     max_batch_size: int
     max_new_tokens: int
@@ -234,7 +251,8 @@ class Limits(_message.Message):
     max_stop_strings: int
     max_stop_string_chars: int
     default_max_new_tokens: int
-    def __init__(self, max_concurrent_requests: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., request_timeout_s: _Optional[float] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_chars: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ...) -> None: ...
+    max_draft_tokens: int
+    def __init__(self, max_concurrent_requests: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., request_timeout_s: _Optional[float] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_chars: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ...) -> None: ...
 
 class DescribeDeploymentResponse(_message.Message):
     __slots__ = ("version", "models", "recipes", "default_preset", "limits", "vocab_size", "eos_token_id")

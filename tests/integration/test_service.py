@@ -166,6 +166,30 @@ def test_generate_equals_the_stream_and_carries_weights(client, idle):
     assert [e.index for e in events] == list(range(12))
 
 
+@pytest.mark.parametrize(("preset", "draft", "k", "adaptive"),
+                         [("proxy_a", "expert_a", 3, False), ("dlf_multi", "expert_b", 2, True)])
+def test_speculative_request_is_token_identical_and_reports_acceptance(client, idle, preset, draft, k, adaptive):
+    """ALGORITHMS.md s.5 through the service: greedy speculative output equals plain output token for token, each
+    token carries its own solved weights, and usage reports the draft's acceptance."""
+    kw = dict(max_new_tokens=16, stop_at_eos=False, preset=preset)
+    plain = client.generate("speculate on this", **kw)
+    spec = client.generate("speculate on this", draft_model=draft, num_draft_tokens=k, adaptive_draft=adaptive, **kw)
+    assert spec.token_ids == plain.token_ids and spec.text == plain.text
+    assert spec.drafted_tokens > 0 and 0 <= spec.accepted_tokens <= spec.drafted_tokens
+    assert spec.acceptance_rate == spec.accepted_tokens / spec.drafted_tokens and plain.acceptance_rate is None
+    assert spec.completion_tokens == 16 and len(spec.weights) == 16  # one weight entry per token, as plain
+    assert spec.steps <= 16 and spec.steps + spec.accepted_tokens >= 16
+    for w_spec, w_plain in zip(spec.weights, plain.weights):  # the same weights at every position
+        assert w_spec.keys() == w_plain.keys()
+        assert all(abs(w_spec[e] - w_plain[e]) < 1e-3 for e in w_spec), (w_spec, w_plain)
+    stream = client.generate_stream("speculate on this", draft_model=draft, num_draft_tokens=k, **kw)
+    events = list(stream)
+    assert [e.token_id for e in events] == plain.token_ids and [e.index for e in events] == list(range(16))
+    steps = [e.step for e in events]
+    assert steps == sorted(steps) and steps[-1] + 1 == stream.completion.steps
+    assert stream.completion.drafted_tokens > 0
+
+
 def test_token_id_prompt_and_stop_string(client, idle):
     kw = dict(max_new_tokens=4, stop_at_eos=False, preset="large_base")
     prompt_ids = service_models.tokenizer().encode("abc")  # with BOS, as the service encodes text
@@ -333,6 +357,14 @@ BAD = [
     ("long request id", dict(request_id="r" * 200), "INVALID_ARGUMENT", ["request_id", "max_request_id_chars (128)"]),
     ("oversized message", dict(prompt="y" * 70_000), "RESOURCE_EXHAUSTED",
      ["bytes exceed", "max_message_bytes (65536)"]),
+    ("unknown draft model", dict(draft_model="drafty"), "INVALID_ARGUMENT",
+     ["speculative.draft_model", "'drafty'", "expert_a"]),
+    ("zero draft tokens", dict(draft_model="expert_a", num_draft_tokens=0), "INVALID_ARGUMENT",
+     ["speculative.num_draft_tokens", "0", "max_draft_tokens"]),
+    ("too many draft tokens", dict(draft_model="expert_a", num_draft_tokens=99), "INVALID_ARGUMENT",
+     ["speculative.num_draft_tokens", "99", "[1, 8]"]),
+    ("draft tokens without a draft model", dict(num_draft_tokens=3), "INVALID_ARGUMENT",
+     ["speculative.draft_model"]),
 ]
 
 
@@ -418,7 +450,7 @@ def test_generate_cli_streams_text_and_weights(service, capsys, idle):
     )
     assert args.func(args) == 0
     out, err = capsys.readouterr()
-    assert out.strip() and "per-step expert weights" in err and "expert_a=" in err
+    assert out.strip() and "expert weights per token" in err and "expert_a=" in err
     args = build_parser().parse_args(["generate", "--address", service.address, "--preset", "nope", "x"])
     assert args.func(args) == 1
     assert "INVALID_ARGUMENT" in capsys.readouterr().err

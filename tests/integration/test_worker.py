@@ -143,3 +143,53 @@ def test_a_killed_worker_restarts_and_greedy_output_is_identical(worker, referen
     finally:
         rr.close()
     assert ray.get(worker.sequences.remote()) == {}
+
+
+@pytest.mark.timeout(600)
+def test_speculative_over_remote_zoo_workers_is_token_identical(ray_local):
+    """ALGORITHMS.md s.5, distributed: the zoo's checkpoints in ModelWorker actors, the Decoder driving RemoteRunners.
+    Greedy speculative output (the expert drafts, large + small verify in one extend, truncates after rejections
+    travel in the next plan) equals plain output and the in-process run, for a static and a DLF recipe."""
+    from logitfusion.engine.decoder import Decoder, GenerationRequest, SpeculativeConfig
+    from logitfusion.engine.local import LocalRunner
+    from logitfusion.fusion import presets
+    from logitfusion.models.zoo import tasks
+    from logitfusion.models.zoo.build import load_zoo
+
+    zoo = load_zoo()
+    names = ("large", "small", "expert_capital")
+    actors = {n: start_worker(WorkerSpec(name=n, model_path=str(zoo.model(n))), num_cpus=0.25, max_restarts=0)
+              for n in names}
+    local = {n: LocalRunner.from_pretrained(zoo.model(n), n) for n in names}
+    remote: dict[str, RemoteRunner] = {}
+    try:
+        ray.get([a.pid.remote() for a in actors.values()], timeout=300)  # every worker constructed
+        remote = {n: RemoteRunner.for_actor(n, a, reconnect_timeout_s=60) for n, a in actors.items()}
+        tok = local["large"].tokenizer
+        prompts = [tok.encode(it.prompt) for it in tasks.eval_items("capital", limit=3)]
+        recipes = {"proxy": presets.proxy_tuning("large", "small", "expert_capital"),
+                   "dlf_newton": presets.dlf("large", "small", ["expert_capital"], solver="newton")}
+        for kind, recipe in recipes.items():
+            def run(runners, spec, kind=kind, recipe=recipe):
+                dec = Decoder(runners, eos_token_ids=[tok.eos_token_id], decode_fn=tok.decode)
+                reqs = [GenerationRequest(f"{kind}{i}", p, recipe, max_new_tokens=12, speculative=spec)
+                        for i, p in enumerate(prompts)]
+                return dec.generate(reqs)
+
+            spec = SpeculativeConfig("expert_capital", num_draft_tokens=3)
+            plain_local = run(local, None)
+            spec_remote = run(remote, spec)
+            plain_remote = run(remote, None)
+            for a, b, c in zip(plain_local, spec_remote, plain_remote, strict=True):
+                assert a.token_ids == b.token_ids == c.token_ids, (kind, tok.decode(a.token_ids), tok.decode(b.token_ids))
+            assert sum(r.num_drafted_tokens for r in spec_remote) > 0
+            assert sum(r.num_steps for r in spec_remote) <= sum(r.num_steps for r in plain_remote)
+            for n, r in remote.items():
+                assert r.sequences() == {}, n  # finished requests and rolled-back drafts leave nothing behind
+    finally:
+        for r in remote.values():
+            r.close()
+        for r in local.values():
+            r.close()
+        for a in actors.values():
+            ray.kill(a, no_restart=True)
