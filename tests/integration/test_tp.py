@@ -9,8 +9,6 @@ authentication on, the token held in this process's environment (nothing is writ
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 from pathlib import Path
 
 import pytest
@@ -97,32 +95,6 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def model_dir(model_dirs: dict[str, Path]) -> Path:
     return model_dirs["large"]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    """A local Ray on loopback with token authentication, the token only in this process's environment.
-
-    Ray 2.60 turns token authentication on by default for a new local cluster and, unless a token is at hand,
-    writes a fresh one to ~/.ray/auth_token. Handing it one through RAY_AUTH_TOKEN keeps authentication on and the
-    home directory untouched; raylets and workers inherit the variable. RAY_AUTH_MODE is left to Ray: Ray reads its
-    config once at import, so setting the mode here (after ``import ray``) would not be seen by this process.
-    """
-    if ray.is_initialized():
-        yield
-        return
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))  # one token per test process, never on disk
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def _local(path: Path, name: str) -> LocalRunner:

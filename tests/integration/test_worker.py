@@ -4,18 +4,14 @@ The worker process is killed in the middle of a greedy generation; Ray restarts 
 asks the actor for the new address, replays the sequence's history and the generation completes token-identical to
 an uninterrupted run in this process.
 
-Token authentication (Ray 2.60 turns it on by default for a local ``ray.init()``): this module gives the process
-one random token in ``RAY_AUTH_TOKEN`` and leaves ``RAY_AUTH_MODE`` to Ray, so ``ray.init()`` switches token mode
-on itself, takes the token from the environment (nothing is written to ~/.ray) and hands both to every Ray process
-it starts. The token is set once per test process and never changed or removed: Ray caches it in the driver, so a
-second cluster in the same process with another token fails to start ("Failed to start GCS", InvalidAuthToken).
+Token authentication stays on (the `ray_local` fixture of tests/integration/conftest.py, with the one token per test
+process that tests/conftest.py sets).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import secrets
 import signal
 
 import pytest
@@ -31,31 +27,6 @@ ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]  # a worker start takes 10-90 s on a busy 2-core box
 
 SPEC = WorkerSpec(name="large", factory=functools.partial(tiny_runner, "large", threaded=False))
-
-
-def _ensure_ray_token() -> None:
-    """One random token for every Ray cluster this process starts (see the module docstring)."""
-    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
-        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    if ray.is_initialized():
-        yield
-        return
-    _ensure_ray_token()
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture
