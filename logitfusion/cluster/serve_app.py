@@ -154,7 +154,7 @@ def request_from_pb(
     msg: pb.GenerateRequest, *, topology: Topology, codec: TextCodec, vocab_size: int, request_id: str
 ) -> GenerationRequest:
     """GenerateRequest -> the engine's GenerationRequest, checking every field against the deployment's limits."""
-    from logitfusion.engine.decoder import GenerationRequest, SpeculativeConfig
+    from logitfusion.engine.decoder import GenerationRequest
     from logitfusion.fusion import SamplingParams
 
     limits = topology.limits
