@@ -127,8 +127,9 @@ def run_decoder(
     return run
 
 
-def make_decoder(runners: Mapping[str, ModelRunner], max_batch_size: int) -> Decoder:
-    return Decoder(runners, max_batch_size=max(1, max_batch_size), max_new_tokens_limit=4096)
+def make_decoder(runners: Mapping[str, ModelRunner], max_batch_size: int, fusion_device: str = "cpu") -> Decoder:
+    return Decoder(runners, max_batch_size=max(1, max_batch_size), max_new_tokens_limit=4096,
+                   fusion_device=fusion_device)
 
 
 def steady_step(
@@ -142,10 +143,11 @@ def steady_step(
     measure_steps: int,
     repeats: int,
     prompts: Sequence[Sequence[int]] | None = None,
+    fusion_device: str = "cpu",
 ) -> tuple[Timing, list[DecodeRun]]:
     """Median steady decode step of ``batch`` requests over ``repeats`` runs (after one warm-up run): wall seconds,
     and CPU seconds of this process (every thread: in-process runners' forwards included)."""
-    decoder = make_decoder(runners, batch)
+    decoder = make_decoder(runners, batch, fusion_device)
     if prompts is None:
         prompts = random_prompts(batch, prompt_tokens, vocab_size, seed=batch)
     prompts = [list(prompts[i % len(prompts)]) for i in range(batch)]

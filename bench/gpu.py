@@ -7,8 +7,9 @@
 Measures, per large model: every model's pure forward; the large model alone and fused (static and DLF newton, 1
 and 2 experts) through the Decoder with LocalRunners, batch 1 and 16; speculative fused decoding (draft = an expert,
 with random heads: acceptance ~ 0, and with the bases' heads zeroed so the fused target is the draft's own
-distribution: acceptance 1); the DLF solver's cost on the CPU (where the Decoder fuses today: the runner contract
-returns CPU fp32 logits) and on the GPU; and the memory-bandwidth floor of a step: the bytes of every weight (and KV
+distribution: acceptance 1); the DLF solver's cost on the CPU (the Decoder's default: the runner contract returns CPU
+fp32 logits) and on the GPU, and the DLF rows again with `Decoder(fusion_device=...)` (recipe "… @cuda"); and the
+memory-bandwidth floor of a step: the bytes of every weight (and KV
 cache) read once / the HBM bandwidth measured here with a large device-to-device copy.
 
 Writes gpu.json and gpu.md to $OUT (or --out) when set, and prints the tables.
@@ -157,10 +158,13 @@ def run_large(cfg: GpuConfig, label: str, large: LlamaSize, bandwidth: float, ta
                   measure_steps=cfg.measure_steps, repeats=cfg.repeats)
     steps: dict[tuple[str, int], float] = {}
     length = cfg.prompt_tokens + 1 + cfg.warmup_steps + cfg.measure_steps // 2  # mean cache length of a timed step
-    for name, recipe in recipes(cfg.num_experts).items():
+    arms = [(name, recipe, "cpu") for name, recipe in recipes(cfg.num_experts).items()]
+    # the same DLF recipes with fusion and the solve on the models' device (Decoder(fusion_device=...))
+    arms += [(f"{name} @{cfg.device}", recipe, cfg.device) for name, recipe, _ in list(arms) if recipe.solver]
+    for name, recipe, fusion_device in arms:
         read = recipe.model_names()
         for b in cfg.batches:
-            step = steady_step(runners, recipe, b, **common)[0].wall_s
+            step = steady_step(runners, recipe, b, fusion_device=fusion_device, **common)[0].wall_s
             steps[(name, b)] = step
             floor = sum(wbytes[n] + kv_bytes(sizes[n], b, length, dtype.itemsize) for n in read) / bandwidth
             tables.add("decode", {
@@ -273,8 +277,9 @@ NOTES = [
     "random tokens; tok_s = batch / step_ms",
     "floor_ms = (weights of every model the recipe reads + their KV cache at the mean timed length) / measured HBM "
     "bandwidth: the best possible step; of_floor = floor / step",
-    "the Decoder fuses on the CPU (the runner contract returns fp32 CPU logits): cpu_solve/cpu_fuse are what a "
-    "step pays today, gpu_solve/gpu_fuse what fusing on the device would pay",
+    "by default the Decoder fuses on the CPU (the runner contract returns fp32 CPU logits): cpu_solve/cpu_fuse are "
+    "what such a step pays, gpu_solve/gpu_fuse what fusing on the device pays; decode rows named '… @cuda' run the "
+    "Decoder with fusion_device='cuda' (logits copied to the GPU, fused and solved there, log-probs back for sampling)",
     "speculative: batch 1, k drafted tokens by expert_0; 'random' heads give acceptance ~ 0 (its cost), 'flat L, S "
     "heads' (bases' output layers zeroed) make the fused target the draft's own distribution: acceptance 1 (the upper "
     "bound); forward costs are the same",

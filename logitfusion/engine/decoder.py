@@ -273,9 +273,19 @@ class Decoder:
         max_batch_size: int = 16,
         max_new_tokens_limit: int = 1024,
         max_waiting_requests: int = 1024,
+        fusion_device: str | torch.device = "cpu",
     ) -> None:
+        """fusion_device: where fusion, the DLF solve and the speculative targets are computed. The runner contract
+        returns fp32 CPU logits; with "cuda" they are copied to the GPU for fusion (the solver is many [B, V]
+        passes, which the GPU does in well under a millisecond) and the fused log-probs come back for sampling."""
         if not runners:
             raise ValueError("runners must name at least one model")
+        try:
+            self.fusion_device = torch.device(fusion_device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"fusion_device={fusion_device!r} is not a torch device: {exc}") from None
+        if self.fusion_device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"fusion_device={fusion_device!r}: CUDA is not available on this machine")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
         if max_new_tokens_limit < 1:
@@ -675,8 +685,10 @@ class Decoder:
                         rows = torch.cat([torch.stack(draft.raw), rows])  # [k + 1, V]
                     per_model[m].append(rows)
                 sizes.append(per_model[next(iter(per_model))][-1].shape[0])
-            result = fuse({m: torch.cat(rows) for m, rows in per_model.items()}, recipe)
-            for live, lp, al in zip(lives, result.logprobs.split(sizes), result.alphas.split(sizes)):
+            inputs = {m: torch.cat(rows).to(self.fusion_device) for m, rows in per_model.items()}  # no-op on CPU
+            result = fuse(inputs, recipe)
+            logprobs, alphas = result.logprobs.cpu(), result.alphas.cpu()  # sampling uses per-request CPU generators
+            for live, lp, al in zip(lives, logprobs.split(sizes), alphas.split(sizes)):
                 fused[live.rid] = (lp, al)
         return fused
 

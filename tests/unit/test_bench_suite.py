@@ -122,7 +122,8 @@ def test_gpu_bench_code_paths_on_the_cpu(tmp_path):
     assert all(r["identical"] for r in spec)
     assert all(r["acceptance"] == 1.0 for r in spec if r["heads"].startswith("flat"))
     assert {r["recipe"] for r in doc["tables"]["decode"]} == {
-        "large alone", "static-1", "dlf-newton-1", "static-2", "dlf-newton-2"
+        "large alone", "static-1", "dlf-newton-1", "static-2", "dlf-newton-2",
+        "dlf-newton-1 @cpu", "dlf-newton-2 @cpu",  # the fusion_device rows (on a GPU: "@cuda")
     }
     assert (tmp_path / "gpu.md").read_text().startswith("## GPU benchmark")
 

@@ -391,3 +391,12 @@ def test_abort_and_add_from_another_thread_during_a_step(runners) -> None:
     while dec.has_work():
         dec.step()
     assert_no_leaks(runners)
+
+
+def test_fusion_device_is_checked_by_name(runners) -> None:
+    with pytest.raises(ValueError, match=r"fusion_device='bogus' is not a torch device"):
+        Decoder(runners, fusion_device="bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"fusion_device='cuda': CUDA is not available"):
+            Decoder(runners, fusion_device="cuda")
+    assert Decoder(runners).fusion_device == torch.device("cpu")
