@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -64,10 +65,15 @@ def _stable(records: dict[str, dict]) -> dict[str, tuple]:
     return {k: tuple(json.dumps(r[f], sort_keys=True) for f in STABLE) for k, r in records.items()}
 
 
+def _complete_lines(path: Path) -> int:
+    """Newline-terminated lines of a file another process is appending to (read only)."""
+    return path.read_bytes().count(b"\n") if path.is_file() else 0
+
+
 def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if path.is_file() and sum(1 for _ in open(path, "rb")) >= n:
+        if _complete_lines(path) >= n:
             return
         if proc.poll() is not None:
             pytest.fail(f"the evaluation exited early with code {proc.returncode}")
@@ -142,8 +148,10 @@ def _free_port() -> int:
 @pytest.mark.timeout(600)
 def test_ray_job_submit_against_a_head(tmp_path):
     """`ray start --head` on loopback, the `ray` CLI answering with the cluster's token, a job submitted with
-    JobSubmissionClient and run to the end."""
+    JobSubmissionClient, stopped mid-run, submitted again, and resumed to the end."""
     from ray.job_submission import JobStatus, JobSubmissionClient
+
+    TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}  # noqa: N806 - a constant of this test
 
     # The head and the CLI share one token and state the mode: a CLI process that never ran ray.init() would
     # otherwise stay in Ray's default "disabled" mode and be refused by the head (which turned token auth on).
@@ -163,26 +171,49 @@ def test_ray_job_submit_against_a_head(tmp_path):
         address = f"http://127.0.0.1:{dash}"
         _wait_for_dashboard(address, head, tmp_path / "ray-head.log", env, timeout_s=180)
         out = tmp_path / "job-out"
-        config = _config(tmp_path, datasets=[{"zoo_task": "capital", "limit": 4}], pipelines=1)
+        config = _config(tmp_path, datasets=[{"zoo_task": "capital", "limit": 16}], pipelines=1)
+        n_units = 16 * 4
         # The SDK client sends the cluster's token as a bearer header of its own: this process's Ray config may be in
         # either auth mode (depending on which tests ran before), and an explicit Authorization header is always used.
         client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
-        job = client.submit_job(
-            entrypoint=f"{sys.executable} -m logitfusion.cluster.evaluate --config {config} --output-dir {out} "
-            "--no-progress",
-            runtime_env={"working_dir": str(REPO), "excludes": ["/.venv", "/results", "*.pyc"],
-                         # a job that sets a thread variable itself: the entrypoint must not collide with it
-                         "env_vars": {"OMP_NUM_THREADS": "1"}},
-        )
-        deadline = time.monotonic() + 480
-        status = client.get_job_status(job)
-        while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.monotonic() < deadline:
-            time.sleep(1.0)  # polling the job's status over HTTP
+
+        def submit() -> str:
+            return client.submit_job(
+                entrypoint=f"{sys.executable} -m logitfusion.cluster.evaluate --config {config} --output-dir {out} "
+                "--no-progress",
+                runtime_env={"working_dir": str(REPO), "excludes": ["/.venv", "/results", "*.pyc"],
+                             # a job that sets a thread variable itself: the entrypoint must not collide with it
+                             "env_vars": {"OMP_NUM_THREADS": "1"}},
+            )
+
+        def wait(job: str, until: Callable[[], bool] = lambda: False) -> JobStatus:
+            deadline = time.monotonic() + 480
             status = client.get_job_status(job)
-        logs = client.get_job_logs(job)
+            while status not in TERMINAL and not until() and time.monotonic() < deadline:
+                time.sleep(0.2)  # polling the job's status over HTTP
+                status = client.get_job_status(job)
+            return status
+
+        # 1. stopped mid-run (`ray job stop`): what it wrote stays
+        first = submit()
+        results = out / "results.jsonl"
+        wait(first, until=lambda: _complete_lines(results) >= 4)  # read only: read_done would cut a torn line
+        client.stop_job(first)
+        assert wait(first) == JobStatus.STOPPED, client.get_job_logs(first)[-3000:]
+        partial = read_done(results)
+        assert 0 < len(partial) < n_units, "the stop must land mid-run for this test to mean anything"
+
+        # 2. the same job submitted again resumes: nothing lost, nothing run twice
+        second = submit()
+        status = wait(second)
+        logs = client.get_job_logs(second)
         assert status == JobStatus.SUCCEEDED, logs[-3000:]
+        assert f"{n_units} units, {len(partial)} already done" in logs
+        keys = [json.loads(line)["key"] for line in results.read_text().splitlines()]
+        assert len(keys) == len(set(keys)) == n_units, "a unit was lost or written twice"
+        assert all(read_done(results)[k] == rec for k, rec in partial.items())  # earlier results kept as they were
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["units"] == 4 * 4 and summary["status"][STATUS_OK] == 16
+        assert summary["units"] == n_units and summary["status"][STATUS_OK] == n_units
         assert "# Evaluation summary" in logs
     finally:
         _kill_group(head, signal.SIGTERM)
