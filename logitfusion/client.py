@@ -186,20 +186,27 @@ def message_to_dict(msg: Any) -> dict[str, Any]:
     return out
 
 
-def completion_from_pb(resp: pb.GenerateResponse) -> Completion:
+def _completion(request_id: str, text: str, token_ids: list[int], reason: int, usage: pb.Usage,
+                weights: list[dict[str, float]], **extra: str) -> Completion:
+    """A Completion from what Generate and the end of GenerateStream both carry (extra: recipe, stop)."""
     return Completion(
-        request_id=resp.request_id,
-        text=resp.text,
-        token_ids=list(resp.token_ids),
-        finish_reason=_FINISH.get(resp.finish_reason),
-        prompt_tokens=resp.usage.prompt_tokens,
-        completion_tokens=resp.usage.completion_tokens,
-        steps=resp.usage.steps,
-        weights=[_weights(s) for s in resp.steps],
-        recipe=resp.recipe,
-        drafted_tokens=resp.usage.drafted_tokens,
-        accepted_tokens=resp.usage.accepted_tokens,
+        request_id=request_id,
+        text=text,
+        token_ids=token_ids,
+        finish_reason=_FINISH.get(reason),
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        steps=usage.steps,
+        weights=weights,
+        drafted_tokens=usage.drafted_tokens,
+        accepted_tokens=usage.accepted_tokens,
+        **extra,
     )
+
+
+def completion_from_pb(resp: pb.GenerateResponse) -> Completion:
+    return _completion(resp.request_id, resp.text, list(resp.token_ids), resp.finish_reason, resp.usage,
+                       [_weights(s) for s in resp.steps], recipe=resp.recipe)
 
 
 # ------------------------------------------------------------------------------------------------ the client
@@ -232,19 +239,8 @@ class GenerationStream:
                     yield TokenEvent(msg.request_id, t.id, t.text, t.index, msg.weights.step, weights, loss)
                 if msg.HasField("finished"):
                     f = msg.finished
-                    self.completion = Completion(
-                        request_id=msg.request_id,
-                        text=f.text,
-                        token_ids=list(self._tokens),
-                        finish_reason=_FINISH.get(f.reason),
-                        prompt_tokens=f.usage.prompt_tokens,
-                        completion_tokens=f.usage.completion_tokens,
-                        steps=f.usage.steps,
-                        weights=list(self._weights),
-                        stop=f.stop,
-                        drafted_tokens=f.usage.drafted_tokens,
-                        accepted_tokens=f.usage.accepted_tokens,
-                    )
+                    self.completion = _completion(msg.request_id, f.text, list(self._tokens), f.reason, f.usage,
+                                                  list(self._weights), stop=f.stop)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 

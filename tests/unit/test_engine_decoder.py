@@ -11,31 +11,13 @@ from logitfusion.engine.decoder import Decoder, GenerationRequest, SpeculativeCo
 from logitfusion.engine.local import LocalRunner
 from logitfusion.engine.reference import naive_decode, sequential_decode
 from logitfusion.engine.runner import ModelRunner, RunnerInfo, RunnerUnavailable, StepPlan, failed
-from logitfusion.engine.testing import TINY_FAMILY, TINY_FINGERPRINT, TINY_VOCAB_SIZE, tiny_decode, tiny_llama
+from logitfusion.engine.testing import TINY_FAMILY, TINY_FINGERPRINT, TINY_VOCAB_SIZE, tiny_decode
 from logitfusion.fusion import SamplingParams, presets
 
 V = TINY_VOCAB_SIZE
 PROMPTS = [[5, 17, 3], [40, 41, 42, 43, 44, 45, 46, 47], [9], [60, 2, 71, 33, 12]]
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture(scope="module")
-def models():
-    torch.set_num_threads(1)
-    return {name: tiny_llama(spec) for name, spec in TINY_FAMILY.items()}
-
-
-@pytest.fixture()
-def runners(models):
-    rs = {
-        name: LocalRunner(m, name=name, vocab_size=V, vocab_fingerprint=TINY_FINGERPRINT,
-                          max_length_tokens=TINY_FAMILY[name].max_length_tokens)
-        for name, m in models.items()
-    }
-    yield rs
-    for r in rs.values():
-        r.close()
 
 
 def make_decoder(runners, **kw) -> Decoder:
