@@ -149,6 +149,8 @@ class _Live:
     held: dict[str, int] = field(default_factory=dict)  # model -> tokens the runner holds for this request
     valid: dict[str, int] = field(default_factory=dict)  # model -> of those, the prefix that is still right
     text: str = ""  # text emitted so far
+    decoded: str = ""  # text of the generated tokens so far, complete characters only (>= text)
+    detok: IncrementalText | None = None
     finish_reason: str | None = None
     num_steps: int = 0
     drafted: int = 0
@@ -218,6 +220,40 @@ def _common_prefix_len(a: str, b: str) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+class IncrementalText:
+    """Text of a growing token sequence in O(new tokens) per step instead of re-decoding it all (quadratic).
+
+    Decodes a short window: the tokens since the last emitted boundary (``prefix``) and through the newest token.
+    The new text is decode(window) minus decode(window before the new tokens): both start at the same token, so a
+    tokenizer that treats a first token specially (a leading space dropped) does it to both alike. A window that ends
+    inside a multi-byte character (U+FFFD at its end) waits for its next token. ``flush`` gives what is still held,
+    replacement character and all, as a whole-sequence decode would.
+    """
+
+    __slots__ = ("_decode", "_prefix", "_read")
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
+        self._decode = decode
+        self._prefix = 0  # window start
+        self._read = 0  # tokens whose text has been returned
+
+    def step(self, ids: Sequence[int]) -> str:
+        """The new text once ``ids`` (the whole sequence so far) ends with complete characters, else ""."""
+        before = self._decode(ids[self._prefix : self._read])
+        now = self._decode(ids[self._prefix :])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(ids)
+        return now[len(before) :]
+
+    def flush(self, ids: Sequence[int]) -> str:
+        """Everything of ``ids`` not returned yet, even an incomplete character."""
+        before = self._decode(ids[self._prefix : self._read])
+        now = self._decode(ids[self._prefix :])
+        self._prefix = self._read = len(ids)
+        return now[len(before) :] if now.startswith(before) else now
 
 
 def _find_stop(text: str, stops: Sequence[str], start: int) -> int:
@@ -756,13 +792,18 @@ class Decoder:
         reason = FINISH_STOP if token in live.stop_ids else None
         delta = ""
         if self._decode is not None:
-            text = self._decode(live.generated[:-1] if reason == FINISH_STOP else live.generated)
+            if live.detok is None:
+                live.detok = IncrementalText(self._decode)
+            ids = live.generated[:-1] if reason == FINISH_STOP else live.generated
+            last = reason is not None or len(live.generated) >= live.request.max_new_tokens
+            live.decoded += live.detok.flush(ids) if last else live.detok.step(ids)
+            text = live.decoded
             cut = _find_stop(text, live.request.stop_strings, len(live.text))
             if cut >= 0:
                 text, reason = text[:cut], FINISH_STOP
             elif reason is None and len(live.generated) < live.request.max_new_tokens:
                 text = _held_back(text, live.request.stop_strings)
-            keep = _common_prefix_len(live.text, text)
+            keep = len(live.text) if text.startswith(live.text) else _common_prefix_len(live.text, text)
             if keep < len(live.text):
                 logger.debug("request %s: decoded text changed before position %d", live.rid, len(live.text))
             delta = text[max(keep, len(live.text)) :]

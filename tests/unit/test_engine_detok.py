@@ -1,0 +1,87 @@
+"""IncrementalText: the streamed text of a growing sequence equals decoding the whole sequence at once, for real
+tokenizers with multi-byte characters split over several tokens (byte-level BPE) and with a first-token rule
+(Metaspace drops the leading space of the first token), and each step decodes only a short window."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from logitfusion.engine.decoder import IncrementalText
+
+CORPUS = [
+    "the capital of ondora is vel mar. héllo wörld, naïve café ünïcödé",
+    "日本語のテキスト 和 中文 and emoji 🙂🚀 mixed with ascii words",
+    "what colour is the flag of bathebrik? answer: the flag is teal",
+] * 20
+
+
+def _byte_level():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+def _metaspace():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    return tok
+
+
+TOKENIZERS = {"byte_level": _byte_level(), "metaspace": _metaspace()}
+TEXT = st.text(alphabet=st.sampled_from(sorted(set("".join(CORPUS)))), min_size=0, max_size=60)
+
+
+def stream(tok, ids: list[int]) -> tuple[str, list[int]]:
+    """Feed ids one at a time; returns the streamed text and the window length of every decode call."""
+    windows: list[int] = []
+
+    def decode(window):
+        windows.append(len(window))
+        return tok.decode(list(window))
+
+    inc = IncrementalText(decode)
+    out = "".join(inc.step(ids[: i + 1]) for i in range(len(ids)))
+    return out + inc.flush(ids), windows
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+@settings(max_examples=60, deadline=None)
+@given(text=TEXT)
+def test_streamed_text_equals_whole_decode(name: str, text: str) -> None:
+    tok = TOKENIZERS[name]
+    ids = tok.encode(text).ids
+    streamed, _ = stream(tok, ids)
+    assert streamed == tok.decode(ids)
+
+
+def test_multi_byte_characters_wait_for_their_last_byte() -> None:
+    tok = TOKENIZERS["byte_level"]
+    ids = tok.encode("🙂").ids
+    assert len(ids) > 1  # an emoji the merges did not learn: one token per byte
+    inc = IncrementalText(lambda w: tok.decode(list(w)))
+    parts = [inc.step(ids[: i + 1]) for i in range(len(ids))]
+    assert parts[:-1] == [""] * (len(ids) - 1) and parts[-1] == "🙂"
+    # flush gives an incomplete character as the whole-sequence decode would (a replacement character)
+    inc = IncrementalText(lambda w: tok.decode(list(w)))
+    assert inc.step(ids[:1]) == ""
+    assert inc.flush(ids[:1]) == tok.decode(ids[:1]) == "\ufffd"
+
+
+def test_each_step_decodes_a_short_window() -> None:
+    """Linear, not quadratic: the windows stay a few tokens long however long the sequence grows."""
+    tok = TOKENIZERS["byte_level"]
+    ids = tok.encode(" ".join(CORPUS[:12])).ids
+    assert len(ids) > 150
+    streamed, windows = stream(tok, ids)
+    assert streamed == tok.decode(ids)
+    assert max(windows) <= 8, max(windows)
