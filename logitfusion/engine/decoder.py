@@ -256,6 +256,23 @@ class IncrementalText:
         return now[len(before) :] if now.startswith(before) else now
 
 
+def concat_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(rows) for [n_i, V] matrices, without the copy when they already lie back to back in one buffer (a
+    runner's batched output split per sequence, in the same order): at V = 128k and 16 rows that copy is 8 MB per
+    model per step."""
+    first = rows[0]
+    if len(rows) == 1:
+        return first
+    V = first.shape[-1]
+    storage, offset, n = first.untyped_storage().data_ptr(), first.storage_offset(), 0
+    for r in rows:
+        if (r.dim() != 2 or r.shape[-1] != V or r.stride() != (V, 1) or r.dtype != first.dtype
+                or r.untyped_storage().data_ptr() != storage or r.storage_offset() != offset + n * V):
+            return torch.cat(list(rows))
+        n += r.shape[0]
+    return first.as_strided((n, V), (V, 1), offset)
+
+
 def _find_stop(text: str, stops: Sequence[str], start: int) -> int:
     """The earliest index >= start - (longest stop - 1) where a stop string begins in text, or -1."""
     if not stops:
@@ -721,7 +738,7 @@ class Decoder:
                         rows = torch.cat([torch.stack(draft.raw), rows])  # [k + 1, V]
                     per_model[m].append(rows)
                 sizes.append(per_model[next(iter(per_model))][-1].shape[0])
-            inputs = {m: torch.cat(rows).to(self.fusion_device) for m, rows in per_model.items()}  # no-op on CPU
+            inputs = {m: concat_rows(rows).to(self.fusion_device) for m, rows in per_model.items()}  # no-op on CPU
             result = fuse(inputs, recipe)
             logprobs, alphas = result.logprobs.cpu(), result.alphas.cpu()  # sampling uses per-request CPU generators
             for live, lp, al in zip(lives, logprobs.split(sizes), alphas.split(sizes)):
@@ -747,7 +764,7 @@ class Decoder:
         """One token per plain request, all rows sampled at once (each with its own generator)."""
         if not plain:
             return {}
-        lp = torch.cat([fused[live.rid][0] for live in plain])  # [B, V]
+        lp = concat_rows([fused[live.rid][0] for live in plain])  # [B, V]
         tokens = sample(lp, [live.request.sampling for live in plain], [live.generator for live in plain])  # [B]
         return {live.rid: ([int(tokens[b])], [fused[live.rid][1][0]]) for b, live in enumerate(plain)}
 

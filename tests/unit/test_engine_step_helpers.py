@@ -1,6 +1,7 @@
-"""IncrementalText: the streamed text of a growing sequence equals decoding the whole sequence at once, for real
+"""The Decoder's per-step helpers. IncrementalText: the streamed text of a growing sequence equals decoding the whole sequence at once, for real
 tokenizers with multi-byte characters split over several tokens (byte-level BPE) and with a first-token rule
-(Metaspace drops the leading space of the first token), and each step decodes only a short window."""
+(Metaspace drops the leading space of the first token), and each step decodes only a short window. concat_rows: no copy for rows
+that already lie back to back."""
 
 from __future__ import annotations
 
@@ -85,3 +86,24 @@ def test_each_step_decodes_a_short_window() -> None:
     streamed, windows = stream(tok, ids)
     assert streamed == tok.decode(ids)
     assert max(windows) <= 8, max(windows)
+
+
+def test_concat_rows_views_back_to_back_rows_and_copies_otherwise() -> None:
+    import torch
+
+    from logitfusion.engine.decoder import concat_rows
+
+    base = torch.arange(24.0).view(6, 4)
+    rows = list(base.split([1, 2, 3]))
+    same = concat_rows(rows)
+    assert torch.equal(same, base) and same.data_ptr() == base.data_ptr()  # no copy
+    mid = concat_rows(rows[1:])
+    assert torch.equal(mid, base[1:]) and mid.data_ptr() == base[1:].data_ptr()
+    swapped = concat_rows([rows[1], rows[0]])  # out of order: a real concatenation
+    assert torch.equal(swapped, torch.cat([rows[1], rows[0]])) and swapped.data_ptr() != base.data_ptr()
+    gap = concat_rows([base[0:1], base[2:3]])
+    assert torch.equal(gap, base[[0, 2]])
+    other = torch.zeros(1, 4)
+    assert torch.equal(concat_rows([base[5:6], other]), torch.cat([base[5:6], other]))
+    cols = base[:, :2]  # not row-contiguous views
+    assert torch.equal(concat_rows([cols[:2], cols[2:]]), cols)
