@@ -1,7 +1,9 @@
-"""The Decoder's per-step helpers. IncrementalText: the streamed text of a growing sequence equals decoding the whole sequence at once, for real
+"""The Decoder's per-step helpers.
+
+IncrementalText: the streamed text of a growing sequence equals decoding the whole sequence at once, for real
 tokenizers with multi-byte characters split over several tokens (byte-level BPE) and with a first-token rule
-(Metaspace drops the leading space of the first token), and each step decodes only a short window. concat_rows: no copy for rows
-that already lie back to back."""
+(Metaspace drops the leading space of the first token), and each step decodes only a short window.
+concat_rows: no copy for rows that already lie back to back."""
 
 from __future__ import annotations
 
