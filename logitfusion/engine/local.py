@@ -16,6 +16,7 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -229,7 +230,7 @@ class LocalRunner(ModelRunner):
         self._next_slot = 0
         self._closed = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"runner-{name}") if threaded else None
-        self.stats = {"forwards": 0, "repacks": 0, "pack_reuses": 0}
+        self.stats = {"forwards": 0, "repacks": 0, "pack_reuses": 0, "busy_s": 0.0}  # busy_s: wall time in plans
         self.tokenizer: Any = None  # set by from_pretrained
 
     @classmethod
@@ -297,6 +298,13 @@ class LocalRunner(ModelRunner):
 
     def _run(self, plan: StepPlan) -> list[torch.Tensor]:
         """Releases, then truncates, then the extends grouped by their number of new tokens."""
+        t0 = time.perf_counter()
+        try:
+            return self._run_plan(plan)
+        finally:
+            self.stats["busy_s"] += time.perf_counter() - t0
+
+    def _run_plan(self, plan: StepPlan) -> list[torch.Tensor]:
         self._validate(plan)
         with self._lock:
             for seq_id in plan.releases:
