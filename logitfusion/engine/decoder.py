@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from logitfusion.engine.runner import ExtendOp, ModelRunner, RunnerInfo, StepPlan, Want, failed
+from logitfusion.engine.runner import ExtendOp, ModelRunner, RunnerInfo, StepPlan, Want, concat_rows, failed
 from logitfusion.fusion import Recipe, SamplingParams, fuse, make_generator, sample, speculative_accept, to_probs
 
 logger = logging.getLogger(__name__)
@@ -254,23 +254,6 @@ class IncrementalText:
         now = self._decode(ids[self._prefix :])
         self._prefix = self._read = len(ids)
         return now[len(before) :] if now.startswith(before) else now
-
-
-def concat_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
-    """torch.cat(rows) for [n_i, V] matrices, without the copy when they already lie back to back in one buffer (a
-    runner's batched output split per sequence, in the same order): at V = 128k and 16 rows that copy is 8 MB per
-    model per step."""
-    first = rows[0]
-    if len(rows) == 1:
-        return first
-    V = first.shape[-1]
-    storage, offset, n = first.untyped_storage().data_ptr(), first.storage_offset(), 0
-    for r in rows:
-        if (r.dim() != 2 or r.shape[-1] != V or r.stride() != (V, 1) or r.dtype != first.dtype
-                or r.untyped_storage().data_ptr() != storage or r.storage_offset() != offset + n * V):
-            return torch.cat(list(rows))
-        n += r.shape[0]
-    return first.as_strided((n, V), (V, 1), offset)
 
 
 def _find_stop(text: str, stops: Sequence[str], start: int) -> int:

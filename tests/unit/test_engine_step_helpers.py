@@ -93,7 +93,7 @@ def test_each_step_decodes_a_short_window() -> None:
 def test_concat_rows_views_back_to_back_rows_and_copies_otherwise() -> None:
     import torch
 
-    from logitfusion.engine.decoder import concat_rows
+    from logitfusion.engine.runner import concat_rows
 
     base = torch.arange(24.0).view(6, 4)
     rows = list(base.split([1, 2, 3]))
