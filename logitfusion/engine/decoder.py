@@ -256,6 +256,13 @@ class IncrementalText:
         return now[len(before) :] if now.startswith(before) else now
 
 
+def resolve_fusion_device(device: str | torch.device) -> torch.device:
+    """ "auto" -> cuda when this process sees a GPU, else cpu; anything else as torch.device reads it."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def _find_stop(text: str, stops: Sequence[str], start: int) -> int:
     """The earliest index >= start - (longest stop - 1) where a stop string begins in text, or -1."""
     if not stops:
@@ -309,15 +316,16 @@ class Decoder:
         max_batch_size: int = 16,
         max_new_tokens_limit: int = 1024,
         max_waiting_requests: int = 1024,
-        fusion_device: str | torch.device = "cpu",
+        fusion_device: str | torch.device = "auto",
     ) -> None:
-        """fusion_device: where fusion, the DLF solve and the speculative targets are computed. The runner contract
+        """fusion_device: where fusion, the DLF solve and the speculative targets are computed ("auto": the GPU when
+        this process sees one, else the CPU; see ``resolve_fusion_device``). The runner contract
         returns fp32 CPU logits; with "cuda" they are copied to the GPU for fusion (the solver is many [B, V]
         passes, which the GPU does in well under a millisecond) and the fused log-probs come back for sampling."""
         if not runners:
             raise ValueError("runners must name at least one model")
         try:
-            self.fusion_device = torch.device(fusion_device)
+            self.fusion_device = resolve_fusion_device(fusion_device)
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"fusion_device={fusion_device!r} is not a torch device: {exc}") from None
         if self.fusion_device.type == "cuda" and not torch.cuda.is_available():

@@ -109,3 +109,15 @@ def test_concat_rows_views_back_to_back_rows_and_copies_otherwise() -> None:
     assert torch.equal(concat_rows([base[5:6], other]), torch.cat([base[5:6], other]))
     cols = base[:, :2]  # not row-contiguous views
     assert torch.equal(concat_rows([cols[:2], cols[2:]]), cols)
+
+
+def test_fusion_device_auto_follows_what_the_process_sees(monkeypatch) -> None:
+    import torch
+
+    from logitfusion.engine.decoder import resolve_fusion_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_fusion_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_fusion_device("auto") == torch.device("cuda")
+    assert resolve_fusion_device("cpu") == torch.device("cpu")
