@@ -730,7 +730,7 @@ class Decoder:
                     per_model[m].append(rows)
                 sizes.append(per_model[next(iter(per_model))][-1].shape[0])
             inputs = {m: concat_rows(rows).to(self.fusion_device) for m, rows in per_model.items()}  # no-op on CPU
-            result = fuse(inputs, recipe)
+            result = fuse(inputs, recipe, validated=True)  # add_request validated the recipe; fuse checks the logits
             logprobs, alphas = result.logprobs.cpu(), result.alphas.cpu()  # sampling uses per-request CPU generators
             for live, lp, al in zip(lives, logprobs.split(sizes), alphas.split(sizes)):
                 fused[live.rid] = (lp, al)
@@ -756,7 +756,8 @@ class Decoder:
         if not plain:
             return {}
         lp = concat_rows([fused[live.rid][0] for live in plain])  # [B, V]
-        tokens = sample(lp, [live.request.sampling for live in plain], [live.generator for live in plain])  # [B]
+        params = [live.request.sampling for live in plain]  # validated at add_request; lp is fuse's checked output
+        tokens = sample(lp, params, [live.generator for live in plain], check=False)  # [B]
         return {live.rid: ([int(tokens[b])], [fused[live.rid][1][0]]) for b, live in enumerate(plain)}
 
     @staticmethod
@@ -767,7 +768,7 @@ class Decoder:
         every model back to it: the truncate rides the next plan. Returns the accepted tokens plus one."""
         spec = live.request.speculative
         params = live.request.sampling
-        p = to_probs(lp, [params] * lp.shape[0])  # [k + 1, V]
+        p = to_probs(lp, [params] * lp.shape[0], check=False)  # [k + 1, V] from fuse's checked output
         drafted = torch.tensor(draft.tokens, dtype=torch.long)  # [k]
         n_acc, nxt = speculative_accept(p, torch.stack(draft.q), drafted, params.greedy, live.generator)
         live.drafted += draft.k
