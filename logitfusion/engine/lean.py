@@ -86,26 +86,34 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def _fused_weight(linears: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One [sum out, in] weight (and bias) for several linears of the same input, with the modules' own parameters
-    rebound to views of it, so the fused forward costs no extra memory and the model still runs on its own."""
-    weight = torch.cat([m.weight.detach() for m in linears])
+    """Several linears of the same input as one matmul: the weight transposed once to [in, sum out] (contiguous;
+    ``x @ w`` skips the per-call transpose that F.linear's [out, in] layout costs, half of a small matmul's time on
+    the CPU) and the biases, if any, concatenated. The modules' own parameters are rebound to views of it, so the
+    lean forward costs no extra memory and the model still runs on its own."""
+    weight_t = torch.cat([m.weight.detach() for m in linears]).t().contiguous()  # [in, sum out]
     biases = [m.bias for m in linears]
     bias = None if all(b is None for b in biases) else torch.cat(
-        [b.detach() if b is not None else weight.new_zeros(m.weight.shape[0]) for m, b in zip(linears, biases)]
+        [b.detach() if b is not None else weight_t.new_zeros(m.weight.shape[0]) for m, b in zip(linears, biases)]
     )
-    row = 0
+    col = 0
     for m in linears:
         n = m.weight.shape[0]
-        m.weight = torch.nn.Parameter(weight[row : row + n], requires_grad=False)
+        m.weight = torch.nn.Parameter(weight_t[:, col : col + n].t(), requires_grad=False)  # [out, in] view
         if m.bias is not None:
-            m.bias = torch.nn.Parameter(bias[row : row + n], requires_grad=False)
-        row += n
-    return weight, bias
+            m.bias = torch.nn.Parameter(bias[col : col + n], requires_grad=False)
+        col += n
+    return weight_t, bias
+
+
+def _mm(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] @ weight_t [in, out] (+ bias) -> [..., out]"""
+    y = torch.matmul(x, weight_t)
+    return y if bias is None else y + bias
 
 
 class _Layer:
     """One decoder layer's weights, looked up once (attribute walks cost microseconds per step), with q/k/v and
-    gate/up fused into one matmul each."""
+    gate/up fused into one matmul each and every weight stored [in, out]."""
 
     __slots__ = ("ln1", "eps1", "qkv", "o", "ln2", "eps2", "gate_up", "inter", "down")
 
@@ -114,10 +122,10 @@ class _Layer:
         self.ln1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.ln2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
         self.qkv = _fused_weight((attn.q_proj, attn.k_proj, attn.v_proj))
-        self.o = (attn.o_proj.weight, attn.o_proj.bias)
+        self.o = _fused_weight((attn.o_proj,))
         self.inter = mlp.gate_proj.weight.shape[0]
         self.gate_up = _fused_weight((mlp.gate_proj, mlp.up_proj))
-        self.down = (mlp.down_proj.weight, mlp.down_proj.bias)
+        self.down = _fused_weight((mlp.down_proj,))
 
 
 class LeanLlama:
@@ -152,7 +160,11 @@ class LeanLlama:
         self._embed = inner.embed_tokens.weight  # [V_cfg, h]
         self._layers = [_Layer(layer) for layer in inner.layers]
         self._norm, self._norm_eps = inner.norm.weight, inner.norm.variance_epsilon
-        self._head = (model.lm_head.weight, model.lm_head.bias)
+        head = model.lm_head
+        if head.weight.data_ptr() == self._embed.data_ptr():  # tied to the embedding, which must stay [V, h] rows
+            self._head_t = (head.weight.t(), head.bias)  # a transposed view: no copy
+        else:
+            self._head_t = _fused_weight((head,))
         # cos/sin per position from the model's own rotary module: elementwise, so a table equals per-step calls
         with torch.inference_mode():
             pos = torch.arange(self.max_length_tokens, device=self.device).unsqueeze(0)  # [1, L]
@@ -251,7 +263,7 @@ class LeanLlama:
         x = F.embedding(token_ids, self._embed)  # [B, n, h]
         for i, layer in enumerate(self._layers):
             h = _rms_norm(x, layer.ln1, layer.eps1)
-            qkv = F.linear(h, *layer.qkv).view(B, n, H + 2 * Hkv, D)
+            qkv = _mm(h, *layer.qkv).view(B, n, H + 2 * Hkv, D)
             v = qkv[:, :, H + Hkv :].transpose(1, 2)  # [B, Hkv, n, D]
             if self._complex_rope:
                 # (x_i, x_{i + D/2}) -> adjacent pairs -> complex; q and k keep this pair-major layout in the cache
@@ -289,16 +301,16 @@ class LeanLlama:
                 out = F.scaled_dot_product_attention(
                     q, keys, values, attn_mask=mask, is_causal=causal, scale=self.scaling
                 )  # [B, H, n, D]
-            x = x + F.linear(out.transpose(1, 2).reshape(B, n, -1), *layer.o)
+            x = x + _mm(out.transpose(1, 2).reshape(B, n, -1), *layer.o)
             h = _rms_norm(x, layer.ln2, layer.eps2)
-            gate, up = F.linear(h, *layer.gate_up).split((layer.inter, layer.inter), dim=-1)
-            x = x + F.linear(F.silu(gate) * up, *layer.down)
+            gate, up = _mm(h, *layer.gate_up).split((layer.inter, layer.inter), dim=-1)
+            x = x + _mm(F.silu(gate) * up, *layer.down)
         if not ragged and min(keep) == max(keep):
             x = x[:, n - keep[0] :].reshape(-1, x.shape[-1])  # [B * keep, h]
         else:
             flat = [b * n + p for b in range(B) for p in range(lens[b] - keep[b], lens[b])]
             x = x.reshape(B * n, -1).index_select(0, torch.tensor(flat, device=dev))  # [sum(keep), h]
-        return F.linear(_rms_norm(x, self._norm, self._norm_eps), *self._head)  # [sum(keep), V_cfg]
+        return _mm(_rms_norm(x, self._norm, self._norm_eps), *self._head_t)  # [sum(keep), V_cfg]
 
     # ------------------------------------------------------------------------------------------------ checks
 
