@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import time
@@ -33,6 +34,8 @@ import torch
 
 from bench.common import machine_info, markdown_table
 from logitfusion.fusion import Recipe, dlf_loss, fuse, presets
+
+logger = logging.getLogger("bench.fusion_vocab")
 
 VOCABS = (32000, 128256, 262144)
 BATCHES = (1, 16)
@@ -131,6 +134,7 @@ def measure(vocab: int, batch: int, profile: str, rounds: int, names: list[str])
             row.update(_dlf_quality(z, recipe, new_res, old_res))
         else:
             row["alpha_diff"] = float((new_res.logprobs.exp() - old_res.logprobs.exp()).abs().max())  # probs here
+        logger.info("%s", row)
         rows.append(row)
     return rows
 
@@ -213,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="V = 32000 only, one round")
     parser.add_argument("--json", help="also write the JSON here")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     section = vocab_section(args.quick)
     section["machine"] = machine_info()
     text = json.dumps(section, indent=2)

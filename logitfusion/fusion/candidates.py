@@ -183,7 +183,8 @@ def candidate_problem(z_large: torch.Tensor, part: DensePart, rows: torch.Tensor
                       counts: torch.Tensor) -> Problem:
     """The DLF problem of `rows` restricted to their candidates, in float64 (K is small, so it costs nothing)."""
     T, B, V = part.d.shape
-    ids, valid = _padded_indices(keep[rows], counts[rows])  # [R, K]
+    every = rows.numel() == B  # the common case: no copy of the mask
+    ids, valid = _padded_indices(keep if every else keep[rows], counts if every else counts[rows])  # [R, K]
     flat = (ids + (rows * V).unsqueeze(-1)).view(-1)  # [R*K] positions in a [B*V] row-major matrix
     R, K = ids.shape
     z = z_large.reshape(-1)[flat].view(R, K).double().masked_fill(~valid, float("-inf"))  # [R, K]
