@@ -166,9 +166,26 @@ def test_flat_rows_fall_back_to_the_dense_solve_row_by_row():
     assert res.support_size[1] < V // 4 and res.support_size[3] < V // 4
     torch.testing.assert_close(res.alphas, dense.alphas, atol=1e-6, rtol=0)
     torch.testing.assert_close(res.logprobs.exp(), dense.logprobs.exp(), atol=1e-9, rtol=1e-6)
+    for row in (0, 2):  # a row that falls back is the reference's arithmetic: bit for bit
+        assert torch.equal(res.alphas[row], dense.alphas[row]) and torch.equal(res.loss[row], dense.loss[row])
+        assert torch.equal(res.logprobs[row], dense.logprobs[row])
     whole = fuse({n: x[[0, 2]] for n, x in z.items()}, recipe)  # every row flat: the whole batch dense
     assert (whole.support_size == V).all()
-    torch.testing.assert_close(whole.alphas, dense.alphas[[0, 2]], atol=1e-6, rtol=0)
+    assert torch.equal(whole.alphas, dense.alphas[[0, 2]]) and torch.equal(whole.logprobs, dense.logprobs[[0, 2]])
+
+
+@pytest.mark.parametrize("solver", ["grid", "newton", "joint"])
+def test_fp32_rows_that_fall_back_equal_the_reference_bit_for_bit(solver, monkeypatch):
+    # Near-flat fp32 logits (every token within tau: what randomly initialised models give); the dense rows are
+    # solved two at a time here, so the chunking itself is checked too.
+    monkeypatch.setattr(C, "_DENSE_SOLVE_BYTES", 2 * 3000 * 4 * 2)
+    g = torch.Generator().manual_seed(15)
+    z = {n: 0.3 * torch.randn(5, 3000, generator=g) for n in ("large", "small", "e0", "e1")}
+    res = fuse(z, dlf(2, solver))
+    ref = fuse(z, dlf(2, solver), support="dense")
+    assert (res.support_size == 3000).all()
+    assert torch.equal(res.alphas, ref.alphas) and torch.equal(res.loss, ref.loss)
+    assert torch.equal(res.logprobs, ref.logprobs)
 
 
 @pytest.mark.parametrize("solver", ["grid", "newton", "joint"])
