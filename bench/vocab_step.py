@@ -149,12 +149,14 @@ def vocab_section(cfg: Any, vocabs: tuple[int, ...] | None = None, batches: tupl
     sec = Section(key="h_vocab_step", title="in-process Decoder step at real vocabularies (5 random 1-layer Llamas, "
                   "hidden 32), ms", columns=COLUMNS)
     quick = getattr(cfg, "quick", False)
+    vocabs = vocabs or getattr(cfg, "vocab_sizes", None) or ((32000,) if quick else (32000, 128256, 262144))
+    batches = batches or getattr(cfg, "vocab_batches", None) or ((1, 4) if quick else (1, 16))
     if quick:
-        sec.rows = vocab_rows(vocabs or (32000,), batches or (1, 4), warmup=1, steps=3, repeats=2)
+        sec.rows = vocab_rows(vocabs, batches, warmup=1, steps=3, repeats=2)
     else:
-        sec.rows = vocab_rows(vocabs or (32000, 128256, 262144), batches or (1, 16), warmup=2, steps=6, repeats=3)
+        sec.rows = vocab_rows(vocabs, batches, warmup=2, steps=6, repeats=3)
     if getattr(cfg, "distributed", True):
-        v, b = (32000, 4) if quick else (128256, 16)
+        v, b = (vocabs[0], max(batches)) if quick else (128256, 16)
         dist, why = distributed_rows(v, b, warmup=1 if quick else 2, steps=3 if quick else 6, repeats=2 if quick else 3)
         sec.extra["distributed (workers over gRPC streams) vs in-process"] = "\n\n" + markdown_table(DIST_COLUMNS, dist) if dist else why
         if why:
