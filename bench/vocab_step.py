@@ -73,7 +73,7 @@ def vocab_rows(vocabs: tuple[int, ...], batches: tuple[int, ...], *, warmup: int
             decoder = make_decoder(runners, batch)
             prompts = random_prompts(batch, 8, vocab, seed=batch)
             # the arms' "CPU clock" is the runners' time inside plans: step_cpu_s then holds each step's forward time
-            busy = lambda: sum(r.stats["busy_s"] for r in runners.values())  # noqa: E731
+            busy = lambda: sum(r.stats.get("busy_s", 0.0) for r in runners.values())  # noqa: E731
             arms = {label: Arm(decoder, recipe, busy) for label, recipe in recipes.items()}
             _, runs = paired_rounds(arms, prompts, warmup_steps=warmup, measure_steps=steps, repeats=repeats)
             step = {label: [r.steady_step_s(warmup) for r in rs] for label, rs in runs.items()}
