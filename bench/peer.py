@@ -194,7 +194,7 @@ def peer_rows(peer_dir: str | Path, *, rounds: int, tokens: int, num_prompts: in
             "identical": f"{sum(1 for _ in prompts)}/{len(prompts)}" if identical else "NO",
             "rounds": rounds,
         })
-    backends = {m: r.backend for m, r in ours._runners.items()}
+    backends = {m: getattr(r, "backend", "hf") for m, r in ours._runners.items()}
     return {"rows": rows, "backends": backends, "prompts": len(prompts), "tokens": tokens}
 
 
