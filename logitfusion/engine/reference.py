@@ -5,9 +5,9 @@
 - ``sequential_decode``: what the proxy-tuning reference code does: batch 1, each model called in turn with its
   own Hugging Face ``past_key_values``. The benchmarks' baseline.
 
-Both fuse and sample with logitfusion.fusion as the Decoder does, but on the dense path (every token, never the certified
-candidate support) and with the Hugging Face forward, with a generator seeded by
-``SamplingParams.seed``, so a sampled run is reproducible and comparable token for token.
+Both fuse and sample with logitfusion.fusion as the Decoder does, but on the dense path (every token, never the
+certified candidate support) and with the Hugging Face forward, with a generator seeded by ``SamplingParams.seed``,
+so a sampled run is reproducible and comparable token for token.
 """
 
 from __future__ import annotations
