@@ -177,7 +177,8 @@ def distributed_section(cfg: SuiteConfig, fam: RandomFamily, zoo: Zoo | None, zo
     sec.extra["stream_round_trip_ms (empty plan, median)"] = {n: ms(v, 3) for n, v in rtt.items()}
     sec.notes += [
         "same models, prompts and recipe (DLF newton, one expert); in-process = LocalRunners (defaults: unthreaded, "
-        "lean forward) in the Decoder's process, distributed = ModelWorker actors on local Ray, one gRPC bidi stream each; each of "
+        "lean forward) in the Decoder's process, distributed = ModelWorker actors on local Ray, one gRPC bidi "
+        "stream each; each of "
         f"{cfg.repeats} rounds runs both back to back; ratio = median of per-round step ratios",
         "cpu_ms: mean CPU per steady step of every process involved (distributed: Decoder + 3 workers, from /proc)",
         "stream round trip: an empty StepPlan through RemoteRunner -> worker -> back (no model work), after 10 "
