@@ -454,6 +454,19 @@ class HttpFrontend:
             tops.append(top)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
+    def _echo_text(self, res: ChoiceResult) -> str:
+        """The prompt followed by the completion as the tokenizer joins them (a word-level tokenizer puts the space
+        between them that neither text has on its own)."""
+        if not res.text:
+            return res.prompt_text
+        decode = self.coordinator.codec.decode
+        head, whole = decode(res.prompt_ids), decode(tuple(res.prompt_ids) + tuple(res.completion_ids))
+        if whole.startswith(head):
+            joined = whole[len(head):]
+            if joined.endswith(res.text) and not joined[: len(joined) - len(res.text)].strip():
+                return res.prompt_text + joined[: len(joined) - len(res.text)] + res.text
+        return res.prompt_text + res.text
+
     def _extension(self, res: ChoiceResult, req: GenerationRequest, with_prompt: bool) -> dict:
         out: dict[str, Any] = {
             "experts": list(req.recipe.experts),
@@ -511,7 +524,7 @@ class HttpFrontend:
         for res, req in zip(results, reqs):
             choices.append({
                 "index": res.index,
-                "text": (res.prompt_text + res.text) if echo else res.text,
+                "text": self._echo_text(res) if echo else res.text,
                 "logprobs": self._logprobs_json(res, logprobs, echo) if logprobs is not None else None,
                 "finish_reason": res.finish_reason if sampling.max_tokens > 0 else "length",
                 "logitfusion": self._extension(res, req, echo),

@@ -174,3 +174,11 @@ def test_overload_is_a_429_at_once_and_admission_reopens(stack, oai):
         assert time.monotonic() < deadline
         tick.wait(0.02)
     assert oai.completions.create(model="dlf_capital", prompt="x", max_tokens=1).choices[0].text is not None
+
+
+def test_echo_joins_prompt_and_completion_as_the_tokenizer_does(oai):
+    prompt = "question: what is the capital of bathebrik? answer:"
+    plain = oai.completions.create(model="dlf_capital", temperature=0, max_tokens=8, prompt=prompt)
+    echoed = oai.completions.create(model="dlf_capital", temperature=0, max_tokens=8, prompt=prompt, echo=True)
+    assert plain.choices[0].text and echoed.choices[0].text == f"{prompt} {plain.choices[0].text}"
+    assert echoed.choices[0].logprobs is None  # echo alone returns text; log-probs only when asked
