@@ -182,3 +182,19 @@ def test_echo_joins_prompt_and_completion_as_the_tokenizer_does(oai):
     echoed = oai.completions.create(model="dlf_capital", temperature=0, max_tokens=8, prompt=prompt, echo=True)
     assert plain.choices[0].text and echoed.choices[0].text == f"{prompt} {plain.choices[0].text}"
     assert echoed.choices[0].logprobs is None  # echo alone returns text; log-probs only when asked
+
+
+def test_a_batch_of_token_id_prompts_answers_one_choice_each(stack, oai):
+    _, coordinator, _ = stack
+    prompts = ["question: what is the capital of bathebrik? answer:", "question: what is the capital of benun? answer:"]
+    ids = [coordinator.codec.encode(p) for p in prompts]
+    batch = oai.completions.create(model="dlf_capital", temperature=0, max_tokens=6, prompt=ids, logprobs=2)
+    assert [c.index for c in batch.choices] == [0, 1]
+    for c, p in zip(batch.choices, prompts):
+        solo = oai.completions.create(model="dlf_capital", temperature=0, max_tokens=6, prompt=p)
+        assert c.text == solo.choices[0].text
+        n = len(c.logprobs.tokens)  # log-probs of the completion only (no echo), each with its top 2
+        assert n == solo.usage.completion_tokens and len(c.logprobs.top_logprobs) == n
+        assert all(len(t) <= 2 and lp <= 0 for t, lp in zip(c.logprobs.top_logprobs, c.logprobs.token_logprobs))
+        greedy = [max(t.values()) for t in c.logprobs.top_logprobs]
+        assert c.logprobs.token_logprobs == pytest.approx(greedy, abs=1e-6)  # temperature 0: the top token each time
