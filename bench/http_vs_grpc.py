@@ -5,8 +5,8 @@ workers, so the difference is the ingress alone: JSON parsing and building the O
 One service on the zoo (large, small, expert_capital; preset dlf_capital); per row, ``pairs`` rounds each time one
 gRPC Generate (logitfusion.client, one channel) and one POST /v1/completions with two HTTP clients (stdlib
 http.client keep-alive: "http"; a requests.Session: "http_requests"), in rotating order, same prompt, same greedy
-tokens (stop_at_eos off, so every request makes max_tokens tokens). A first row compares the two health checks (the
-floor of each path: proxy and replica hop, no model work). The machine is shared: the reported overhead is the
+tokens (stop_at_eos off, so every request makes max_tokens tokens). The first rows are floors without model work:
+the two health checks (proxy and replica hop), then a request with a body (gRPC ListRecipes vs POST /detokenize). The machine is shared: the reported overhead is the
 median of the per-round ratios http / grpc - 1, beside the medians.
 
     python -m bench.http_vs_grpc [--pairs 40] [--json results/http_vs_grpc.json]
@@ -146,6 +146,25 @@ def measure_health(service, pairs: int) -> list[dict]:
     return summarize("health", times, None)
 
 
+def measure_body_floor(service, pairs: int) -> list[dict]:
+    """A request WITH a body and no model work: gRPC ListRecipes against POST /detokenize of one token. Serve's
+    HTTP path fetches a request body from the proxy with a call back from the replica, which GET /health skips."""
+    from logitfusion.client import FusionClient
+
+    raw = RawHttp(service.http_address)
+    with FusionClient(service.address, timeout_s=60) as client:
+        def grpc_once() -> str:
+            client.list_recipes()
+            return "ok"
+
+        def http_once() -> str:
+            raw.call("POST", "/detokenize", {"tokens": [5]})
+            return "ok"
+
+        times = paired({"grpc": grpc_once, "http": http_once}, pairs)
+    return summarize("body, no work", times, None)
+
+
 def table(rows: list[dict]) -> str:
     cols = ["request", "max_tokens", "http_client", "pairs", "grpc_ms", "http_ms", "overhead", "overhead_p90", "target", "meets_target"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -176,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                               num_cpus=4, access_log=False)
         try:
             load = os.getloadavg()[0]
-            rows = measure_health(service, args.pairs)
+            rows = measure_health(service, args.pairs) + measure_body_floor(service, args.pairs)
             for n in args.max_tokens:
                 rows += measure(service, n, args.pairs)
             load_after = os.getloadavg()[0]
