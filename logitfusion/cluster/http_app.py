@@ -605,7 +605,7 @@ class HttpFrontend:
         """Admit now (overload and bad input are a status), then stream server-sent events ending with [DONE]."""
         from starlette.responses import StreamingResponse
 
-        stream = self.coordinator.submit(req)
+        stream = self.coordinator.submit(req) if sampling.max_tokens > 0 else None  # 0: echo only
         created = int(time.time())
         preset = sampling.preset
 
@@ -621,9 +621,10 @@ class HttpFrontend:
             try:
                 if chat:
                     yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-                elif echo_text:
-                    yield event({"index": 0, "text": echo_text, "logprobs": None, "finish_reason": None})
-                async for chunk in stream:
+                elif echo_text is not None:
+                    done = "length" if stream is None else None
+                    yield event({"index": 0, "text": echo_text, "logprobs": None, "finish_reason": done})
+                async for chunk in stream if stream is not None else _nothing():
                     last = chunk.finished or last
                     text = "".join(t.text for t in chunk.tokens)
                     fin = _FINISH[chunk.finished.reason] if chunk.finished else None
@@ -647,7 +648,7 @@ class HttpFrontend:
                 status = err.code.name.lower()
                 yield f"data: {json.dumps({'error': {'message': err.message, 'type': kind, 'param': err.field, 'code': code}})}\n\n"
             finally:
-                if not stream.ended:
+                if stream is not None and not stream.ended:
                     self.coordinator.abort(stream.request_id)
                 if self.metrics is not None:
                     self.metrics.request_done(preset, status, "http")
@@ -746,6 +747,11 @@ class HttpFrontend:
             return self.error(exc, api="")
         body = self.metrics.render() if self.metrics is not None else b""
         return Plain(body, media_type=CONTENT_TYPE)
+
+
+async def _nothing() -> AsyncIterator[Any]:
+    return
+    yield  # an empty async iterator
 
 
 def _finite(lp: float) -> float:

@@ -198,3 +198,10 @@ def test_a_batch_of_token_id_prompts_answers_one_choice_each(stack, oai):
         assert all(len(t) <= 2 and lp <= 0 for t, lp in zip(c.logprobs.top_logprobs, c.logprobs.token_logprobs))
         greedy = [max(t.values()) for t in c.logprobs.top_logprobs]
         assert c.logprobs.token_logprobs == pytest.approx(greedy, abs=1e-6)  # temperature 0: the top token each time
+
+
+def test_streamed_echo_with_zero_tokens_returns_the_prompt_only(stack, oai):
+    _, _, runners = stack
+    prompt = "question: what is the capital of benun? answer:"
+    parts = list(oai.completions.create(model="dlf_capital", prompt=prompt, max_tokens=0, echo=True, stream=True))
+    assert [p.choices[0].text for p in parts] == [prompt] and parts[-1].choices[0].finish_reason == "length"
