@@ -1,13 +1,15 @@
 """What the HTTP ingress adds to a short request, compared with the gRPC ingress of the same Serve application.
 
 Both paths enter through a Serve proxy (HTTP proxy vs gRPC proxy) and reach the same replica, Coordinator and
-workers, so the difference is the ingress alone: JSON parsing and building the OpenAI response against protobuf.
+workers, so the difference is the ingress alone: Serve's HTTP path (a request body is fetched from the proxy by a
+call back from the replica) and JSON against protobuf.
 One service on the zoo (large, small, expert_capital; preset dlf_capital); per row, ``pairs`` rounds each time one
 gRPC Generate (logitfusion.client, one channel) and one POST /v1/completions with two HTTP clients (stdlib
 http.client keep-alive: "http"; a requests.Session: "http_requests"), in rotating order, same prompt, same greedy
 tokens (stop_at_eos off, so every request makes max_tokens tokens). The first rows are floors without model work:
-the two health checks (proxy and replica hop), then a request with a body (gRPC ListRecipes vs POST /detokenize). The machine is shared: the reported overhead is the
-median of the per-round ratios http / grpc - 1, beside the medians.
+the two health checks (proxy and replica hop), then a request with a body (gRPC ListRecipes vs POST /detokenize).
+The machine is shared: the reported overhead is the median of the per-round ratios http / grpc - 1, beside the
+medians.
 
     python -m bench.http_vs_grpc [--pairs 40] [--json results/http_vs_grpc.json]
 """
@@ -166,7 +168,8 @@ def measure_body_floor(service, pairs: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["request", "max_tokens", "http_client", "pairs", "grpc_ms", "http_ms", "overhead", "overhead_p90", "target", "meets_target"]
+    cols = ["request", "max_tokens", "http_client", "pairs", "grpc_ms", "http_ms", "overhead", "overhead_p90", "target",
+            "meets_target"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []

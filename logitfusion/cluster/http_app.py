@@ -219,7 +219,8 @@ def build_pb(sampling: Sampling, ids: Sequence[int], request_id: str) -> Any:
     spec = _want(ext, "speculative", "object", {}, where="logitfusion.speculative")
     _check_unknown(spec, frozenset({"draft_model", "num_draft_tokens", "adaptive"}), "logitfusion.speculative.")
     if spec:
-        msg.speculative.draft_model = _want(spec, "draft_model", "string", "", where="logitfusion.speculative.draft_model")
+        msg.speculative.draft_model = _want(spec, "draft_model", "string", "",
+                                            where="logitfusion.speculative.draft_model")
         k = _want(spec, "num_draft_tokens", "int", where="logitfusion.speculative.num_draft_tokens")
         if k is not None:
             msg.speculative.num_draft_tokens = k
@@ -646,7 +647,8 @@ class HttpFrontend:
             except BaseException as exc:  # noqa: BLE001 - mid-stream failure: an error event, then [DONE]
                 code, kind, err = to_http(exc)
                 status = err.code.name.lower()
-                yield f"data: {json.dumps({'error': {'message': err.message, 'type': kind, 'param': err.field, 'code': code}})}\n\n"
+                error = {"message": err.message, "type": kind, "param": err.field, "code": code}
+                yield f"data: {json.dumps({'error': error})}\n\n"
             finally:
                 if stream is not None and not stream.ended:
                     self.coordinator.abort(stream.request_id)
