@@ -265,6 +265,7 @@ class Coordinator:
         limits: Limits,
         max_step_retries: int = 3,
         name: str = "coordinator",
+        fusion_device: str = "auto",
     ) -> None:
         if max_step_retries < 0:
             raise ValueError(f"max_step_retries={max_step_retries} must be >= 0")
@@ -280,6 +281,7 @@ class Coordinator:
             max_batch_size=limits.max_batch_size,
             max_new_tokens_limit=limits.max_new_tokens,
             max_waiting_requests=limits.max_concurrent_requests,
+            fusion_device=fusion_device,
         )
         self.max_step_retries = max_step_retries
         self._cv = threading.Condition()
@@ -497,8 +499,10 @@ class Coordinator:
                 continue
             try:
                 with torch.inference_mode():
-                    result = fuse({m: logits[(job.seq_id, m)] for m in job.recipe.model_names()}, job.recipe)
-                    job.future.set_result(score_tokens(result.logprobs, job.token_ids, job.top_n, result.alphas))
+                    dev = self.decoder.fusion_device  # where decoding fuses (a GPU when the replica has one)
+                    result = fuse({m: logits[(job.seq_id, m)].to(dev) for m in job.recipe.model_names()}, job.recipe)
+                    scores = score_tokens(result.logprobs.cpu(), job.token_ids, job.top_n, result.alphas.cpu())
+                    job.future.set_result(scores)
             except BaseException as exc:  # noqa: BLE001 - reported to the caller
                 job.future.set_exception(classify(exc))
 
