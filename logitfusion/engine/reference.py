@@ -5,8 +5,9 @@
 - ``sequential_decode``: what the proxy-tuning reference code does: batch 1, each model called in turn with its
   own Hugging Face ``past_key_values``. The benchmarks' baseline.
 
-Both fuse and sample with logitfusion.fusion exactly as the Decoder does, with a generator seeded by
-``SamplingParams.seed``, so a sampled run is reproducible and comparable token for token.
+Both fuse and sample with logitfusion.fusion as the Decoder does, but on the dense path (every token, never the
+certified candidate support) and with the Hugging Face forward, with a generator seeded by ``SamplingParams.seed``,
+so a sampled run is reproducible and comparable token for token.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _pick(
     logits: Mapping[str, torch.Tensor], recipe: Recipe, sampling: SamplingParams, gen: torch.Generator | None
 ) -> tuple[int, list[float], torch.Tensor]:
     """Fuse one row per model ([1, V] each) and sample: (token, alphas, fused log-probs [V])."""
-    res = fuse(logits, recipe)
+    res = fuse(logits, recipe, support="dense")  # the reference arithmetic on every token, never the candidates
     token = int(sample(res.logprobs, [sampling], [gen])[0])
     return token, [float(a) for a in res.alphas[0]], res.logprobs[0]
 
