@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
@@ -358,6 +359,7 @@ class Decoder:
         self._releases: dict[str, set[str]] = {m: set() for m in self._runners}  # model -> seq ids to free
         self._results: dict[str, GenerationResult] = {}
         self._step = 0
+        self.fusion_time_s = 0.0  # total seconds spent fusing and solving the weights (metrics read the deltas)
 
     @staticmethod
     def _check_vocabularies(info: Mapping[str, RunnerInfo]) -> int:
@@ -730,7 +732,9 @@ class Decoder:
                     per_model[m].append(rows)
                 sizes.append(per_model[next(iter(per_model))][-1].shape[0])
             inputs = {m: concat_rows(rows).to(self.fusion_device) for m, rows in per_model.items()}  # no-op on CPU
+            t0 = time.perf_counter()
             result = fuse(inputs, recipe, validated=True)  # add_request validated the recipe; fuse checks the logits
+            self.fusion_time_s += time.perf_counter() - t0
             logprobs, alphas = result.logprobs.cpu(), result.alphas.cpu()  # sampling uses per-request CPU generators
             for live, lp, al in zip(lives, logprobs.split(sizes), alphas.split(sizes)):
                 fused[live.rid] = (lp, al)

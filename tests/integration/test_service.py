@@ -54,7 +54,7 @@ def service(family):
     )
     started_ray = not ray.is_initialized()
     t0 = time.monotonic()
-    svc = run_service(config, grpc_port=free_port(), blocking=False, num_cpus=4)
+    svc = run_service(config, grpc_port=free_port(), http_port=free_port(), blocking=False, num_cpus=4)
     print(f"\nservice started in {time.monotonic() - t0:.1f} s on {svc.address}")
     try:
         yield svc
