@@ -46,7 +46,7 @@ HEAD_TOKENS = 32
 COLUMNS = ["V", "batch", "profile", "recipe", "old_ms", "new_ms", "speedup", "old_cpu_ms", "new_cpu_ms", "K_mean",
            "alpha_diff", "alpha_diff_ref", "old_alpha_diff_ref", "loss_rel", "old_loss_rel"]
 RATIO_COLUMNS = ["V", "batch", "profile", "floor_ms", "floor_cpu_ms", "static3E_over_floor", "static3E_over_floor_cpu",
-                 "newton1E_over_proxy1E",
+                 "read_cpu_ms", "static3E_over_read_cpu", "newton1E_over_proxy1E",
                  "grid3E_over_static3E", "joint3E_over_static3E", "old_newton1E_over_proxy1E",
                  "old_grid3E_over_static3E", "old_joint3E_over_static3E"]
 
@@ -149,6 +149,12 @@ def floor_ms(vocab: int, batch: int, rounds: int) -> tuple[float, float]:
     return _median_ms([w for w, _, _ in runs]), _median_ms([c for _, c, _ in runs])
 
 
+def read_ms(vocab: int, batch: int, rounds: int) -> float:
+    """The bare memory floor: one amax over each of the 5 models' [B, V] logits (a read, no output). Median CPU ms."""
+    z = lm_logits(batch, vocab, PROFILES["peaked"], seed=1)
+    return _median_ms([_timed(lambda: [x.amax(-1) for x in z.values()])[1] for _ in range(max(5, rounds))])
+
+
 def _ratio(rows: list[dict[str, Any]], num: str, den: str, key: str) -> float | None:
     by = {r["recipe"]: r for r in rows}
     if num in by and den in by:
@@ -170,6 +176,7 @@ def vocab_section(quick: bool) -> dict[str, Any]:
             static_rows = measure(vocab, batch, "peaked", rounds, static_names)
             all_rows += static_rows
             fl_wall, fl_cpu = floor_ms(vocab, batch, rounds)
+            fl_read = read_ms(vocab, batch, rounds)
             for profile in PROFILES:
                 dlf_rows = measure(vocab, batch, profile, rounds, dlf_names)
                 all_rows += dlf_rows
@@ -179,6 +186,7 @@ def vocab_section(quick: bool) -> dict[str, Any]:
                     "V": vocab, "batch": batch, "profile": profile, "floor_ms": fl_wall, "floor_cpu_ms": fl_cpu,
                     "static3E_over_floor": round(st["new_ms"] / fl_wall, 2),
                     "static3E_over_floor_cpu": round(st["new_cpu_ms"] / fl_cpu, 2),
+                    "read_cpu_ms": fl_read, "static3E_over_read_cpu": round(st["new_cpu_ms"] / fl_read, 2),
                     "newton1E_over_proxy1E": _ratio(rows, "newton1E", "proxy1E", "new_cpu_ms"),
                     "grid3E_over_static3E": _ratio(rows, "grid3E", "static3E", "new_cpu_ms"),
                     "joint3E_over_static3E": _ratio(rows, "joint3E", "static3E", "new_cpu_ms"),
@@ -204,7 +212,8 @@ def vocab_section(quick: bool) -> dict[str, Any]:
             "rows, against the dense solve of the same logits in float64 (the reference): alpha_diff_ref (new), "
             "old_alpha_diff_ref (old), and loss_rel / old_loss_rel = max (L(alpha) - L(alpha_ref)) / L(alpha_ref) "
             "with L the float64 DLF objective on all V tokens (negative: lower than the reference's)",
-            "floor_ms: one torch.log_softmax over each of the 5 models' [B, V] logits (wall and thread CPU); the "
+            "floor_ms: one torch.log_softmax over each of the 5 models' [B, V] logits (wall and thread CPU; it "
+            "allocates 5 fresh outputs, whose page faults it pays); read_cpu_ms: one amax over each (a bare read); the "
             "recipe ratios (newton1E_over_proxy1E, ...) divide thread CPU times (new_cpu_ms, old_cpu_ms), which a "
             "shared machine disturbs far less than wall times",
         ],
