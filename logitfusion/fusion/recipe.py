@@ -228,6 +228,8 @@ def _fuse_fast(logits: Mapping[str, torch.Tensor], recipe: Recipe, support: str,
     dtype = compute_dtype(*mats.values())
     z = {n: x.to(dtype) for n, x in mats.items()}  # no copy when already fp32 / fp64
     B, T = z[names[0]].shape[0], len(recipe.experts)
+    if B == 0:
+        return None  # an empty batch: the dense path returns the empty result
     if not (T and recipe.solver is not None):
         fused = static_log_probs(z, _static_weights(recipe))
         if fused is None:

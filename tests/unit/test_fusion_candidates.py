@@ -208,6 +208,13 @@ def test_experts_equal_to_small_give_alpha_zero_on_the_candidates():
     assert (res.loss.abs() < 1e-20).all()
 
 
+def test_an_empty_batch_gives_empty_results():
+    z = {n: torch.zeros(0, 9) for n in ("large", "small", "e0")}
+    for recipe in (presets.proxy_tuning("large", "small", "e0"), dlf(1, "joint")):
+        res = fuse(z, recipe)
+        assert res.logprobs.shape == (0, 9) and res.alphas.shape == (0, 1)
+
+
 def test_a_single_token_vocabulary_and_a_single_candidate():
     z = {n: torch.zeros(2, 1) for n in ("large", "small", "e0")}
     res = fuse(z, dlf(1, "newton"), support="candidates")
