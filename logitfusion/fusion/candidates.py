@@ -11,11 +11,12 @@ probability below exp(-tau) too (alpha = 0 is in the box). With tau = ln(V / eps
 at most eps of the mass of P and of every Pt the solver can visit. The DLF problem is solved on the kept tokens only
 (P renormalised on them, deltas centred under that P), in float64; the targets KL(Q_t || Q), KL(Q || Q_t) involve
 only the small models and come from the one dense pass. Rows whose bound does not separate (more than
-max_fraction * V candidates: flat distributions) are solved densely, exactly as before.
+max_fraction * V candidates: flat distributions, and the bulk of trained models) take the dense reference
+arithmetic, bit for bit.
 
 The fast path needs finite logits everywhere (no masked token): one amax and one amin per model and row decide that
-(taken chunk by chunk with the other passes), and double as the NaN guard. Anything else (a -inf mask, NaN, +inf) returns None and fuse() takes the dense path, which
-handles masks and raises the precise error naming the model.
+(taken chunk by chunk with the other passes), and double as the NaN guard. Anything else (a -inf mask, NaN, +inf)
+returns None and fuse() takes the dense path, which handles masks and raises the precise error naming the model.
 """
 
 from __future__ import annotations
