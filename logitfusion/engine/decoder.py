@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from logitfusion.engine.routing import RouteTables, split_features
 from logitfusion.engine.runner import ExtendOp, ModelRunner, RunnerInfo, StepPlan, Want, failed
 from logitfusion.fusion import Recipe, SamplingParams, fuse, make_generator, sample, speculative_accept, to_probs
+from logitfusion.fusion.routing import route
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +111,7 @@ class GenerationResult:
     num_steps: int  # Decoder steps the request took part in
     num_drafted_tokens: int = 0
     num_accepted_tokens: int = 0
+    route: tuple[float, ...] = ()  # routed recipes: the weight w_t of each expert from the prompt (all 0: "none")
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -153,6 +156,7 @@ class _Live:
     num_steps: int = 0
     drafted: int = 0
     accepted: int = 0
+    route: torch.Tensor | None = None  # routed recipes: [T] expert weights, set by the prefill of the routing model
 
     @property
     def rid(self) -> str:
@@ -173,6 +177,7 @@ class _Live:
             num_steps=self.num_steps,
             num_drafted_tokens=self.drafted,
             num_accepted_tokens=self.accepted,
+            route=tuple(float(w) for w in self.route) if self.route is not None else (),
         )
 
 
@@ -194,6 +199,7 @@ class _Round:
     truncates: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     releases: dict[str, list[str]] = field(default_factory=dict)
     owners: dict[str, list[tuple[_Live, int, int]]] = field(default_factory=dict)  # (request, new held, rows kept)
+    featured: dict[str, list[_Live]] = field(default_factory=dict)  # per model, whose extends carry features_tokens
 
     def plans(self) -> dict[str, StepPlan]:
         names = set(self.extends) | set(self.truncates) | set(self.releases)
@@ -314,6 +320,7 @@ class Decoder:
         self._releases: dict[str, set[str]] = {m: set() for m in self._runners}  # model -> seq ids to free
         self._results: dict[str, GenerationResult] = {}
         self._step = 0
+        self._route_tables = RouteTables()  # routed recipes' example tables, computed on first use
 
     @staticmethod
     def _check_vocabularies(info: Mapping[str, RunnerInfo]) -> int:
@@ -485,6 +492,7 @@ class Decoder:
             self._retire_aborted()
             self._admit()
             try:
+                self._prepare_routes()  # routed requests: their experts' example tables (once per example set)
                 drafts = self._draft()  # speculative requests: the draft model proposes k tokens
                 logits = self._execute(self._plan(drafts))  # every model, one plan each, concurrently
             except StepFailed:
@@ -570,7 +578,12 @@ class Decoder:
         if live.held[model] > start:
             rnd.truncates.setdefault(model, []).append((live.rid, start))
         tokens = tuple(seq[start:])
-        rnd.extends.setdefault(model, []).append(ExtendOp(live.rid, tokens, want))
+        routing = live.request.recipe.route
+        feats = 0
+        if routing is not None and live.route is None and model == routing.model and start == 0:
+            feats = len(live.prompts[model])  # the routed request's prefill: its prompt representation comes along
+            rnd.featured.setdefault(model, []).append(live)
+        rnd.extends.setdefault(model, []).append(ExtendOp(live.rid, tokens, want, features_tokens=feats))
         rnd.owners.setdefault(model, []).append((live, start + len(tokens), rows))
 
     def _plan(self, drafts: Mapping[str, _Draft]) -> _Round:
@@ -616,6 +629,16 @@ class Decoder:
             for (live, held, rows), rows_out in zip(rnd.owners.get(m, ()), logits):
                 live.held[m] = live.valid[m] = held
                 out[(live.rid, m)] = rows_out[-rows:]
+            featured = rnd.featured.get(m, ())
+            try:
+                feats = split_features(m, logits, len(plans[m].extends), len(featured)) if featured else []
+            except Exception as exc:  # noqa: BLE001 - a runner without features: reported like any failure
+                failure = failure or StepFailed(m, exc)
+                for live in featured:
+                    live.valid[m] = 0  # the retry prefills again and asks again
+                continue
+            for live, f in zip(featured, feats):
+                self._set_route(live, f)
         if failure is not None:
             raise failure
         return out
@@ -635,6 +658,27 @@ class Decoder:
                 rnd.releases[model] = sorted(ids)
         if rnd.releases:
             self._execute(rnd)
+
+    # ------------------------------------------------------------------------------------------------ routing
+
+    def _prepare_routes(self) -> None:
+        """Make sure every routed request that still needs its weights has its example table (one runner call per
+        new example set, on this step thread, so no other plan is in flight)."""
+        for live in self._live.values():
+            routing = live.request.recipe.route
+            if routing is not None and live.route is None:
+                try:
+                    self._route_tables.get(routing, self._runners[routing.model])
+                except Exception as exc:  # noqa: BLE001 - a runner failure like any other
+                    raise StepFailed(routing.model, exc) from exc
+
+    def _set_route(self, live: _Live, features: torch.Tensor) -> None:
+        """The routing model's prefill came back: weight the request's experts by its prompt representation."""
+        routing = live.request.recipe.route
+        table = self._route_tables.get(routing, self._runners[routing.model])  # type: ignore[arg-type]
+        weights, sims = route(features.unsqueeze(0), table, routing)  # type: ignore[arg-type]
+        live.route = weights[0]  # [T]
+        logger.debug("request %s routed: similarities %s weights %s", live.rid, sims[0].tolist(), weights[0].tolist())
 
     # ------------------------------------------------------------------------------------------------ speculative
 
@@ -686,7 +730,10 @@ class Decoder:
                     per_model[m].append(rows)
                 sizes.append(per_model[next(iter(per_model))][-1].shape[0])
             inputs = {m: torch.cat(rows).to(self.fusion_device) for m, rows in per_model.items()}  # no-op on CPU
-            result = fuse(inputs, recipe)
+            weights = None
+            if recipe.route is not None:  # each row routed on its own request's prompt: [rows, T]
+                weights = torch.cat([live.route.expand(n, -1) for live, n in zip(lives, sizes)]).to(self.fusion_device)
+            result = fuse(inputs, recipe, weights)
             logprobs, alphas = result.logprobs.cpu(), result.alphas.cpu()  # sampling uses per-request CPU generators
             for live, lp, al in zip(lives, logprobs.split(sizes), alphas.split(sizes)):
                 fused[live.rid] = (lp, al)

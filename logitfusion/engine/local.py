@@ -118,6 +118,14 @@ def _layers_of(cache) -> list[KV]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def _pool_features(ops: Sequence[ExtendOp], hidden: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+    """hidden: [B, n, H] last hidden state of the group's new positions -> out[seq_id] = fp32 [H] mean, for the
+    ops that ask for features (the prompt representation a routed recipe compares, ALGORITHMS.md s.8)."""
+    for b, op in enumerate(ops):
+        if op.features_tokens:
+            out[op.seq_id] = hidden[b, : op.features_tokens].float().mean(dim=0).cpu()
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """The vocabulary fingerprint of a tokenizer (logitfusion.models.vocab)."""
     from logitfusion.models import vocab
@@ -265,12 +273,13 @@ class LocalRunner(ModelRunner):
         groups: dict[int, list[int]] = {}
         for i, op in enumerate(plan.extends):
             groups.setdefault(len(op.token_ids), []).append(i)
+        features: dict[str, torch.Tensor] = {}  # seq_id -> [H], for the extends that ask (runner contract)
         with torch.inference_mode():
             for n_new, idx in groups.items():
-                logits = self._extend_group([plan.extends[i] for i in idx], n_new)
+                logits = self._extend_group([plan.extends[i] for i in idx], n_new, features)
                 for i in idx:
                     out[i] = logits[plan.extends[i].seq_id]
-        return out  # type: ignore[return-value]
+        return out + [features[op.seq_id] for op in plan.extends if op.features_tokens]  # type: ignore[return-value]
 
     def _validate(self, plan: StepPlan) -> None:
         """Check every op against the state the plan will meet, before anything changes."""
@@ -297,6 +306,11 @@ class LocalRunner(ModelRunner):
                 raise RunnerError(f"{name}: extend of {op.seq_id!r} has no token_ids")
             if op.want not in ("last", "all"):
                 raise RunnerError(f"{name}: extend of {op.seq_id!r} has want={op.want!r}, expected 'last' or 'all'")
+            if not 0 <= op.features_tokens <= len(op.token_ids):
+                raise RunnerError(
+                    f"{name}: extend of {op.seq_id!r} has features_tokens={op.features_tokens} outside "
+                    f"0..{len(op.token_ids)} (its new tokens)"
+                )
             bad = [t for t in op.token_ids if not 0 <= t < vocab]
             if bad:
                 raise RunnerError(f"{name}: extend of {op.seq_id!r} has token id {bad[0]} outside 0..{vocab - 1}")
@@ -334,8 +348,12 @@ class LocalRunner(ModelRunner):
             self._caches[seq_id] = [(k[:, :, :length], v[:, :, :length]) for k, v in layers]
         self._lengths[seq_id] = length
 
-    def _extend_group(self, ops: list[ExtendOp], n_new: int) -> dict[str, torch.Tensor]:
-        """One forward for every op of the group; returns seq_id -> fp32 [n or 1, V] CPU logits."""
+    def _extend_group(
+        self, ops: list[ExtendOp], n_new: int, features: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One forward for every op of the group; returns seq_id -> fp32 [n or 1, V] CPU logits. The ops with
+        ``features_tokens`` also put the mean of their first new positions' last hidden state, fp32 [H], into
+        ``features``."""
         seq_ids = tuple(op.seq_id for op in ops)
         pack = self._pack
         reuse = pack is not None and set(pack.seq_ids) == set(seq_ids)
@@ -357,6 +375,7 @@ class LocalRunner(ModelRunner):
         if mask is not None:
             full_mask = torch.cat([mask, mask.new_ones((batch, n_new))], dim=1).to(self._device)  # [B, L_pad + n]
         cache = _cache_of(past)
+        want_features = features is not None and any(op.features_tokens for op in ops)
         out = self._model(
             input_ids=input_ids,
             attention_mask=full_mask,
@@ -364,8 +383,11 @@ class LocalRunner(ModelRunner):
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=keep,
+            output_hidden_states=want_features,
         )
         self.stats["forwards"] += 1
+        if want_features:
+            _pool_features(ops, out.hidden_states[-1], features)  # type: ignore[arg-type]
         new_layers = _layers_of(out.past_key_values)
         new_lengths = [n + n_new for n in lengths]
         self._store(seq_ids, new_layers, new_lengths, full_mask, n_new)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .dlf import SOLVERS, check_max_alpha, check_solver, prepare, solve_problem
+from .routing import Routing, check_routing, routed_alphas
 from .support import joint_log_probs, zero_filled
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class Recipe:
     anchor: str | None = None  # DLF: the large base whose distribution is P (coeffs must be exactly ((anchor, 1.0),))
     max_alpha: float = 2.0  # upper bound of every alpha, static or solved; in (0, 10]
     method: str = "custom"  # recipe family (presets.METHODS), for listings; does not change the math
+    route: Routing | None = None  # routed: per-row expert weights from the prompt (fusion.routing); the solver, if
+    # any, solves ONE alpha per row for the routed mixture delta, and static alphas are scaled by the weights
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and stored as tuples so a recipe stays hashable.
@@ -75,6 +78,8 @@ class Recipe:
         _check_experts(self.experts, self.small)
         _check_alphas(self.alphas, self.experts, self.solver, self.max_alpha)
         _check_solver_fields(self)
+        if self.route is not None:
+            check_routing(self.route, self.experts, self.model_names())
 
     def with_overrides(
         self, *, solver=_UNSET, alphas=_UNSET, experts=_UNSET, max_alpha=_UNSET
@@ -177,8 +182,11 @@ class FusionResult:
     loss: torch.Tensor | None  # [B] DLF objective at the chosen alphas; None for static recipes
 
 
-def fuse(logits: Mapping[str, torch.Tensor], recipe: Recipe) -> FusionResult:
-    """Fuse one step. logits[name]: [B, V] raw logits or log-probs of every model the recipe reads."""
+def fuse(
+    logits: Mapping[str, torch.Tensor], recipe: Recipe, route_weights: torch.Tensor | None = None
+) -> FusionResult:
+    """Fuse one step. logits[name]: [B, V] raw logits or log-probs of every model the recipe reads.
+    route_weights: [B, T] expert weights of each row, required by (and only used for) a routed recipe."""
     recipe.validate()
     lp, mask = joint_log_probs(logits, recipe.model_names())  # {name: [B, V]}, [B, V]
     B = mask.shape[0]
@@ -186,7 +194,9 @@ def fuse(logits: Mapping[str, torch.Tensor], recipe: Recipe) -> FusionResult:
     any_masked = bool(mask.any())
     zero = {n: zero_filled(x, mask) if any_masked else x for n, x in lp.items()}  # masked entries 0: no inf - inf
     loss = None
-    if T and recipe.solver is not None:
+    if recipe.route is not None:
+        alphas, loss = routed_alphas(lp, zero, mask, recipe, route_weights)  # [B, T], [B] or None
+    elif T and recipe.solver is not None:
         experts = torch.stack([lp[e] for e in recipe.experts])  # [T, B, V]
         pb = prepare(lp[recipe.anchor], lp[recipe.small], experts, mask)
         alphas, loss = solve_problem(pb, recipe.solver, recipe.max_alpha)  # [B, T], [B]

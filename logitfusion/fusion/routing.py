@@ -1,0 +1,208 @@
+"""Routed fusion: several experts, no task label; each request picks its experts by its own prompt.
+
+ALGORITHMS.md s.8 scores experts by how much better each explains the prompt than the small base. On the zoo that
+signal drowns (the experts were tuned with loss on the answer only, and their modelling of the prompt's format words
+drifted by several nats), so the representation used here is the one that separates the tasks:
+
+    r(x)        = mean over the prompt's positions of the routing model's last hidden state        # [H]
+    c           = mean over experts of the mean of r over that expert's example prompts            # [H] the centre
+    sim_t(x)    = max over expert t's examples e of cos(r(x) - c, r(e) - c)                        # [T]
+    w(x)        = softmax over the top_k experts of sim / tau (0 elsewhere);  w = 0 ("none") when max_t sim_t is
+                  below min_similarity: the large base decodes alone, so an unseen task is not pushed off course.
+
+Centring removes the large component every prompt shares (uncentred cosines all sit above 0.9); without it the
+threshold has no room. The routed mixture delta Delta_w = sum_t w_t (l_Et - l_S) is then one expert for an inner
+recipe: DLF solves one alpha per row and step for it (targets from the w-mixture Q_w = softmax(l_S + Delta_w)), or
+static alphas weight it (expert t gets alpha_t * w_t). The weights reported per step are the effective alpha_t * w_t.
+
+Pure tensor math: the Decoder computes the representations through the runner contract (ExtendOp.features_tokens)
+and hands the weights in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .dlf import prepare, solve_problem
+
+MAX_EXAMPLES_PER_EXPERT = 64  # example prompts an expert may register
+MAX_TAU = 10.0
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How a routed recipe weights its experts per request. ``examples[t]`` belongs to the recipe's t-th expert."""
+
+    model: str  # the model whose prompt representation is compared (the small base: every routed recipe reads it)
+    examples: tuple[tuple[tuple[int, ...], ...], ...]  # per expert: its example prompts as token ids (training data)
+    tau: float = 0.05  # softmax temperature over the similarities, in (0, 10]
+    top_k: int = 1  # experts kept per request (the rest get weight 0); 0 keeps every expert
+    min_similarity: float = 0.5  # below this best similarity the request is routed to "none", in [-1, 1]
+    centre: bool = True  # subtract the mean example representation before the cosine (needs >= 2 experts)
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.examples, list):
+            object.__setattr__(self, "examples", tuple(self.examples))
+        ex = self.examples
+        if isinstance(ex, tuple):
+            ex = tuple(tuple(tuple(p) for p in e) if isinstance(e, (list, tuple)) else e for e in ex)
+            object.__setattr__(self, "examples", ex)
+        try:  # the Decoder hashes a request's recipe every step: hash the example prompts once
+            h = hash((self.model, self.examples, self.tau, self.top_k, self.min_similarity, self.centre))
+        except TypeError:
+            h = 0  # unhashable fields: check_routing says which
+        object.__setattr__(self, "_hash", h)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def table_key(self) -> tuple:
+        """What the example table depends on (not tau, top_k nor the threshold: overriding those reuses it)."""
+        return (self.model, self.examples, self.centre)
+
+
+def check_routing(r: object, experts: tuple[str, ...], models: tuple[str, ...]) -> None:
+    """Raise ValueError naming the first bad field of a recipe's ``route`` and its limit."""
+    if not isinstance(r, Routing):
+        raise ValueError(f"route={r!r}: must be a fusion.routing.Routing or None")
+    if not isinstance(r.model, str) or r.model not in models:
+        raise ValueError(f"route.model={r.model!r}: must be a model the recipe reads ({', '.join(models)})")
+    if not experts:
+        raise ValueError("experts=(): a routed recipe needs at least one expert")
+    if not isinstance(r.examples, tuple) or len(r.examples) != len(experts):
+        n = len(r.examples) if isinstance(r.examples, tuple) else r.examples
+        raise ValueError(f"route.examples: needs one tuple of example prompts per expert ({len(experts)}), got {n}")
+    for t, prompts in enumerate(r.examples):
+        if not isinstance(prompts, tuple) or not 1 <= len(prompts) <= MAX_EXAMPLES_PER_EXPERT:
+            raise ValueError(
+                f"route.examples[{t}] ({experts[t]}): must hold 1..{MAX_EXAMPLES_PER_EXPERT} example prompts"
+            )
+        for i, p in enumerate(prompts):
+            ok = isinstance(p, tuple) and p and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in p)
+            if not ok:
+                raise ValueError(f"route.examples[{t}][{i}]: must be a non-empty tuple of token ids >= 0")
+    if not (_real(r.tau) and 0.0 < r.tau <= MAX_TAU):
+        raise ValueError(f"route.tau={r.tau!r}: must be finite and in (0, {MAX_TAU}]")
+    if not (isinstance(r.top_k, int) and not isinstance(r.top_k, bool) and 0 <= r.top_k <= len(experts)):
+        raise ValueError(f"route.top_k={r.top_k!r}: must be an integer in 0..{len(experts)} (0: every expert)")
+    if not (_real(r.min_similarity) and -1.0 <= r.min_similarity <= 1.0):
+        raise ValueError(f"route.min_similarity={r.min_similarity!r}: must be in [-1, 1]")
+    if not isinstance(r.centre, bool):
+        raise ValueError(f"route.centre={r.centre!r}: must be a bool")
+    if r.centre and len(experts) < 2:
+        raise ValueError("route.centre=True: needs at least 2 experts (one expert's examples have no common centre)")
+
+
+def _real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The routing table and the weights
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    """Every expert's example representations, centred and normalised, ready for cosines."""
+
+    centre: torch.Tensor  # [H] (zeros when not centring)
+    examples: torch.Tensor  # [N, H] unit rows
+    owner: torch.Tensor  # [N] long: the expert index of each example
+    num_experts: int  # T
+
+
+def build_table(per_expert: list[torch.Tensor], centre: bool) -> RouteTable:
+    """per_expert[t]: [K_t, H] representations of expert t's example prompts."""
+    feats = [f.double() for f in per_expert]  # fp64: the cosines near 1 need the digits
+    c = torch.stack([f.mean(0) for f in feats]).mean(0) if centre else torch.zeros_like(feats[0][0])  # [H]
+    ex = torch.nn.functional.normalize(torch.cat(feats) - c, dim=-1)  # [N, H]
+    owner = torch.cat([torch.full((f.shape[0],), t, dtype=torch.long) for t, f in enumerate(feats)])  # [N]
+    return RouteTable(centre=c, examples=ex, owner=owner, num_experts=len(feats))
+
+
+def similarities(query: torch.Tensor, table: RouteTable) -> torch.Tensor:
+    """query: [B, H] prompt representations -> [B, T] best cosine to each expert's examples."""
+    q = torch.nn.functional.normalize(query.double() - table.centre, dim=-1)  # [B, H]
+    cos = q @ table.examples.T  # [B, N]
+    out = cos.new_full((q.shape[0], table.num_experts), -2.0)  # below any cosine
+    return out.scatter_reduce(1, table.owner.expand_as(cos), cos, reduce="amax")  # [B, T]
+
+
+def route_weights(sims: torch.Tensor, tau: float, top_k: int, min_similarity: float) -> torch.Tensor:
+    """sims: [B, T] -> fp32 weights [B, T]: softmax(sim / tau) over the top_k experts, rows of 0 for "none"."""
+    T = sims.shape[1]
+    k = T if top_k == 0 else min(top_k, T)
+    top = sims.topk(k, dim=1)  # values, indices: [B, k]
+    w = torch.zeros_like(sims).scatter(1, top.indices, torch.softmax(top.values / tau, dim=1))  # [B, T]
+    none = sims.max(dim=1).values < min_similarity  # [B]
+    return w.masked_fill(none.unsqueeze(1), 0.0).float()
+
+
+def route(query: torch.Tensor, table: RouteTable, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """query: [B, H] -> (weights [B, T] fp32, similarities [B, T] fp64)."""
+    sims = similarities(query, table)
+    return route_weights(sims, r.tau, r.top_k, r.min_similarity), sims
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fusion of the routed mixture
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_weights(weights: object, B: int, T: int) -> torch.Tensor:
+    """route_weights handed to fuse: [B, T], finite, each in [0, 1], each row summing to 0 ("none") or 1."""
+    if not isinstance(weights, torch.Tensor) or weights.shape != (B, T):
+        shape = list(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+        raise ValueError(f"route_weights: a routed recipe needs one weight per row and expert, shape [{B}, {T}], got {shape}")
+    w = weights.float()
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or bool((w > 1 + 1e-5).any()):
+        raise ValueError("route_weights: every weight must be finite and in [0, 1]")
+    sums = w.sum(1)
+    if not bool(((sums - 1).abs() < 1e-4).logical_or(sums == 0).all()):
+        raise ValueError("route_weights: each row must sum to 1 (routed) or be all 0 (none)")
+    return w
+
+
+def routed_alphas(
+    lp: dict[str, torch.Tensor],
+    zero: dict[str, torch.Tensor],
+    mask: torch.Tensor,
+    recipe,
+    weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The effective per-expert alphas [B, T] of a routed recipe (and the DLF loss [B], None when static).
+
+    lp: {model: [B, V]} log-probs on the joint support; zero: the same with masked entries 0; weights: [B, T].
+    DLF: alpha [B, 1] solved for the mixture delta, reported as alpha * w. Static: recipe.alphas[t] * w_t.
+    """
+    B, T = mask.shape[0], len(recipe.experts)
+    w = check_weights(weights, B, T).to(device=mask.device, dtype=lp[recipe.small].dtype)  # [B, T]
+    if recipe.solver is None:
+        fixed = torch.tensor(recipe.alphas, dtype=w.dtype, device=w.device)  # [T]
+        return w * fixed, None
+    small = zero[recipe.small]  # [B, V]
+    delta_w = torch.zeros_like(small)  # [B, V]
+    for t, e in enumerate(recipe.experts):
+        if bool((w[:, t] > 0).any()):
+            delta_w = delta_w + w[:, t : t + 1] * (zero[e] - small)
+    mix = torch.log_softmax((small + delta_w).masked_fill(mask, float("-inf")), dim=-1)  # [B, V] log Q_w
+    pb = prepare(lp[recipe.anchor], lp[recipe.small], mix.unsqueeze(0), mask)
+    alpha, loss = solve_problem(pb, recipe.solver, recipe.max_alpha)  # [B, 1], [B]
+    return alpha * w, loss
+
+
+__all__ = [
+    "Routing",
+    "RouteTable",
+    "build_table",
+    "check_routing",
+    "route",
+    "route_weights",
+    "routed_alphas",
+    "similarities",
+]
