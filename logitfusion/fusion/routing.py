@@ -37,7 +37,7 @@ class Routing:
     """How a routed recipe weights its experts per request. ``examples[t]`` belongs to the recipe's t-th expert."""
 
     model: str  # the model whose prompt representation is compared (the small base: every routed recipe reads it)
-    examples: tuple[tuple[tuple[int, ...], ...], ...]  # per expert: its example prompts as token ids (training data)
+    examples: tuple[tuple[tuple[int, ...], ...], ...] = field(repr=False)  # per expert: example prompts, token ids
     tau: float = 0.05  # softmax temperature over the similarities, in (0, 10]
     top_k: int = 1  # experts kept per request (the rest get weight 0); 0 keeps every expert
     min_similarity: float = 0.5  # below this best similarity the request is routed to "none", in [-1, 1]
@@ -51,14 +51,26 @@ class Routing:
         if isinstance(ex, tuple):
             ex = tuple(tuple(tuple(p) for p in e) if isinstance(e, (list, tuple)) else e for e in ex)
             object.__setattr__(self, "examples", ex)
+        object.__setattr__(self, "_hash", self._compute_hash())
+
+    def _compute_hash(self) -> int:
         try:  # the Decoder hashes a request's recipe every step: hash the example prompts once
-            h = hash((self.model, self.examples, self.tau, self.top_k, self.min_similarity, self.centre))
+            return hash((self.model, self.examples, self.tau, self.top_k, self.min_similarity, self.centre))
         except TypeError:
-            h = 0  # unhashable fields: check_routing says which
-        object.__setattr__(self, "_hash", h)
+            return 0  # unhashable fields: check_routing says which
 
     def __hash__(self) -> int:
         return self._hash
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_hash", None)  # str hashes differ between processes: recomputed on unpickling
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        object.__setattr__(self, "_hash", self._compute_hash())
 
     def table_key(self) -> tuple:
         """What the example table depends on (not tau, top_k nor the threshold: overriding those reuses it)."""
