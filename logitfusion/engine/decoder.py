@@ -618,6 +618,7 @@ class Decoder:
         futures: dict[str, Future] = {m: self._submit(m, plan) for m, plan in plans.items()}
         out: dict[tuple[str, str], torch.Tensor] = {}
         failure: StepFailed | None = None
+        prompt_features: list[tuple[_Live, torch.Tensor]] = []
         for m, fut in futures.items():
             try:
                 logits = fut.result()
@@ -637,8 +638,8 @@ class Decoder:
                 for live in featured:
                     live.valid[m] = 0  # the retry prefills again and asks again
                 continue
-            for live, f in zip(featured, feats):
-                self._set_route(live, f)
+            prompt_features += zip(featured, feats)
+        self._set_routes(prompt_features)
         if failure is not None:
             raise failure
         return out
@@ -672,13 +673,18 @@ class Decoder:
                 except Exception as exc:  # noqa: BLE001 - a runner failure like any other
                     raise StepFailed(routing.model, exc) from exc
 
-    def _set_route(self, live: _Live, features: torch.Tensor) -> None:
-        """The routing model's prefill came back: weight the request's experts by its prompt representation."""
-        routing = live.request.recipe.route
-        table = self._route_tables.get(routing, self._runners[routing.model])  # type: ignore[arg-type]
-        weights, sims = route(features.unsqueeze(0), table, routing)  # type: ignore[arg-type]
-        live.route = weights[0]  # [T]
-        logger.debug("request %s routed: similarities %s weights %s", live.rid, sims[0].tolist(), weights[0].tolist())
+    def _set_routes(self, prompt_features: Sequence[tuple[_Live, torch.Tensor]]) -> None:
+        """The routing model's prefills came back: weight each request's experts by its prompt representation
+        (rows that share a routing are routed at once)."""
+        groups: dict = {}
+        for live, f in prompt_features:
+            groups.setdefault(live.request.recipe.route, []).append((live, f))
+        for routing, rows in groups.items():
+            table = self._route_tables.get(routing, self._runners[routing.model])
+            weights, sims = route(torch.stack([f for _, f in rows]), table, routing)  # [R, T] each
+            for (live, _), w, s in zip(rows, weights, sims):
+                live.route = w  # [T]
+                logger.debug("request %s routed: similarities %s weights %s", live.rid, s.tolist(), w.tolist())
 
     # ------------------------------------------------------------------------------------------------ speculative
 

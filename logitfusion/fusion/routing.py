@@ -43,6 +43,8 @@ class Routing:
     min_similarity: float = 0.5  # below this best similarity the request is routed to "none", in [-1, 1]
     centre: bool = True  # subtract the mean example representation before the cosine (needs >= 2 experts)
     _hash: int = field(default=0, init=False, repr=False, compare=False)
+    _examples_ok: bool = field(default=False, init=False, repr=False, compare=False)  # checked once (fuse checks
+    # its recipe every step; the example prompts are hundreds of ids)
 
     def __post_init__(self) -> None:
         if isinstance(self.examples, list):
@@ -88,15 +90,9 @@ def check_routing(r: object, experts: tuple[str, ...], models: tuple[str, ...]) 
     if not isinstance(r.examples, tuple) or len(r.examples) != len(experts):
         n = len(r.examples) if isinstance(r.examples, tuple) else r.examples
         raise ValueError(f"route.examples: needs one tuple of example prompts per expert ({len(experts)}), got {n}")
-    for t, prompts in enumerate(r.examples):
-        if not isinstance(prompts, tuple) or not 1 <= len(prompts) <= MAX_EXAMPLES_PER_EXPERT:
-            raise ValueError(
-                f"route.examples[{t}] ({experts[t]}): must hold 1..{MAX_EXAMPLES_PER_EXPERT} example prompts"
-            )
-        for i, p in enumerate(prompts):
-            ok = isinstance(p, tuple) and p and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in p)
-            if not ok:
-                raise ValueError(f"route.examples[{t}][{i}]: must be a non-empty tuple of token ids >= 0")
+    if not r._examples_ok:  # a frozen object: its examples cannot change once checked
+        _check_examples(r.examples, experts)
+        object.__setattr__(r, "_examples_ok", True)
     if not (_real(r.tau) and 0.0 < r.tau <= MAX_TAU):
         raise ValueError(f"route.tau={r.tau!r}: must be finite and in (0, {MAX_TAU}]")
     if not (isinstance(r.top_k, int) and not isinstance(r.top_k, bool) and 0 <= r.top_k <= len(experts)):
@@ -107,6 +103,18 @@ def check_routing(r: object, experts: tuple[str, ...], models: tuple[str, ...]) 
         raise ValueError(f"route.centre={r.centre!r}: must be a bool")
     if r.centre and len(experts) < 2:
         raise ValueError("route.centre=True: needs at least 2 experts (one expert's examples have no common centre)")
+
+
+def _check_examples(examples: tuple, experts: tuple[str, ...]) -> None:
+    for t, prompts in enumerate(examples):
+        if not isinstance(prompts, tuple) or not 1 <= len(prompts) <= MAX_EXAMPLES_PER_EXPERT:
+            raise ValueError(
+                f"route.examples[{t}] ({experts[t]}): must hold 1..{MAX_EXAMPLES_PER_EXPERT} example prompts"
+            )
+        for i, p in enumerate(prompts):
+            ok = isinstance(p, tuple) and p and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in p)
+            if not ok:
+                raise ValueError(f"route.examples[{t}][{i}]: must be a non-empty tuple of token ids >= 0")
 
 
 def _real(x: object) -> bool:
@@ -123,8 +131,8 @@ class RouteTable:
     """Every expert's example representations, centred and normalised, ready for cosines."""
 
     centre: torch.Tensor  # [H] (zeros when not centring)
-    examples: torch.Tensor  # [N, H] unit rows
-    owner: torch.Tensor  # [N] long: the expert index of each example
+    examples: torch.Tensor  # [H, T * K] unit columns, expert t's in columns t*K .. t*K + K - 1 (K = the most
+    # examples of any expert; an expert with fewer repeats its first one, which changes no maximum)
     num_experts: int  # T
 
 
@@ -132,17 +140,17 @@ def build_table(per_expert: list[torch.Tensor], centre: bool) -> RouteTable:
     """per_expert[t]: [K_t, H] representations of expert t's example prompts."""
     feats = [f.double() for f in per_expert]  # fp64: the cosines near 1 need the digits
     c = torch.stack([f.mean(0) for f in feats]).mean(0) if centre else torch.zeros_like(feats[0][0])  # [H]
-    ex = torch.nn.functional.normalize(torch.cat(feats) - c, dim=-1)  # [N, H]
-    owner = torch.cat([torch.full((f.shape[0],), t, dtype=torch.long) for t, f in enumerate(feats)])  # [N]
-    return RouteTable(centre=c, examples=ex, owner=owner, num_experts=len(feats))
+    k = max(f.shape[0] for f in feats)
+    padded = [torch.cat([f, f[:1].expand(k - f.shape[0], -1)]) for f in feats]  # T x [K, H]
+    ex = torch.nn.functional.normalize(torch.cat(padded) - c, dim=-1)  # [T * K, H]
+    return RouteTable(centre=c, examples=ex.T.contiguous(), num_experts=len(feats))
 
 
 def similarities(query: torch.Tensor, table: RouteTable) -> torch.Tensor:
     """query: [B, H] prompt representations -> [B, T] best cosine to each expert's examples."""
     q = torch.nn.functional.normalize(query.double() - table.centre, dim=-1)  # [B, H]
-    cos = q @ table.examples.T  # [B, N]
-    out = cos.new_full((q.shape[0], table.num_experts), -2.0)  # below any cosine
-    return out.scatter_reduce(1, table.owner.expand_as(cos), cos, reduce="amax")  # [B, T]
+    cos = q @ table.examples  # [B, T * K]
+    return cos.view(q.shape[0], table.num_experts, -1).amax(dim=-1)  # [B, T]
 
 
 def route_weights(sims: torch.Tensor, tau: float, top_k: int, min_similarity: float) -> torch.Tensor:
@@ -172,10 +180,10 @@ def check_weights(weights: object, B: int, T: int) -> torch.Tensor:
         shape = list(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
         raise ValueError(f"route_weights: a routed recipe needs one weight per row and expert, shape [{B}, {T}], got {shape}")
     w = weights.float()
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or bool((w > 1 + 1e-5).any()):
+    if not bool(((w >= 0) & (w <= 1 + 1e-5)).all()):  # NaN fails both comparisons
         raise ValueError("route_weights: every weight must be finite and in [0, 1]")
     sums = w.sum(1)
-    if not bool(((sums - 1).abs() < 1e-4).logical_or(sums == 0).all()):
+    if not bool(((sums - 1).abs() < 1e-4).logical_or_(sums == 0).all()):
         raise ValueError("route_weights: each row must sum to 1 (routed) or be all 0 (none)")
     return w
 
