@@ -42,6 +42,8 @@ class SuiteConfig:
     rtt_repeats: int = 200  # worker stream round trips timed
     pack_batches: tuple[int, ...] = (1, 4, 16)  # LocalRunner pack section
     pack_steps: int = 24
+    vocab_sizes: tuple[int, ...] = (32000, 128256, 262144)  # V of section h (the Decoder step at real vocabularies)
+    vocab_batches: tuple[int, ...] = (1, 16)
     distributed: bool = True  # run the Ray rows (skipped with a note when Ray cannot start)
     zoo: bool = True  # run the zoo rows (skipped with a note when no zoo is built)
     zoo_cache: str | None = None  # where to look for a built zoo besides the committed one (default: the cache)
@@ -72,6 +74,8 @@ class SuiteConfig:
             rtt_repeats=20,
             pack_batches=(1, 4),
             pack_steps=4,
+            vocab_sizes=(32000,),
+            vocab_batches=(1, 4),
             quick=True,
         )
 

@@ -472,7 +472,9 @@ def layout_errors(cluster: Doc, topology: Any, where: str, autoscaling: bool) ->
     if extra:
         errors.append(f"{where}: worker groups with {extra} GPUs per pod match no model of the topology")
     # The placement groups the Serve app reserves: topology.bundles() per pipeline (the head has num-cpus 0).
-    bundles = topology.bundles(num_gpus_available=1)
+    cluster_gpus = sum(group_gpus(g) * (group_capacity(g) if autoscaling else int(g.get("replicas", 0)))
+                       for g in cluster.get("workerGroupSpecs") or [])
+    bundles = topology.bundles(num_gpus_available=cluster_gpus / max(1, pipelines))
     for resource, per_pod in (("GPU", group_gpus), ("CPU", group_cpus)):
         wanted_total = pipelines * sum(b.get(resource, 0.0) for b in bundles)
         have_total = sum(per_pod(g) * (group_capacity(g) if autoscaling else int(g.get("replicas", 0)))

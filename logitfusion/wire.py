@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from logitfusion.engine.runner import ExtendOp, RunnerInfo, StepPlan
+from logitfusion.engine.runner import ExtendOp, RunnerInfo, StepPlan, concat_rows
 from logitfusion.v1 import worker_pb2 as pb
 
 MAX_RANK = 8  # tensors on this wire are [n, V] logits or 1-d token ids; 8 leaves room without trusting a peer
@@ -191,7 +191,7 @@ def logits_response(
     if n_extends is not None:
         logits, feats = logits[:n_extends], logits[n_extends:]
     if logits:
-        joined = torch.cat([t.reshape(t.shape[0], vocab_size) for t in logits], dim=0)  # [sum n_i, V]
+        joined = concat_rows([t.reshape(t.shape[0], vocab_size) for t in logits])  # [sum n_i, V], no copy if in order
     else:
         joined = torch.empty(0, vocab_size)  # [0, V]
     msg = pb.StepLogits(logits=encode_tensor(joined, dtype), rows_per_extend=[int(t.shape[0]) for t in logits])
@@ -223,8 +223,9 @@ def split_logits(
         )
     if shape[1] != vocab_size:
         raise WireError(f"StepLogits.logits: {shape[1]} columns, the model's vocabulary has {vocab_size}")
-    # fp32: copy once so the caller owns writable memory; bf16: the upcast is the copy.
-    joined = decode_tensor(msg.logits, copy=dtype == torch.float32, field="StepLogits.logits").float()  # [sum n, V]
+    # fp32: a read-only view of the message's bytes (the runner contract's logits are read-only; at V = 128k and 16
+    # rows a copy is 8 MB per model per step); bf16: the upcast is the one copy.
+    joined = decode_tensor(msg.logits, copy=False, field="StepLogits.logits").float()  # [sum n, V]
     out = list(torch.split(joined, rows, dim=0)) if rows else []
     return out + _split_features(msg, expected_features)
 

@@ -244,6 +244,7 @@ class Coordinator:
         limits: Limits,
         max_step_retries: int = 3,
         name: str = "coordinator",
+        fusion_device: str = "auto",
     ) -> None:
         if max_step_retries < 0:
             raise ValueError(f"max_step_retries={max_step_retries} must be >= 0")
@@ -259,6 +260,7 @@ class Coordinator:
             max_batch_size=limits.max_batch_size,
             max_new_tokens_limit=limits.max_new_tokens,
             max_waiting_requests=limits.max_concurrent_requests,
+            fusion_device=fusion_device,
         )
         self.max_step_retries = max_step_retries
         self._cv = threading.Condition()

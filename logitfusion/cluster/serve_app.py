@@ -539,7 +539,8 @@ class Pipeline:
                 runners[name] = RemoteRunner.for_actor(
                     name, actor, reconnect_timeout_s=topology.serve.reconnect_timeout_s
                 )
-            coordinator = Coordinator(runners, codec=codec, limits=topology.limits, name=name_prefix)
+            coordinator = Coordinator(runners, codec=codec, limits=topology.limits, name=name_prefix,
+                                      fusion_device=topology.serve.fusion_device)
         except BaseException as exc:
             for r in runners.values():
                 r.close()
@@ -599,7 +600,6 @@ def launch_worker(
 ) -> Any:
     """One ModelWorker actor for ``model`` in its bundle (Ray restarts it up to max_restarts times when it dies)."""
     from logitfusion.actors.worker import WorkerSpec, start_worker
-    from logitfusion.cluster.topology import shard_gpus
 
     m = topology.model(model)
     path = topology.model_path(m.name)
@@ -615,7 +615,7 @@ def launch_worker(
     return start_worker(
         spec,
         num_cpus=m.driver_num_cpus if m.tp_size > 1 else m.num_cpus,
-        num_gpus=0.0 if m.tp_size > 1 else shard_gpus(m, gpus_available, topology.total_shards()),  # tp: shards
+        num_gpus=0.0 if m.tp_size > 1 else topology.model_shard_gpus(m.name, gpus_available),  # tp: shards
         max_restarts=m.max_restarts,
         placement_group=placement_group,
         bundle_index=bundle_index,
@@ -747,7 +747,8 @@ def deployment_options(topology: Topology, gpus_available: float) -> dict[str, A
     limits = topology.limits
     return {
         "num_replicas": topology.serve.replicas,
-        "ray_actor_options": {"num_cpus": topology.serve.coordinator_num_cpus},
+        "ray_actor_options": {"num_cpus": topology.serve.coordinator_num_cpus,
+                              "num_gpus": topology.coordinator_gpus(gpus_available)},
         "placement_group_bundles": topology.placement_bundles(gpus_available),
         "placement_group_strategy": topology.serve.placement_strategy,
         # The Coordinator refuses request max_concurrent_requests + 1 itself (RESOURCE_EXHAUSTED, at once); Serve

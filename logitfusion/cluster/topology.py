@@ -227,6 +227,13 @@ class ServeSpec(_Strict):
     auth_token_env: str | None = Field(
         None, pattern=r"^[A-Z_][A-Z0-9_]*$", description="env var holding a bearer token clients must send; unset: none"
     )
+    coordinator_num_gpus: float | None = Field(
+        None, ge=0, le=1, description="GPU share of the coordinator's replica, for fusion; unset: 0.1 when the "
+        "cluster has GPUs, else 0"
+    )
+    fusion_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the coordinator fuses and solves DLF; auto: its GPU share when it has one"
+    )
 
 
 class Topology(_Strict):
@@ -329,17 +336,35 @@ class Topology(_Strict):
         """Model shards of one pipeline (a tensor-parallel model counts tp_size)."""
         return sum(m.tp_size for m in self.models)
 
+    def coordinator_gpus(self, num_gpus_available: float) -> float:
+        """The coordinator replica's GPU share (fusion runs there): serve.coordinator_num_gpus if set; else 0.1 of
+        a GPU (fusion is a few [B, V] passes) when that fits beside the shards: a spare GPU (at least one more GPU
+        than shards), or GPUs the shards share anyway (fewer GPUs than shards); else 0 (every GPU is one shard's
+        whole: the coordinator fuses on its CPU)."""
+        if self.serve.coordinator_num_gpus is not None:
+            return self.serve.coordinator_num_gpus
+        shards = self.total_shards()
+        if num_gpus_available <= 0 or shards <= num_gpus_available < shards + 1:
+            return 0.0
+        return COORDINATOR_GPU_SHARE
+
+    def model_shard_gpus(self, name: str, num_gpus_available: float) -> float:
+        """GPUs of each shard of model ``name``, from what is left once the coordinator has its share."""
+        pool = max(0.0, num_gpus_available - self.coordinator_gpus(num_gpus_available))
+        return shard_gpus(self.model(name), pool, self.total_shards())
+
     def placement_bundles(self, num_gpus_available: float) -> list[dict[str, float]]:
         """The placement group of one pipeline (one Serve replica): the coordinator's CPU bundle first, then one
         bundle per model in topology order. A tensor-parallel model's bundle holds only the actor that drives its
         group; the shards get a STRICT_PACK group of their own (cluster.tp), so every shard of one model shares a
         node even when the pipeline spans several."""
-        out = [{"CPU": self.serve.coordinator_num_cpus}]
+        coord = self.coordinator_gpus(num_gpus_available)
+        out = [{"CPU": self.serve.coordinator_num_cpus, **({"GPU": coord} if coord else {})}]
         for m in self.models:
             if m.tp_size > 1:
                 out.append({"CPU": m.driver_num_cpus})
                 continue
-            gpus = shard_gpus(m, num_gpus_available, self.total_shards())
+            gpus = self.model_shard_gpus(m.name, num_gpus_available)
             out.append({"CPU": m.num_cpus, **({"GPU": gpus} if gpus else {})})
         return out
 
@@ -348,7 +373,7 @@ class Topology(_Strict):
         m = self.model(name)
         if m.tp_size == 1:
             return []
-        gpus = shard_gpus(m, num_gpus_available, self.total_shards())
+        gpus = self.model_shard_gpus(name, num_gpus_available)
         return [{"CPU": m.num_cpus, **({"GPU": gpus} if gpus else {})} for _ in range(m.tp_size)]
 
     def bundles(self, num_gpus_available: float) -> list[dict[str, float]]:
@@ -362,6 +387,9 @@ class Topology(_Strict):
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude={"base_dir"}, exclude_defaults=False)
         return yaml.safe_dump(data, sort_keys=False)
+
+
+COORDINATOR_GPU_SHARE = 0.1
 
 
 def shard_gpus(model: ModelSpec, num_gpus_available: float, total_shards: int = 1) -> float:

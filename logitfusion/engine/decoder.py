@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from logitfusion.engine.routing import RouteTables, split_features
-from logitfusion.engine.runner import ExtendOp, ModelRunner, RunnerInfo, StepPlan, Want, failed
+from logitfusion.engine.runner import ExtendOp, ModelRunner, RunnerInfo, StepPlan, Want, concat_rows, failed
 from logitfusion.fusion import Recipe, SamplingParams, fuse, make_generator, sample, speculative_accept, to_probs
 from logitfusion.fusion.routing import route
 
@@ -152,6 +152,8 @@ class _Live:
     held: dict[str, int] = field(default_factory=dict)  # model -> tokens the runner holds for this request
     valid: dict[str, int] = field(default_factory=dict)  # model -> of those, the prefix that is still right
     text: str = ""  # text emitted so far
+    decoded: str = ""  # text of the generated tokens so far, complete characters only (>= text)
+    detok: IncrementalText | None = None
     finish_reason: str | None = None
     num_steps: int = 0
     drafted: int = 0
@@ -226,6 +228,47 @@ def _common_prefix_len(a: str, b: str) -> int:
     return i
 
 
+class IncrementalText:
+    """Text of a growing token sequence in O(new tokens) per step instead of re-decoding it all (quadratic).
+
+    Decodes a short window: the tokens since the last emitted boundary (``prefix``) and through the newest token.
+    The new text is decode(window) minus decode(window before the new tokens): both start at the same token, so a
+    tokenizer that treats a first token specially (a leading space dropped) does it to both alike. A window that ends
+    inside a multi-byte character (U+FFFD at its end) waits for its next token. ``flush`` gives what is still held,
+    replacement character and all, as a whole-sequence decode would.
+    """
+
+    __slots__ = ("_decode", "_prefix", "_read")
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
+        self._decode = decode
+        self._prefix = 0  # window start
+        self._read = 0  # tokens whose text has been returned
+
+    def step(self, ids: Sequence[int]) -> str:
+        """The new text once ``ids`` (the whole sequence so far) ends with complete characters, else ""."""
+        before = self._decode(ids[self._prefix : self._read])
+        now = self._decode(ids[self._prefix :])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(ids)
+        return now[len(before) :]
+
+    def flush(self, ids: Sequence[int]) -> str:
+        """Everything of ``ids`` not returned yet, even an incomplete character."""
+        before = self._decode(ids[self._prefix : self._read])
+        now = self._decode(ids[self._prefix :])
+        self._prefix = self._read = len(ids)
+        return now[len(before) :] if now.startswith(before) else now
+
+
+def resolve_fusion_device(device: str | torch.device) -> torch.device:
+    """ "auto" -> cuda when this process sees a GPU, else cpu; anything else as torch.device reads it."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def _find_stop(text: str, stops: Sequence[str], start: int) -> int:
     """The earliest index >= start - (longest stop - 1) where a stop string begins in text, or -1."""
     if not stops:
@@ -279,15 +322,16 @@ class Decoder:
         max_batch_size: int = 16,
         max_new_tokens_limit: int = 1024,
         max_waiting_requests: int = 1024,
-        fusion_device: str | torch.device = "cpu",
+        fusion_device: str | torch.device = "auto",
     ) -> None:
-        """fusion_device: where fusion, the DLF solve and the speculative targets are computed. The runner contract
+        """fusion_device: where fusion, the DLF solve and the speculative targets are computed ("auto": the GPU when
+        this process sees one, else the CPU; see ``resolve_fusion_device``). The runner contract
         returns fp32 CPU logits; with "cuda" they are copied to the GPU for fusion (the solver is many [B, V]
         passes, which the GPU does in well under a millisecond) and the fused log-probs come back for sampling."""
         if not runners:
             raise ValueError("runners must name at least one model")
         try:
-            self.fusion_device = torch.device(fusion_device)
+            self.fusion_device = resolve_fusion_device(fusion_device)
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"fusion_device={fusion_device!r} is not a torch device: {exc}") from None
         if self.fusion_device.type == "cuda" and not torch.cuda.is_available():
@@ -735,11 +779,11 @@ class Decoder:
                         rows = torch.cat([torch.stack(draft.raw), rows])  # [k + 1, V]
                     per_model[m].append(rows)
                 sizes.append(per_model[next(iter(per_model))][-1].shape[0])
-            inputs = {m: torch.cat(rows).to(self.fusion_device) for m, rows in per_model.items()}  # no-op on CPU
+            inputs = {m: concat_rows(rows).to(self.fusion_device) for m, rows in per_model.items()}  # no-op on CPU
             weights = None
             if recipe.route is not None:  # each row routed on its own request's prompt: [rows, T]
                 weights = torch.cat([live.route.expand(n, -1) for live, n in zip(lives, sizes)]).to(self.fusion_device)
-            result = fuse(inputs, recipe, weights)
+            result = fuse(inputs, recipe, weights, validated=True)  # add_request validated it; fuse checks the logits
             logprobs, alphas = result.logprobs.cpu(), result.alphas.cpu()  # sampling uses per-request CPU generators
             for live, lp, al in zip(lives, logprobs.split(sizes), alphas.split(sizes)):
                 fused[live.rid] = (lp, al)
@@ -764,8 +808,9 @@ class Decoder:
         """One token per plain request, all rows sampled at once (each with its own generator)."""
         if not plain:
             return {}
-        lp = torch.cat([fused[live.rid][0] for live in plain])  # [B, V]
-        tokens = sample(lp, [live.request.sampling for live in plain], [live.generator for live in plain])  # [B]
+        lp = concat_rows([fused[live.rid][0] for live in plain])  # [B, V]
+        params = [live.request.sampling for live in plain]  # validated at add_request; lp is fuse's checked output
+        tokens = sample(lp, params, [live.generator for live in plain], check=False)  # [B]
         return {live.rid: ([int(tokens[b])], [fused[live.rid][1][0]]) for b, live in enumerate(plain)}
 
     @staticmethod
@@ -776,7 +821,7 @@ class Decoder:
         every model back to it: the truncate rides the next plan. Returns the accepted tokens plus one."""
         spec = live.request.speculative
         params = live.request.sampling
-        p = to_probs(lp, [params] * lp.shape[0])  # [k + 1, V]
+        p = to_probs(lp, [params] * lp.shape[0], check=False)  # [k + 1, V] from fuse's checked output
         drafted = torch.tensor(draft.tokens, dtype=torch.long)  # [k]
         n_acc, nxt = speculative_accept(p, torch.stack(draft.q), drafted, params.greedy, live.generator)
         live.drafted += draft.k
@@ -809,13 +854,18 @@ class Decoder:
         reason = FINISH_STOP if token in live.stop_ids else None
         delta = ""
         if self._decode is not None:
-            text = self._decode(live.generated[:-1] if reason == FINISH_STOP else live.generated)
+            if live.detok is None:
+                live.detok = IncrementalText(self._decode)
+            ids = live.generated[:-1] if reason == FINISH_STOP else live.generated
+            last = reason is not None or len(live.generated) >= live.request.max_new_tokens
+            live.decoded += live.detok.flush(ids) if last else live.detok.step(ids)
+            text = live.decoded
             cut = _find_stop(text, live.request.stop_strings, len(live.text))
             if cut >= 0:
                 text, reason = text[:cut], FINISH_STOP
             elif reason is None and len(live.generated) < live.request.max_new_tokens:
                 text = _held_back(text, live.request.stop_strings)
-            keep = _common_prefix_len(live.text, text)
+            keep = len(live.text) if text.startswith(live.text) else _common_prefix_len(live.text, text)
             if keep < len(live.text):
                 logger.debug("request %s: decoded text changed before position %d", live.rid, len(live.text))
             delta = text[max(keep, len(live.text)) :]

@@ -13,8 +13,10 @@ views, and the next forward pads afresh.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from typing import Any
 
 import torch
 
+from logitfusion.engine.lean import LeanLlama, unsupported_reason
 from logitfusion.engine.runner import (
     ExtendOp,
     ModelRunner,
@@ -133,6 +136,31 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return vocab.vocab_fingerprint(tokenizer)
 
 
+BACKENDS = ("auto", "lean", "hf")
+
+
+def _make_lean(model: Any, name: str, max_length_tokens: int, vocab_size: int, backend: str) -> LeanLlama | None:
+    """The lean forward for ``model`` when the backend allows it; "auto" falls back to hf with a log line."""
+    if backend == "hf":
+        return None
+    reason = unsupported_reason(model)
+    if reason is not None:
+        if backend == "lean":
+            raise ValueError(f"backend='lean' for model {name!r}: {reason}")
+        logger.info("model %s: Hugging Face forward (%s)", name, reason)
+        return None
+    lean = LeanLlama(model, max_length_tokens)
+    try:
+        diff = lean.self_check(model, vocab_size)
+    except ValueError as exc:
+        if backend == "lean":
+            raise ValueError(f"backend='lean' for model {name!r}: {exc}") from None
+        logger.warning("model %s: Hugging Face forward (%s)", name, exc)
+        return None
+    logger.debug("model %s: lean forward, self-check max |diff| %.2e", name, diff)
+    return lean  # the check's tokens in slot 0 are never read: a sequence attends to its own positions only
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The runner
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,8 +172,13 @@ class LocalRunner(ModelRunner):
     model: a transformers causal LM with attention layers only (full or sliding window: Llama, Gemma 3, ...).
     vocab_size: the tokenizer's real size V (logits are sliced to it). vocab_fingerprint: the tokenizer's
     fingerprint (logitfusion.models.vocab). max_length_tokens: defaults to the model's
-    max_position_embeddings. threaded: run each plan on the runner's own worker thread so that the Decoder's
-    concurrent submits to several runners overlap (torch releases the GIL inside its kernels). reuse_pack: keep
+    max_position_embeddings. backend: "lean" runs the model's weights through engine.lean (a slot KV cache and
+    no framework overhead: Llama-family models), "hf" through the Hugging Face forward with per-sequence
+    DynamicCaches, "auto" (default) takes lean when the architecture allows it and its one-time self-check against
+    the Hugging Face forward passes, else hf. threaded: run each plan on the runner's own worker thread so that
+    the Decoder's submits to several runners overlap; off by default, because in one process the GIL serialises
+    the Python side of every forward and the hand-off costs more than it overlaps (bench/peer.py measures both;
+    models step truly in parallel as separate worker processes, actors/worker.py). reuse_pack (hf backend): keep
     the decode group's padded batch between steps while its membership is unchanged.
     """
 
@@ -157,7 +190,8 @@ class LocalRunner(ModelRunner):
         vocab_size: int,
         vocab_fingerprint: str,
         max_length_tokens: int | None = None,
-        threaded: bool = True,
+        backend: str = "auto",
+        threaded: bool = False,
         reuse_pack: bool = True,
     ) -> None:
         config = model.config
@@ -177,9 +211,13 @@ class LocalRunner(ModelRunner):
             raise ValueError(
                 f"model {name!r} has {odd} layers; LocalRunner serves attention layers only {ATTENTION_LAYER_TYPES}"
             )
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
         model.eval()
         param = next(model.parameters())
         self._model = model
+        self._lean = _make_lean(model, name, int(max_length_tokens), int(vocab_size), backend)
+        self.backend = "lean" if self._lean is not None else "hf"
         self._info = RunnerInfo(
             name=name,
             vocab_size=int(vocab_size),
@@ -195,9 +233,12 @@ class LocalRunner(ModelRunner):
         self._caches: dict[str, list[KV] | None] = {}  # seq_id -> per-layer [1, H, L, D]; None while in the pack
         self._lengths: dict[str, int] = {}  # seq_id -> cached tokens
         self._pack: _Pack | None = None
+        self._slot_of: dict[str, int] = {}  # lean backend: seq_id -> its cache slot
+        self._free_slots: list[int] = []  # lean backend: a heap of released slots (lowest first keeps rows contiguous)
+        self._next_slot = 0
         self._closed = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"runner-{name}") if threaded else None
-        self.stats = {"forwards": 0, "repacks": 0, "pack_reuses": 0}
+        self.stats = {"forwards": 0, "repacks": 0, "pack_reuses": 0, "busy_s": 0.0}  # busy_s: wall time in plans
         self.tokenizer: Any = None  # set by from_pretrained
 
     @classmethod
@@ -250,6 +291,8 @@ class LocalRunner(ModelRunner):
             self._caches.clear()
             self._lengths.clear()
             self._pack = None
+            self._slot_of.clear()
+            self._lean = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
@@ -263,6 +306,13 @@ class LocalRunner(ModelRunner):
 
     def _run(self, plan: StepPlan) -> list[torch.Tensor]:
         """Releases, then truncates, then the extends grouped by their number of new tokens."""
+        t0 = time.perf_counter()
+        try:
+            return self._run_plan(plan)
+        finally:
+            self.stats["busy_s"] += time.perf_counter() - t0
+
+    def _run_plan(self, plan: StepPlan) -> list[torch.Tensor]:
         self._validate(plan)
         with self._lock:
             for seq_id in plan.releases:
@@ -270,16 +320,36 @@ class LocalRunner(ModelRunner):
             for seq_id, length in plan.truncates:
                 self._truncate(seq_id, length)
         out: list[torch.Tensor | None] = [None] * len(plan.extends)
-        groups: dict[int, list[int]] = {}
-        for i, op in enumerate(plan.extends):
-            groups.setdefault(len(op.token_ids), []).append(i)
+        groups = self._groups(plan.extends)
         features: dict[str, torch.Tensor] = {}  # seq_id -> [H], for the extends that ask (runner contract)
         with torch.inference_mode():
             for n_new, idx in groups.items():
-                logits = self._extend_group([plan.extends[i] for i in idx], n_new, features)
+                ops = [plan.extends[i] for i in idx]
+                if self._lean is not None:
+                    logits = self._extend_group_lean(ops, features)
+                else:
+                    logits = self._extend_group(ops, n_new, features)
                 for i in idx:
                     out[i] = logits[plan.extends[i].seq_id]
         return out + [features[op.seq_id] for op in plan.extends if op.features_tokens]  # type: ignore[return-value]
+
+    def _groups(self, extends: Sequence[ExtendOp]) -> dict[int, list[int]]:
+        """Extend indices per forward. hf: one group per number of new tokens n. lean: the decode rows (n = 1) and
+        every longer extend (prefills, verifies) together, right-padded, unless the padding would run past
+        max_length_tokens for some row (then those go by n as well)."""
+        groups: dict[int, list[int]] = {}
+        if self._lean is None:
+            for i, op in enumerate(extends):
+                groups.setdefault(len(op.token_ids), []).append(i)
+            return groups
+        multi = [i for i, op in enumerate(extends) if len(op.token_ids) > 1]
+        n_max = max((len(extends[i].token_ids) for i in multi), default=0)
+        limit = self._info.max_length_tokens
+        for i, op in enumerate(extends):
+            n = len(op.token_ids)
+            fits = n > 1 and self._lengths.get(op.seq_id, 0) + n_max <= limit
+            groups.setdefault(-1 if fits else n, []).append(i)  # -1: the padded group of longer extends
+        return groups
 
     def _validate(self, plan: StepPlan) -> None:
         """Check every op against the state the plan will meet, before anything changes."""
@@ -331,6 +401,9 @@ class LocalRunner(ModelRunner):
             self._caches[seq_id] = layers
 
     def _release(self, seq_id: str) -> None:
+        slot = self._slot_of.pop(seq_id, None)
+        if slot is not None:
+            heapq.heappush(self._free_slots, slot)
         if self._pack is not None and seq_id in self._pack.seq_ids:
             self._dissolve_pack()
         self._caches.pop(seq_id, None)
@@ -338,6 +411,9 @@ class LocalRunner(ModelRunner):
 
     def _truncate(self, seq_id: str, length: int) -> None:
         if length == self._lengths[seq_id]:
+            return
+        if self._lean is not None:
+            self._lengths[seq_id] = length  # the slot's positions past length are overwritten by the next extend
             return
         if self._pack is not None and seq_id in self._pack.seq_ids:
             self._dissolve_pack()
@@ -347,6 +423,42 @@ class LocalRunner(ModelRunner):
         else:
             self._caches[seq_id] = [(k[:, :, :length], v[:, :, :length]) for k, v in layers]
         self._lengths[seq_id] = length
+
+    def _slot(self, seq_id: str) -> int:
+        """The lean cache slot of a sequence, taking the lowest free one for a new sequence."""
+        slot = self._slot_of.get(seq_id)
+        if slot is None:
+            if self._free_slots:
+                slot = heapq.heappop(self._free_slots)
+            else:
+                slot, self._next_slot = self._next_slot, self._next_slot + 1
+            self._slot_of[seq_id] = slot
+        return slot
+
+    def _extend_group_lean(
+        self, ops: list[ExtendOp], features: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The lean backend's forward for a group: rows in slot order, so a steady batch reads its cache in place.
+        The ops with ``features_tokens`` also put their prompt features, fp32 [H], into ``features``."""
+        with self._lock:
+            rows = sorted(((self._slot(op.seq_id), op) for op in ops), key=lambda r: r[0])
+            starts = [self._lengths.get(op.seq_id, 0) for _, op in rows]
+        keep = [len(op.token_ids) if op.want == "all" else 1 for _, op in rows]
+        pool = [op.features_tokens for _, op in rows] if features is not None else None
+        pooled: list[torch.Tensor] = []
+        out = self._lean.forward([s for s, _ in rows], starts, [op.token_ids for _, op in rows], keep,
+                                 pool=pool if pool and any(pool) else None, pooled_out=pooled)
+        self.stats["forwards"] += 1
+        logits = out[..., : self._info.vocab_size].float().cpu().split(keep)  # per row [keep_b, V]
+        results: dict[str, torch.Tensor] = {}
+        with self._lock:
+            for b, (_, op) in enumerate(rows):
+                self._lengths[op.seq_id] = starts[b] + len(op.token_ids)
+                results[op.seq_id] = logits[b]
+        for (_, op), f in zip(rows, pooled):
+            if op.features_tokens:
+                features[op.seq_id] = f  # type: ignore[index]
+        return results
 
     def _extend_group(
         self, ops: list[ExtendOp], n_new: int, features: dict[str, torch.Tensor] | None = None

@@ -1,12 +1,13 @@
 """Pure tensor math of logit fusion on [B, V]: recipes, DLF solvers, sampling, speculative acceptance.
 
 No models and no I/O here: every function takes fp32 log-probs (or raw logits) batched over rows and is testable
-on its own. ALGORITHMS.md sections 1-5 is the specification.
+on its own. ALGORITHMS.md sections 1-5 and 9 is the specification;
+docs/algorithms.md states the certified candidate support that fuse() solves DLF on.
 """
 
 from . import presets
 from .dlf import SOLVERS, dlf_loss, solve_alphas
-from .recipe import FusionResult, Recipe, fuse
+from .recipe import FusionResult, Recipe, fuse, fuse_dense
 from .sampling import SamplingParams, make_generator, sample, to_probs
 from .speculative import speculative_accept
 
@@ -14,6 +15,7 @@ __all__ = [
     "Recipe",
     "FusionResult",
     "fuse",
+    "fuse_dense",
     "presets",
     "SamplingParams",
     "make_generator",

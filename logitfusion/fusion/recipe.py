@@ -17,9 +17,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .candidates import (
+    DEFAULT_EPS,
+    check_support,
+    finite_row_maxes,
+    fuse_dlf_fast,
+    static_log_probs,
+)
 from .dlf import SOLVERS, check_max_alpha, check_solver, prepare, solve_problem
 from .routing import Routing, check_routing, routed_alphas
-from .support import joint_log_probs, zero_filled
+from .support import check_logits, compute_dtype, joint_log_probs, zero_filled
 
 logger = logging.getLogger(__name__)
 
@@ -180,26 +187,89 @@ class FusionResult:
     logprobs: torch.Tensor  # [B, V] fused, renormalised log-probs; -inf where any read model masks the token
     alphas: torch.Tensor  # [B, T] weight used per expert (static or solved); [B, 0] without experts
     loss: torch.Tensor | None  # [B] DLF objective at the chosen alphas; None for static recipes
+    support_size: torch.Tensor | None = None  # [B] tokens the DLF solve ran on (V: dense); None for static recipes
 
 
 def fuse(
-    logits: Mapping[str, torch.Tensor], recipe: Recipe, route_weights: torch.Tensor | None = None
+    logits: Mapping[str, torch.Tensor],
+    recipe: Recipe,
+    route_weights: torch.Tensor | None = None,
+    *,
+    validated: bool = False,
+    support: str = "auto",
+    eps: float = DEFAULT_EPS,
 ) -> FusionResult:
     """Fuse one step. logits[name]: [B, V] raw logits or log-probs of every model the recipe reads.
-    route_weights: [B, T] expert weights of each row, required by (and only used for) a routed recipe."""
-    recipe.validate()
+
+    route_weights: [B, T] expert weights of each row, required by (and only used for) a routed recipe, which
+    always takes the dense path. validated=True skips recipe.validate() (the caller validated the recipe once, at
+    its edge: the Decoder does at add_request); the logits are always checked. support: "auto" solves DLF on the
+    certified candidate support where it pays (docs/algorithms.md, at most eps of the mass dropped), "candidates"
+    always does, "dense" is the reference path on the whole vocabulary. Logits with a masked (-inf) token always take
+    the dense path.
+    """
+    if not validated:
+        recipe.validate()
+    support, eps = check_support(support, eps)
+    if support != "dense" and recipe.route is None:
+        fast = _fuse_fast(logits, recipe, support, eps)
+        if fast is not None:
+            return fast
+    return fuse_dense(logits, recipe, route_weights)
+
+
+def _static_weights(recipe: Recipe) -> dict[str, float]:
+    """The total coefficient of each model read: sum_m coeffs[m] l_m + sum_t alpha_t (l_{E_t} - l_S)."""
+    weights = {n: 0.0 for n in recipe.model_names()}
+    for name, weight in recipe.coeffs:
+        weights[name] += weight
+    for e, a in zip(recipe.experts, recipe.alphas):
+        weights[e] += a
+        weights[recipe.small] -= a  # type: ignore[index]
+    return weights
+
+
+def _fuse_fast(logits: Mapping[str, torch.Tensor], recipe: Recipe, support: str, eps: float) -> FusionResult | None:
+    """One pass over the logits (static), plus the DLF solve on the candidate support. None: take the dense path
+    (a masked token, NaN or +inf somewhere)."""
+    names = recipe.model_names()
+    mats = check_logits(logits, names)
+    dtype = compute_dtype(*mats.values())
+    z = {n: x.to(dtype) for n, x in mats.items()}  # no copy when already fp32 / fp64
+    maxes = finite_row_maxes(z)
+    if maxes is None:
+        return None
+    B, T = z[names[0]].shape[0], len(recipe.experts)
+    if not (T and recipe.solver is not None):
+        alphas = torch.tensor(recipe.alphas, dtype=dtype, device=z[names[0]].device).expand(B, T)  # [B, T]
+        return FusionResult(static_log_probs(z, maxes, _static_weights(recipe)), alphas.contiguous(), None)
+    fused, step = fuse_dlf_fast(z, maxes, recipe.anchor, recipe.small, recipe.experts, recipe.solver,  # type: ignore[arg-type]
+                                recipe.max_alpha, support, eps)
+    return FusionResult(fused, step.alphas, step.loss, step.support_size)
+
+
+def fuse_dense(
+    logits: Mapping[str, torch.Tensor], recipe: Recipe, route_weights: torch.Tensor | None = None
+) -> FusionResult:
+    """The reference path: every model normalised on the joint support, DLF solved on the whole vocabulary.
+    Handles masked tokens and raises the precise error for bad logits. The recipe must be valid. route_weights: as
+    for fuse (routed recipes only)."""
     lp, mask = joint_log_probs(logits, recipe.model_names())  # {name: [B, V]}, [B, V]
     B = mask.shape[0]
     T = len(recipe.experts)
     any_masked = bool(mask.any())
     zero = {n: zero_filled(x, mask) if any_masked else x for n, x in lp.items()}  # masked entries 0: no inf - inf
     loss = None
+    support_size = None
     if recipe.route is not None:
         alphas, loss = routed_alphas(lp, zero, mask, recipe, route_weights)  # [B, T], [B] or None
+        if loss is not None:
+            support_size = (~mask).sum(-1)
     elif T and recipe.solver is not None:
         experts = torch.stack([lp[e] for e in recipe.experts])  # [T, B, V]
         pb = prepare(lp[recipe.anchor], lp[recipe.small], experts, mask)
         alphas, loss = solve_problem(pb, recipe.solver, recipe.max_alpha)  # [B, T], [B]
+        support_size = (~mask).sum(-1)
     else:
         dtype = next(iter(lp.values())).dtype
         alphas = torch.tensor(recipe.alphas, dtype=dtype, device=mask.device).expand(B, T)  # [B, T]
@@ -209,7 +279,7 @@ def fuse(
     for t, e in enumerate(recipe.experts):
         scores = scores + alphas[:, t : t + 1] * (zero[e] - zero[recipe.small])
     fused = torch.log_softmax(scores.masked_fill(mask, float("-inf")) if any_masked else scores, dim=-1)  # [B, V]
-    return FusionResult(logprobs=fused, alphas=alphas.contiguous(), loss=loss)
+    return FusionResult(logprobs=fused, alphas=alphas.contiguous(), loss=loss, support_size=support_size)
 
 
-__all__ = ["Recipe", "FusionResult", "fuse", "SOLVERS"]
+__all__ = ["Recipe", "FusionResult", "fuse", "fuse_dense", "SOLVERS"]

@@ -17,6 +17,13 @@ static alphas weight it (expert t gets alpha_t * w_t). The weights reported per 
 
 Pure tensor math: the Decoder computes the representations through the runner contract (ExtendOp.features_tokens)
 and hands the weights in.
+
+Where this sits among routers: Twin-Merging also routes on hidden states, but with a trained MLP, and merges weights;
+Arrow and LoraHub route among adapters (Arrow from the adapters' own singular vectors, LoraHub with few-shot
+gradient-free search for composition weights); PackLLM weights models by the prompt's perplexity and
+Branch-Train-Merge by the expert posterior from context likelihood, the family of ALGORITHMS.md s.8, which on the
+zoo routes 0/64 colour prompts right (its centred variant: 64/64/54/0 on capital/colour/year/add, and no "none";
+bench/routing_variants.py). Here nothing is trained: a few example prompts per expert and one cosine.
 """
 
 from __future__ import annotations

@@ -91,13 +91,20 @@ def _filter_sorted(sorted_p: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     return keep & nucleus
 
 
-def to_probs(logprobs: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+def _trusted(logprobs: torch.Tensor) -> torch.Tensor:
+    """The unchecked path's only conversion: the dtype _check_batch would give."""
+    return logprobs.float() if logprobs.dtype not in (torch.float32, torch.float64) else logprobs
+
+
+def to_probs(logprobs: torch.Tensor, params: Sequence[SamplingParams], *, check: bool = True) -> torch.Tensor:
     """The distribution each row is actually sampled from: [B, V] log-probs -> [B, V] probs.
 
     Temperature, then top-k, then top-p, renormalised; one-hot argmax for greedy rows. Ties at the top-k / top-p
-    boundary keep the lower token id.
+    boundary keep the lower token id. check=False skips the scan for NaN / +inf / dead rows and the params'
+    validation: for callers that produced the log-probs themselves (fuse's output of checked logits) and validated
+    the params at their edge.
     """
-    x = _check_batch(logprobs, params)  # [B, V]
+    x = _check_batch(logprobs, params) if check else _trusted(logprobs)  # [B, V]
     B, V = x.shape
     dev = x.device
     temp = torch.tensor([p.temperature for p in params], dtype=x.dtype, device=dev)  # [B]
@@ -136,17 +143,29 @@ def uniforms(generator: torch.Generator | None, n: int, device: torch.device) ->
 
 
 def sample(
-    logprobs: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+    logprobs: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    *,
+    check: bool = True,
 ) -> torch.Tensor:
-    """One token per row: [B, V] log-probs -> [B] long. Greedy rows take the argmax and draw nothing."""
+    """One token per row: [B, V] log-probs -> [B] long. Greedy rows take the argmax and draw nothing.
+
+    check=False: trusted log-probs and params (see to_probs); the shapes and generators are still checked (O(B)).
+    """
     if len(generators) != len(params):
         raise ValueError(f"generators: {len(generators)} entries for a batch of {len(params)} rows; give one per row")
     for i, g in enumerate(generators):
         if g is not None and not isinstance(g, torch.Generator):
             raise ValueError(f"generators[{i}]: must be a torch.Generator or None, got {type(g).__name__}")
+    if not check:
+        x = check_matrix("logprobs", logprobs)
+        if len(params) != x.shape[0]:
+            raise ValueError(f"params: {len(params)} entries for a batch of {x.shape[0]} rows; give one per row")
     if all(p.greedy for p in params if isinstance(p, SamplingParams)):
-        return _check_batch(logprobs, params).argmax(-1)  # [B]  the common case: no softmax, no draw
-    probs = to_probs(logprobs, params)  # [B, V]
+        x = _check_batch(logprobs, params) if check else _trusted(logprobs)
+        return x.argmax(-1)  # [B]  the common case: no softmax, no draw
+    probs = to_probs(logprobs, params, check=check)  # [B, V]
     dev = probs.device
     u = [uniforms(g, 1, dev) if not p.greedy else torch.zeros(1, device=dev) for p, g in zip(params, generators)]
     tokens = draw(probs, torch.cat(u)) if u else torch.zeros(0, dtype=torch.long, device=dev)  # [B]

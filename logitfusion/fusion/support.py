@@ -44,14 +44,9 @@ def _log_probs(field: str, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return lp
 
 
-def joint_log_probs(
-    logits: Mapping[str, torch.Tensor], names: Sequence[str]
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Each named model's log-probs on the joint support, and the joint mask.
-
-    Returns ({name: [B, V] log-probs, -inf where masked, each row summing to 1 on the support}, mask [B, V] bool).
-    Raises ValueError for a missing model, mismatched shapes, NaN/+inf logits, or a row where no token survives.
-    """
+def check_logits(logits: Mapping[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """{name: [B, V]} for every named model: present, floating, 2-D, one shape and one device. O(models), no pass
+    over the values (the NaN guard is the caller's: joint_log_probs, or the fast path's row max and min)."""
     if not names:
         raise ValueError("names: at least one model is needed")
     missing = [n for n in names if n not in logits]
@@ -67,6 +62,19 @@ def joint_log_probs(
             )
         if mats[n].device != mats[first].device:
             raise ValueError(f"logits[{n!r}]: on {mats[n].device}, logits[{first!r}] on {mats[first].device}")
+    return mats
+
+
+def joint_log_probs(
+    logits: Mapping[str, torch.Tensor], names: Sequence[str]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Each named model's log-probs on the joint support, and the joint mask.
+
+    Returns ({name: [B, V] log-probs, -inf where masked, each row summing to 1 on the support}, mask [B, V] bool).
+    Raises ValueError for a missing model, mismatched shapes, NaN/+inf logits, or a row where no token survives.
+    """
+    mats = check_logits(logits, names)
+    first = names[0]
     dtype = compute_dtype(*mats.values())
     lp = {n: _log_probs(f"logits[{n!r}]", mats[n], dtype) for n in names}
     mask = torch.zeros_like(lp[first], dtype=torch.bool)  # [B, V]

@@ -62,11 +62,12 @@ def greedy(rows: torch.Tensor) -> int:
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("reuse_pack", [True, False])
-def test_batched_cached_logits_match_unbatched_full_recompute(attn: str, reuse_pack: bool) -> None:
+@pytest.mark.parametrize("backend,reuse_pack", [("hf", True), ("hf", False), ("lean", True)])
+def test_batched_cached_logits_match_unbatched_full_recompute(attn: str, backend: str, reuse_pack: bool) -> None:
     model = tiny_llama(TINY_FAMILY["large"], attn)
     runner = LocalRunner(model, name="large", vocab_size=V, vocab_fingerprint=TINY_FINGERPRINT, threaded=False,
-                         reuse_pack=reuse_pack)
+                         reuse_pack=reuse_pack, backend=backend)
+    assert runner.backend == backend
     sc = Script(runner, model)
     prompts = {"a": [5, 6, 7], "b": [1, 2, 3, 4, 5, 6, 7, 8], "c": [9, 10, 11], "d": [40]}
     # prefill: groups of different prompt lengths in one plan
@@ -88,18 +89,24 @@ def test_batched_cached_logits_match_unbatched_full_recompute(attn: str, reuse_p
            truncates=[("b", n_b - 2)])
     sc.run(extends=[(s, [11], "last") for s in "abcef"], truncates=[("c", 2)])
     assert sc.max_diff < TOL, sc.max_diff
-    if reuse_pack:
+    if backend == "lean":
+        # per plan one forward for its n = 1 rows and one for all longer extends: prefills of different lengths
+        # share one right-padded forward. 11 plans; 3 of them mix both kinds (the first: "d" has a 1-token prompt)
+        assert runner.stats["forwards"] == 14, runner.stats
+    elif reuse_pack:
         assert runner.stats["pack_reuses"] >= 5
     else:
         assert runner.stats["pack_reuses"] == 0
     runner.close()
 
 
-def test_batched_equals_one_sequence_at_a_time() -> None:
+@pytest.mark.parametrize("backend", ["hf", "lean"])
+def test_batched_equals_one_sequence_at_a_time(backend: str) -> None:
     """The same rows from a batch of five and from five runners of one sequence each."""
     model = tiny_llama(TINY_FAMILY["small"])
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13], [14, 15, 16, 17]]
-    batched = LocalRunner(model, name="s", vocab_size=V, vocab_fingerprint=TINY_FINGERPRINT, threaded=False)
+    batched = LocalRunner(model, name="s", vocab_size=V, vocab_fingerprint=TINY_FINGERPRINT, threaded=False,
+                          backend=backend)
     seqs = [list(p) for p in prompts]
     out_b = batched.step(StepPlan(extends=tuple(ExtendOp(str(i), tuple(p)) for i, p in enumerate(prompts))))
     rows_b = [[o] for o in out_b]
@@ -111,12 +118,57 @@ def test_batched_equals_one_sequence_at_a_time() -> None:
             rows_b[i].append(o)
     diff = 0.0
     for i, p in enumerate(prompts):
-        solo = LocalRunner(model, name="s", vocab_size=V, vocab_fingerprint=TINY_FINGERPRINT, threaded=False)
+        solo = LocalRunner(model, name="s", vocab_size=V, vocab_fingerprint=TINY_FINGERPRINT, threaded=False,
+                           backend=backend)
         rows = [solo.step(StepPlan(extends=(ExtendOp("x", tuple(p)),)))[0]]
         for t in seqs[i][len(p) :]:
             rows.append(solo.step(StepPlan(extends=(ExtendOp("x", (t,)),)))[0])
         diff = max(diff, max(float((a - b).abs().max()) for a, b in zip(rows, rows_b[i])))
     assert diff < TOL, diff
+
+
+def test_lean_slots_out_of_order_and_cache_growth() -> None:
+    """Lean backend: a released slot in the middle makes the decode rows non-contiguous (gathered, not viewed), a new
+    sequence takes the lowest free slot, and sequences longer than the initial cache length grow it in place."""
+    model = tiny_llama(TINY_FAMILY["small"])
+    runner = LocalRunner(model, name="s", vocab_size=V, vocab_fingerprint=TINY_FINGERPRINT, backend="lean")
+    sc = Script(runner, model)
+    out = sc.run(extends=[(s, [1 + i, 2, 3 + i], "last") for i, s in enumerate("abcd")])
+    out = sc.run(extends=[(s, [greedy(o)], "last") for s, o in zip("acd", out[::2] + out[3:])], releases=["b"])
+    assert runner._slot_of == {"a": 0, "c": 2, "d": 3}
+    sc.run(extends=[("e", [5, 6], "last"), ("a", [7], "last"), ("c", [8], "last"), ("d", [9], "last")])
+    assert runner._slot_of["e"] == 1
+    slots0, length0 = runner._lean.capacity
+    long_prompt = [int(t) for t in torch.arange(180) % V]
+    sc.run(extends=[("f", long_prompt, "last"), ("a", [3], "last")])
+    for _ in range(3):
+        sc.run(extends=[(s, [4], "last") for s in "acdef"])
+    slots1, length1 = runner._lean.capacity
+    assert slots1 >= 6 > slots0 and length1 >= 184 > length0, (runner._lean.capacity, slots0, length0)
+    assert sc.max_diff < TOL, sc.max_diff
+
+
+def test_backend_choice_and_fallback(monkeypatch, caplog) -> None:
+    """auto takes lean for Llama and hf for what lean cannot run; lean refuses such a model by name and reason; a
+    lean forward that disagrees with the model's own fails the one-time self-check (auto: hf; lean: an error)."""
+    from logitfusion.engine import lean
+
+    model = tiny_llama(TINY_FAMILY["small"])
+    assert LocalRunner(model, name="s", vocab_size=V, vocab_fingerprint="x").backend == "lean"
+    odd = tiny_llama(TINY_FAMILY["small"])
+    odd.config.hidden_act = "gelu"
+    assert LocalRunner(odd, name="s", vocab_size=V, vocab_fingerprint="x").backend == "hf"
+    with pytest.raises(ValueError, match=r"backend='lean' for model 'odd': hidden_act 'gelu' is not silu"):
+        LocalRunner(odd, name="odd", vocab_size=V, vocab_fingerprint="x", backend="lean")
+    with pytest.raises(ValueError, match=r"backend='fast' must be one of"):
+        LocalRunner(model, name="s", vocab_size=V, vocab_fingerprint="x", backend="fast")
+    real_forward = lean.LeanLlama.forward
+    monkeypatch.setattr(lean.LeanLlama, "forward", lambda self, *a: real_forward(self, *a) + 0.5)
+    with caplog.at_level("WARNING"):
+        assert LocalRunner(model, name="s", vocab_size=V, vocab_fingerprint="x").backend == "hf"
+    assert "lean forward differs from the model's own" in caplog.text
+    with pytest.raises(ValueError, match=r"backend='lean' for model 's': lean forward differs"):
+        LocalRunner(model, name="s", vocab_size=V, vocab_fingerprint="x", backend="lean")
 
 
 def test_threaded_submit_and_close() -> None:
@@ -278,7 +330,9 @@ def test_sliding_window_layers_gemma3() -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(5)
         model = Gemma3ForCausalLM(config).eval()
-    sc = Script(LocalRunner(model, name="g", vocab_size=V, vocab_fingerprint="g", threaded=False), model)
+    runner = LocalRunner(model, name="g", vocab_size=V, vocab_fingerprint="g", threaded=False)
+    assert runner.backend == "hf"  # auto: lean runs Llama-family attention only
+    sc = Script(runner, model)
     prompts = {"a": [1, 2, 3, 4, 5, 6, 7], "b": [4, 5], "c": list(range(10, 22))}  # longer than the window
     out = sc.run(extends=[(s, p, "last") for s, p in prompts.items()])
     for _ in range(6):

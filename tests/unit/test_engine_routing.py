@@ -167,9 +167,11 @@ def test_a_runner_without_features_fails_the_step_with_a_clear_error(zoo, exampl
     assert not runners["small"].sequences()
 
 
-def test_local_runner_features_are_the_mean_of_the_prompt_positions(zoo) -> None:
-    _, runners = zoo
-    small = runners["small"]
+@pytest.mark.parametrize("backend", ["hf", "lean"])
+def test_local_runner_features_are_the_mean_of_the_prompt_positions(zoo, backend) -> None:
+    paths, _ = zoo
+    small = LocalRunner.from_pretrained(paths.model("small"), "small", backend=backend, threaded=False)
+    assert small.backend == backend
     ids = (1, 401, 8, 552, 266, 7)
     out = small.step(StepPlan(extends=(ExtendOp("f", ids, "all", features_tokens=4), ExtendOp("g", ids[:2]))))
     assert len(out) == 3 and out[0].shape[0] == len(ids) and out[2].shape == (small._model.config.hidden_size,)
@@ -177,3 +179,4 @@ def test_local_runner_features_are_the_mean_of_the_prompt_positions(zoo) -> None
         hidden = small._model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
     torch.testing.assert_close(out[2], hidden[:4].mean(0), atol=1e-5, rtol=0)
     small.step(StepPlan(releases=("f", "g")))
+    small.close()

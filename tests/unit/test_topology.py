@@ -196,21 +196,29 @@ def test_bundles_cpu_only_and_with_gpus():
     assert cpu[1] == {"CPU": 0.125}
     assert all("GPU" not in b for b in cpu)
     gpu = topo.placement_bundles(num_gpus_available=8)
-    assert [b.get("GPU", 0) for b in gpu] == [0, 0, 1, 1, 1, 1]
+    assert [b.get("GPU", 0) for b in gpu] == [0.1, 0, 1, 1, 1, 1]  # 6 shards, 8 GPUs: the coordinator fuses on one
     assert gpu[-1]["CPU"] == 0.5
     assert topo.shard_bundles("large", 8) == [{"CPU": 0.25, "GPU": 1.0}] * 2
     assert topo.shard_bundles("small", 8) == []
     total = topo.bundles(num_gpus_available=8)  # capacity of one pipeline: its group plus the tp shards
-    assert sum(b.get("GPU", 0) for b in total) == 6
+    assert sum(b.get("GPU", 0) for b in total) == 6.1
     assert total == gpu + topo.shard_bundles("large", 8)
 
 
 def test_one_gpu_is_shared_by_the_pipeline_and_many_gpus_are_not():
-    topo = parse_topology(_with())  # 5 single-shard models
-    assert [b.get("GPU", 0) for b in topo.placement_bundles(1)] == [0, 0.2, 0.2, 0.2, 0.2, 0.2]
-    assert [b.get("GPU", 0) for b in topo.placement_bundles(3)] == [0, 0.6, 0.6, 0.6, 0.6, 0.6]
-    assert [b.get("GPU", 0) for b in topo.placement_bundles(5)] == [0, 1, 1, 1, 1, 1]
+    topo = parse_topology(_with())  # 5 single-shard models; the first bundle is the coordinator's (fusion)
+    assert [b.get("GPU", 0) for b in topo.placement_bundles(1)] == [0.1, 0.18, 0.18, 0.18, 0.18, 0.18]
+    assert [b.get("GPU", 0) for b in topo.placement_bundles(3)] == [0.1, 0.58, 0.58, 0.58, 0.58, 0.58]
+    assert [b.get("GPU", 0) for b in topo.placement_bundles(5)] == [0, 1, 1, 1, 1, 1]  # no GPU to spare
+    assert [b.get("GPU", 0) for b in topo.placement_bundles(6)] == [0.1, 1, 1, 1, 1, 1]  # a spare one
     assert sum(b.get("GPU", 0) for b in topo.bundles(1)) <= 1
+    pinned = parse_topology(_with(serve={"coordinator_num_gpus": 0.25, "fusion_device": "cuda"}))
+    assert [b.get("GPU", 0) for b in pinned.placement_bundles(1)] == [0.25, 0.15, 0.15, 0.15, 0.15, 0.15]
+    assert pinned.serve.fusion_device == "cuda"
+    for bad, message in (({"coordinator_num_gpus": 2}, "coordinator_num_gpus"), ({"fusion_device": "tpu"},
+                                                                                  "fusion_device")):
+        with pytest.raises(ValueError, match=message):
+            parse_topology(_with(serve=bad))
 
 
 def test_explicit_num_gpus_wins():
@@ -313,3 +321,15 @@ def test_the_committed_zoo_topology_parses_and_builds_every_preset():
     routed = topo.recipe("routed_multi")
     assert routed.experts == tuple(experts) and routed.solver == "newton" and routed.route.model == "small"
     assert [len(e) for e in routed.route.examples] == [8] * len(experts)  # 8 training prompts per expert
+
+
+def test_the_coordinator_replica_asks_for_its_gpu_share():
+    """Serve's replica (which fuses) gets the coordinator's GPU share; its bundle in the placement group matches."""
+    from logitfusion.cluster.serve_app import deployment_options
+
+    topo = parse_topology(_with())
+    for gpus in (0, 1, 5, 6):
+        opts = deployment_options(topo, gpus)
+        assert opts["ray_actor_options"]["num_gpus"] == topo.coordinator_gpus(gpus)
+        assert opts["placement_group_bundles"][0].get("GPU", 0) == topo.coordinator_gpus(gpus)
+    assert deployment_options(topo, 0)["ray_actor_options"]["num_gpus"] == 0
