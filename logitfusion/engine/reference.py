@@ -41,7 +41,7 @@ def _pick(
     route_weights: torch.Tensor | None = None,
 ) -> tuple[int, list[float], torch.Tensor]:
     """Fuse one row per model ([1, V] each) and sample: (token, alphas, fused log-probs [V])."""
-    res = fuse(logits, recipe, route_weights)
+    res = fuse(logits, recipe) if route_weights is None else fuse(logits, recipe, route_weights)
     token = int(sample(res.logprobs, [sampling], [gen])[0])
     return token, [float(a) for a in res.alphas[0]], res.logprobs[0]
 
