@@ -492,6 +492,13 @@ class Decoder:
                     f"known: {sorted(self._runners)}"
                 )
             models.add(req.speculative.draft_model)
+        routing = req.recipe.route
+        if routing is not None:
+            limit = self._info[routing.model].max_length_tokens
+            longest = max(len(p) for prompts in routing.examples for p in prompts)
+            if longest > limit:
+                raise ValueError(f"route.examples: an example prompt of {longest} tokens exceeds {routing.model!r} "
+                                 f"max_length_tokens={limit}")
         if not isinstance(req.max_new_tokens, int) or not 1 <= req.max_new_tokens <= self.max_new_tokens_limit:
             raise ValueError(f"max_new_tokens={req.max_new_tokens} must be in 1..{self.max_new_tokens_limit}")
         self._check_ids("prompt_ids", req.prompt_ids)

@@ -180,3 +180,12 @@ def test_local_runner_features_are_the_mean_of_the_prompt_positions(zoo, backend
     torch.testing.assert_close(out[2], hidden[:4].mean(0), atol=1e-5, rtol=0)
     small.step(StepPlan(releases=("f", "g")))
     small.close()
+
+
+def test_an_example_longer_than_the_routing_model_is_refused_at_add_request(zoo, examples, items) -> None:
+    _, runners = zoo
+    limit = runners["small"].describe().max_length_tokens
+    long = [list(examples[0]) + [(1,) * (limit + 1)], *examples[1:]]
+    recipe = presets.routed("large", "small", EXPERTS, long)
+    with pytest.raises(ValueError, match=rf"route.examples: an example prompt of {limit + 1} tokens exceeds 'small'"):
+        _decoder(runners).add_request(_req("x", items[0][1], recipe))
