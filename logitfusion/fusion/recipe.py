@@ -25,7 +25,7 @@ from .candidates import (
     static_log_probs,
 )
 from .dlf import SOLVERS, check_max_alpha, check_solver, prepare, solve_problem
-from .routing import Routing, check_routing, routed_alphas
+from .routing import Routing, check_routing, fuse_routed_fast, routed_alphas
 from .support import check_logits, compute_dtype, joint_log_probs, zero_filled
 
 logger = logging.getLogger(__name__)
@@ -201,8 +201,8 @@ def fuse(
 ) -> FusionResult:
     """Fuse one step. logits[name]: [B, V] raw logits or log-probs of every model the recipe reads.
 
-    route_weights: [B, T] expert weights of each row, required by (and only used for) a routed recipe, which
-    always takes the dense path. validated=True skips recipe.validate() (the caller validated the recipe once, at
+    route_weights: [B, T] expert weights of each row, required by (and only used for) a routed recipe.
+    validated=True skips recipe.validate() (the caller validated the recipe once, at
     its edge: the Decoder does at add_request); the logits are always checked. support: "auto" solves DLF on the
     certified candidate support where it pays (docs/algorithms.md, at most eps of the mass dropped), "candidates"
     always does, "dense" is the reference path on the whole vocabulary. Logits with a masked (-inf) token always take
@@ -211,8 +211,8 @@ def fuse(
     if not validated:
         recipe.validate()
     support, eps = check_support(support, eps)
-    if support != "dense" and recipe.route is None:
-        fast = _fuse_fast(logits, recipe, support, eps)
+    if support != "dense":
+        fast = _fuse_fast(logits, recipe, support, eps, route_weights)
         if fast is not None:
             return fast
     return fuse_dense(logits, recipe, route_weights)
@@ -229,7 +229,13 @@ def _static_weights(recipe: Recipe) -> dict[str, float]:
     return weights
 
 
-def _fuse_fast(logits: Mapping[str, torch.Tensor], recipe: Recipe, support: str, eps: float) -> FusionResult | None:
+def _fuse_fast(
+    logits: Mapping[str, torch.Tensor],
+    recipe: Recipe,
+    support: str,
+    eps: float,
+    route_weights: torch.Tensor | None = None,
+) -> FusionResult | None:
     """One pass over the logits (static), plus the DLF solve on the candidate support. None: take the dense path
     (a masked token, NaN or +inf somewhere)."""
     names = recipe.model_names()
@@ -240,6 +246,8 @@ def _fuse_fast(logits: Mapping[str, torch.Tensor], recipe: Recipe, support: str,
     if maxes is None:
         return None
     B, T = z[names[0]].shape[0], len(recipe.experts)
+    if recipe.route is not None:
+        return FusionResult(*fuse_routed_fast(z, maxes, recipe, route_weights, support, eps))
     if not (T and recipe.solver is not None):
         alphas = torch.tensor(recipe.alphas, dtype=dtype, device=z[names[0]].device).expand(B, T)  # [B, T]
         return FusionResult(static_log_probs(z, maxes, _static_weights(recipe)), alphas.contiguous(), None)

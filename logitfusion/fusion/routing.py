@@ -223,6 +223,45 @@ def routed_alphas(
     return alpha * w, loss
 
 
+def fuse_routed_fast(
+    z: dict[str, torch.Tensor],
+    maxes: dict[str, torch.Tensor],
+    recipe,
+    weights: torch.Tensor,
+    support: str,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The routed step on finite raw logits (fuse's fast path): (log-probs [B, V], alphas [B, T], loss, support size).
+
+    z: [B, V] logits per model; maxes: their row maxima. Every per-model normalisation is a per-row constant, so the
+    deltas may be taken on max-centred logits. Static: log_softmax(z_L + sum_t alpha_t w_t (z_Et - z_S)). DLF: the
+    routed mixture is one expert with logits z_S + sum_t w_t (z_Et - z_S) (its softmax is Q_w), solved on the
+    certified candidate support like any single-expert DLF step.
+    """
+    from .candidates import fuse_dlf_fast, log_softmax_
+
+    B, T = z[recipe.small].shape[0], len(recipe.experts)
+    w = check_weights(weights, B, T).to(device=z[recipe.small].device, dtype=z[recipe.small].dtype)  # [B, T]
+    active = [t for t in range(T) if bool((w[:, t] > 0).any())]  # top-k routing leaves most columns empty
+    c_s = z[recipe.small] - maxes[recipe.small].unsqueeze(-1)  # [B, V]
+    if recipe.solver is None:
+        eff = w * torch.tensor(recipe.alphas, dtype=w.dtype, device=w.device)  # [B, T]
+        out = z[recipe.anchor] - maxes[recipe.anchor].unsqueeze(-1)  # [B, V]
+        for t in active:
+            e = recipe.experts[t]
+            out.addcmul_(z[e] - maxes[e].unsqueeze(-1) - c_s, eff[:, t : t + 1])
+        return log_softmax_(out, torch.empty_like(out)), eff, None, None
+    mix = c_s.clone()  # [B, V] logits of Q_w, up to a row constant
+    for t in active:
+        e = recipe.experts[t]
+        mix.addcmul_(z[e] - maxes[e].unsqueeze(-1) - c_s, w[:, t : t + 1])
+    zz = {recipe.anchor: z[recipe.anchor], recipe.small: z[recipe.small], "\0mix": mix}
+    mm = {recipe.anchor: maxes[recipe.anchor], recipe.small: maxes[recipe.small], "\0mix": mix.amax(-1)}
+    fused, step = fuse_dlf_fast(zz, mm, recipe.anchor, recipe.small, ["\0mix"], recipe.solver, recipe.max_alpha,
+                                support, eps)
+    return fused, step.alphas * w, step.loss, step.support_size
+
+
 __all__ = [
     "Routing",
     "RouteTable",

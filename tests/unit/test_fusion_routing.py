@@ -189,3 +189,16 @@ def test_topology_refuses_routing_to_an_expert_without_examples_and_bad_examples
     data["models"][0]["route_examples"] = ["x"]
     with pytest.raises(ConfigError, match="only experts are routed to"):
         parse_topology(data)
+
+
+@pytest.mark.parametrize("inner", ["dlf", "static"])
+@pytest.mark.parametrize("support", ["auto", "candidates"])
+def test_the_fast_path_matches_the_dense_reference(inner, support) -> None:
+    lg = {k: v.double() for k, v in _logits(5, B=4, V=300).items()}  # fp64: compare the paths, not the rounding
+    w = torch.tensor([[1.0, 0, 0], [0, 0.3, 0.7], [0, 0, 0], [0.2, 0.5, 0.3]])  # top-1, a mix, none, all three
+    recipe = presets.routed("L", "S", ["a", "b", "c"], EX, inner=inner, alphas=None if inner == "dlf" else [1, 2, 0.5])
+    fast = fuse(lg, recipe, w, support=support)
+    dense = fuse(lg, recipe, w, support="dense")
+    torch.testing.assert_close(fast.logprobs.exp(), dense.logprobs.exp(), atol=1e-9, rtol=1e-6)
+    torch.testing.assert_close(fast.alphas, dense.alphas, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fast.logprobs[2], torch.log_softmax(lg["L"][2], -1), atol=1e-9, rtol=0)  # none
