@@ -495,7 +495,7 @@ class Decoder:
         routing = req.recipe.route
         if routing is not None:
             limit = self._info[routing.model].max_length_tokens
-            longest = max(len(p) for prompts in routing.examples for p in prompts)
+            longest = routing.longest_example()
             if longest > limit:
                 raise ValueError(f"route.examples: an example prompt of {longest} tokens exceeds {routing.model!r} "
                                  f"max_length_tokens={limit}")
@@ -669,8 +669,9 @@ class Decoder:
         futures: dict[str, Future] = {m: self._submit(m, plan) for m, plan in plans.items()}
         out: dict[tuple[str, str], torch.Tensor] = {}
         failure: StepFailed | None = None
-        prompt_features: list[tuple[_Live, torch.Tensor]] = []
-        for m, fut in futures.items():
+        # the routing model first: its prompts are routed while the larger models still compute
+        for m in sorted(futures, key=lambda name: name not in rnd.featured):
+            fut = futures[m]
             try:
                 logits = fut.result()
             except BaseException as exc:  # noqa: BLE001 - reported as StepFailed below
@@ -689,8 +690,8 @@ class Decoder:
                 for live in featured:
                     live.valid[m] = 0  # the retry prefills again and asks again
                 continue
-            prompt_features += zip(featured, feats)
-        self._set_routes(prompt_features)
+            if featured:
+                self._set_routes(list(zip(featured, feats)))
         if failure is not None:
             raise failure
         return out
@@ -735,7 +736,8 @@ class Decoder:
             weights, sims = route(torch.stack([f for _, f in rows]), table, routing)  # [R, T] each
             for (live, _), w, s in zip(rows, weights, sims):
                 live.route = w  # [T]
-                logger.debug("request %s routed: similarities %s weights %s", live.rid, s.tolist(), w.tolist())
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("request %s routed: similarities %s weights %s", live.rid, s.tolist(), w.tolist())
 
     # ------------------------------------------------------------------------------------------------ speculative
 

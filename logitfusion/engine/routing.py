@@ -55,16 +55,16 @@ class RouteTables:
     """Routing tables by example set, computed on first use (on the Decoder's step thread) and kept."""
 
     def __init__(self) -> None:
-        self._tables: OrderedDict[tuple, RouteTable] = OrderedDict()
+        self._tables: OrderedDict[tuple, tuple[tuple, RouteTable]] = OrderedDict()  # key -> (examples, table)
 
     def get(self, routing: Routing, runner: ModelRunner) -> RouteTable:
         key = routing.table_key()
-        table = self._tables.get(key)
-        if table is None:
-            table = compute_table(runner, routing)
-            self._tables[key] = table
-            while len(self._tables) > MAX_TABLES:
-                self._tables.popitem(last=False)
-        else:
+        hit = self._tables.get(key)
+        if hit is not None and hit[0] == routing.examples:  # the same tuple object in the common case: no compare
             self._tables.move_to_end(key)
+            return hit[1]
+        table = compute_table(runner, routing)
+        self._tables[key] = (routing.examples, table)
+        while len(self._tables) > MAX_TABLES:
+            self._tables.popitem(last=False)
         return table

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .dlf import prepare, solve_problem
@@ -73,7 +74,8 @@ class Routing:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.pop("_hash", None)  # str hashes differ between processes: recomputed on unpickling
+        for k in ("_hash", "_ex_hash"):
+            state.pop(k, None)  # str hashes differ between processes: recomputed on unpickling
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -82,8 +84,25 @@ class Routing:
         object.__setattr__(self, "_hash", self._compute_hash())
 
     def table_key(self) -> tuple:
-        """What the example table depends on (not tau, top_k nor the threshold: overriding those reuses it)."""
-        return (self.model, self.examples, self.centre)
+        """What the example table depends on (not tau, top_k nor the threshold: overriding those reuses it). The
+        examples enter as their hash; a table found under a key is checked against them (RouteTables)."""
+        return (self.model, self.centre, self._examples_hash)
+
+    @property
+    def _examples_hash(self) -> int:
+        h = self.__dict__.get("_ex_hash")
+        if h is None:
+            h = hash(self.examples)
+            object.__setattr__(self, "_ex_hash", h)
+        return h
+
+    def longest_example(self) -> int:
+        """Tokens in the longest example prompt (the Decoder checks it against the routing model's limit)."""
+        n = self.__dict__.get("_longest")
+        if n is None:
+            n = max(len(p) for prompts in self.examples for p in prompts)
+            object.__setattr__(self, "_longest", n)
+        return n
 
 
 def check_routing(r: object, experts: tuple[str, ...], models: tuple[str, ...]) -> None:
@@ -135,45 +154,66 @@ def _real(x: object) -> bool:
 
 @dataclass(frozen=True)
 class RouteTable:
-    """Every expert's example representations, centred and normalised, ready for cosines."""
+    """Every expert's example representations, centred and normalised, ready for cosines.
 
-    centre: torch.Tensor  # [H] (zeros when not centring)
-    examples: torch.Tensor  # [H, T * K] unit columns, expert t's in columns t*K .. t*K + K - 1 (K = the most
+    The routing math runs in numpy on fp64: it is a handful of [B, T * K] numbers per step, where torch's per-call
+    overhead (several microseconds per op) would be most of the cost of routing a request.
+    """
+
+    centre: np.ndarray  # [H] (zeros when not centring)
+    examples: np.ndarray  # [H, T * K] unit columns, expert t's in columns t*K .. t*K + K - 1 (K = the most
     # examples of any expert; an expert with fewer repeats its first one, which changes no maximum)
     num_experts: int  # T
 
 
 def build_table(per_expert: list[torch.Tensor], centre: bool) -> RouteTable:
     """per_expert[t]: [K_t, H] representations of expert t's example prompts."""
-    feats = [f.double() for f in per_expert]  # fp64: the cosines near 1 need the digits
-    c = torch.stack([f.mean(0) for f in feats]).mean(0) if centre else torch.zeros_like(feats[0][0])  # [H]
+    feats = [f.detach().cpu().double().numpy() for f in per_expert]  # fp64: the cosines near 1 need the digits
+    c = np.mean([f.mean(0) for f in feats], axis=0) if centre else np.zeros_like(feats[0][0])  # [H]
     k = max(f.shape[0] for f in feats)
-    padded = [torch.cat([f, f[:1].expand(k - f.shape[0], -1)]) for f in feats]  # T x [K, H]
-    ex = torch.nn.functional.normalize(torch.cat(padded) - c, dim=-1)  # [T * K, H]
-    return RouteTable(centre=c, examples=ex.T.contiguous(), num_experts=len(feats))
+    padded = [np.concatenate([f, np.repeat(f[:1], k - f.shape[0], axis=0)]) for f in feats]  # T x [K, H]
+    ex = np.concatenate(padded) - c  # [T * K, H]
+    ex /= np.maximum(np.linalg.norm(ex, axis=1, keepdims=True), 1e-12)
+    return RouteTable(centre=c, examples=np.ascontiguousarray(ex.T), num_experts=len(feats))
+
+
+def _similarities(query: torch.Tensor, table: RouteTable) -> np.ndarray:
+    q = query.detach().cpu().numpy().astype(np.float64) - table.centre  # [B, H]
+    q /= np.sqrt((q * q).sum(axis=1, keepdims=True)) + 1e-300
+    cos = q @ table.examples  # [B, T * K]
+    return cos.reshape(q.shape[0], table.num_experts, -1).max(axis=-1)  # [B, T]
+
+
+def _weights(sims: np.ndarray, tau: float, top_k: int, min_similarity: float) -> np.ndarray:
+    B, T = sims.shape
+    k = T if top_k == 0 else min(top_k, T)
+    w = np.zeros_like(sims)
+    if k == 1:  # the default: the best expert takes it all (argmax: the first on a tie, as the sort below)
+        w[np.arange(B), sims.argmax(axis=1)] = 1.0
+        w[sims.max(axis=1) < min_similarity] = 0.0
+        return w
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # [B, k] best first; ties keep expert order
+    top = np.take_along_axis(sims, order, axis=1) / tau  # [B, k]
+    e = np.exp(top - top[:, :1])  # the first is the largest
+    np.put_along_axis(w, order, e / e.sum(axis=1, keepdims=True), axis=1)
+    w[sims.max(axis=1) < min_similarity] = 0.0  # "none"
+    return w
 
 
 def similarities(query: torch.Tensor, table: RouteTable) -> torch.Tensor:
-    """query: [B, H] prompt representations -> [B, T] best cosine to each expert's examples."""
-    q = torch.nn.functional.normalize(query.double() - table.centre, dim=-1)  # [B, H]
-    cos = q @ table.examples  # [B, T * K]
-    return cos.view(q.shape[0], table.num_experts, -1).amax(dim=-1)  # [B, T]
+    """query: [B, H] prompt representations -> [B, T] fp64 best cosine to each expert's examples."""
+    return torch.from_numpy(_similarities(query, table))
 
 
 def route_weights(sims: torch.Tensor, tau: float, top_k: int, min_similarity: float) -> torch.Tensor:
     """sims: [B, T] -> fp32 weights [B, T]: softmax(sim / tau) over the top_k experts, rows of 0 for "none"."""
-    T = sims.shape[1]
-    k = T if top_k == 0 else min(top_k, T)
-    top = sims.topk(k, dim=1)  # values, indices: [B, k]
-    w = torch.zeros_like(sims).scatter(1, top.indices, torch.softmax(top.values / tau, dim=1))  # [B, T]
-    none = sims.max(dim=1).values < min_similarity  # [B]
-    return w.masked_fill(none.unsqueeze(1), 0.0).float()
+    return torch.from_numpy(_weights(sims.double().numpy(), tau, top_k, min_similarity)).float()
 
 
 def route(query: torch.Tensor, table: RouteTable, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
     """query: [B, H] -> (weights [B, T] fp32, similarities [B, T] fp64)."""
-    sims = similarities(query, table)
-    return route_weights(sims, r.tau, r.top_k, r.min_similarity), sims
+    sims = _similarities(query, table)
+    return torch.from_numpy(_weights(sims, r.tau, r.top_k, r.min_similarity)).float(), torch.from_numpy(sims)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,18 +221,19 @@ def route(query: torch.Tensor, table: RouteTable, r: Routing) -> tuple[torch.Ten
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def check_weights(weights: object, B: int, T: int) -> torch.Tensor:
-    """route_weights handed to fuse: [B, T], finite, each in [0, 1], each row summing to 0 ("none") or 1."""
+def check_weights(weights: object, B: int, T: int) -> tuple[torch.Tensor, list[int]]:
+    """route_weights handed to fuse: [B, T], finite, each in [0, 1], each row summing to 0 ("none") or 1.
+    Returns them as fp32 (on their device) and the experts some row routes to."""
     if not isinstance(weights, torch.Tensor) or weights.shape != (B, T):
         shape = list(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
         raise ValueError(f"route_weights: a routed recipe needs one weight per row and expert, shape [{B}, {T}], got {shape}")
-    w = weights.float()
-    if not bool(((w >= 0) & (w <= 1 + 1e-5)).all()):  # NaN fails both comparisons
+    a = weights.detach().to("cpu", torch.float32).numpy()  # [B, T]: a few numbers, checked off the device
+    if not np.all((a >= 0) & (a <= 1 + 1e-5)):  # NaN fails both comparisons
         raise ValueError("route_weights: every weight must be finite and in [0, 1]")
-    sums = w.sum(1)
-    if not bool(((sums - 1).abs() < 1e-4).logical_or_(sums == 0).all()):
+    sums = a.sum(axis=1)
+    if not np.all((np.abs(sums - 1) < 1e-4) | (sums == 0)):
         raise ValueError("route_weights: each row must sum to 1 (routed) or be all 0 (none)")
-    return w
+    return weights.float(), np.flatnonzero(a.max(axis=0) > 0).tolist()
 
 
 def routed_alphas(
@@ -208,15 +249,15 @@ def routed_alphas(
     DLF: alpha [B, 1] solved for the mixture delta, reported as alpha * w. Static: recipe.alphas[t] * w_t.
     """
     B, T = mask.shape[0], len(recipe.experts)
-    w = check_weights(weights, B, T).to(device=mask.device, dtype=lp[recipe.small].dtype)  # [B, T]
+    w, active = check_weights(weights, B, T)
+    w = w.to(device=mask.device, dtype=lp[recipe.small].dtype)  # [B, T]
     if recipe.solver is None:
         fixed = torch.tensor(recipe.alphas, dtype=w.dtype, device=w.device)  # [T]
         return w * fixed, None
     small = zero[recipe.small]  # [B, V]
     delta_w = torch.zeros_like(small)  # [B, V]
-    for t, e in enumerate(recipe.experts):
-        if bool((w[:, t] > 0).any()):
-            delta_w = delta_w + w[:, t : t + 1] * (zero[e] - small)
+    for t in active:
+        delta_w = delta_w + w[:, t : t + 1] * (zero[recipe.experts[t]] - small)
     mix = torch.log_softmax((small + delta_w).masked_fill(mask, float("-inf")), dim=-1)  # [B, V] log Q_w
     pb = prepare(lp[recipe.anchor], lp[recipe.small], mix.unsqueeze(0), mask)
     alpha, loss = solve_problem(pb, recipe.solver, recipe.max_alpha)  # [B, 1], [B]
@@ -241,8 +282,8 @@ def fuse_routed_fast(
     from .candidates import fuse_dlf_fast, log_softmax_
 
     B, T = z[recipe.small].shape[0], len(recipe.experts)
-    w = check_weights(weights, B, T).to(device=z[recipe.small].device, dtype=z[recipe.small].dtype)  # [B, T]
-    active = [t for t in range(T) if bool((w[:, t] > 0).any())]  # top-k routing leaves most columns empty
+    w, active = check_weights(weights, B, T)  # top-k routing leaves most columns empty: only the active ones
+    w = w.to(device=z[recipe.small].device, dtype=z[recipe.small].dtype)  # [B, T]
     c_s = z[recipe.small] - maxes[recipe.small].unsqueeze(-1)  # [B, V]
     if recipe.solver is None:
         eff = w * torch.tensor(recipe.alphas, dtype=w.dtype, device=w.device)  # [B, T]
