@@ -15,7 +15,7 @@ The overhead is routed_static / static_same - 1 (median wall and CPU time per ro
 scale. The one-off cost of an example table (32 example prompts through the small base, once per example set and
 process) is timed apart.
 
-    python -m bench.routing [--rounds 40] [--batch 1] [--json results/routing.json]
+    python -m bench.routing [--rounds 40] [--batch 1 8] [--models zoo|random] [--json results/routing.json]
 """
 
 from __future__ import annotations
@@ -48,6 +48,26 @@ def _load():
     return decoder, runners, experts, examples, prompts
 
 
+def _load_random(prompt_tokens: int = 24):
+    """bench.models' CPU family (large: 12 layers of 512, small and 4 experts: 2 layers of 128, V = 32000), random
+    prompts; the examples are random prompts too (routing picks an arbitrary expert, which costs the same)."""
+    from bench.models import CPU_LARGE, CPU_SMALL, RandomFamily
+    from logitfusion.engine.decoder import Decoder
+
+    fam = RandomFamily(CPU_LARGE, CPU_SMALL, 4)
+    experts = list(fam.experts)
+    runners = fam.runners(["large", "small", *experts])
+    decoder = Decoder(runners, max_batch_size=64)
+    g = torch.Generator().manual_seed(0)
+
+    def rand_prompt() -> list[int]:
+        return torch.randint(3, fam.vocab_size, (prompt_tokens,), generator=g).tolist()
+
+    examples = tuple(tuple(tuple(rand_prompt()) for _ in range(8)) for _ in experts)
+    prompts = [(e.removeprefix("expert_"), rand_prompt()) for e in experts for _ in range(16)]
+    return decoder, runners, experts, examples, prompts
+
+
 def _first_step(decoder, batch, recipe_of) -> tuple[float, float]:
     """Wall and CPU seconds of one Decoder step admitting ``batch`` requests of one new token each."""
     from logitfusion.engine.decoder import GenerationRequest
@@ -62,14 +82,15 @@ def _first_step(decoder, batch, recipe_of) -> tuple[float, float]:
     return wall, cpu
 
 
-def run(rounds: int, batch_size: int) -> dict:
+def run(rounds: int, batch_size: int, models: str = "zoo") -> dict:
     from logitfusion.engine.routing import compute_table
     from logitfusion.fusion import presets
 
     torch.set_num_threads(1)
-    decoder, runners, experts, examples, prompts = _load()
-    routed_static = presets.routed("large", "small", experts, examples, inner="static")
-    routed_dlf = presets.routed("large", "small", experts, examples)
+    decoder, runners, experts, examples, prompts = _load() if models == "zoo" else _load_random()
+    threshold = 0.5 if models == "zoo" else -1.0  # random examples: always route (to an arbitrary expert)
+    routed_static = presets.routed("large", "small", experts, examples, inner="static", min_similarity=threshold)
+    routed_dlf = presets.routed("large", "small", experts, examples, min_similarity=threshold)
     dlf_multi = presets.dlf("large", "small", experts, solver="newton")
     static_of = {
         f"expert_{t}".removeprefix("expert_"): presets.static(
@@ -111,7 +132,7 @@ def run(rounds: int, batch_size: int) -> dict:
     for r in runners.values():
         r.close()
     return {
-        "rounds": rounds, "batch": batch_size, "example_table_once_ms": round(1e3 * table_s, 2),
+        "models": models, "rounds": rounds, "batch": batch_size, "example_table_once_ms": round(1e3 * table_s, 2),
         "static_same_ms": round(1e3 * base_w, 2), "static_same_cpu_ms": round(1e3 * base_c, 2),
         "rows": rows, "machine": machine_info(),
     }
@@ -121,12 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--batch", type=int, nargs="*", default=[1, 8])
+    p.add_argument("--models", choices=["zoo", "random"], default="zoo",
+                   help="the committed zoo, or bench.models' CPU family (12 x 512 large, V = 32000)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    docs = [run(args.rounds, b) for b in args.batch]
+    docs = [run(args.rounds, b, args.models) for b in args.batch]
     cols = ["arm", "batch", "prefill_ms", "prefill_cpu_ms", "vs_static_same_wall", "vs_static_same_cpu"]
     for d in docs:
-        print(f"\n### routing overhead at prefill, batch {d['batch']} ({d['rounds']} paired rounds); "
+        print(f"\n### routing overhead at prefill, {d['models']} models, batch {d['batch']} ({d['rounds']} paired rounds); "
               f"example table once: {d['example_table_once_ms']} ms\n")
         print(markdown_table(cols, d["rows"]))
     if args.json:
