@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-k", type=int, default=0)
     ge.add_argument("--seed", type=int, default=None)
     ge.add_argument("--solver", default=None, choices=["grid", "newton", "joint"], help="override the DLF solver")
+    ge.add_argument("--route-inner", default=None, choices=["dlf", "static"], help="routed recipes: inner method")
+    ge.add_argument("--route-tau", type=float, default=None, help="routed recipes: softmax temperature")
+    ge.add_argument("--route-top-k", type=int, default=None, help="routed recipes: experts kept (0: all)")
     ge.add_argument("--draft", default=None, metavar="MODEL",
                     help="speculative decoding: the model that drafts (e.g. the recipe's expert)")
     ge.add_argument("--draft-tokens", type=int, default=None, metavar="K", help="tokens drafted per step (default 4)")

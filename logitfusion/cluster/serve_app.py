@@ -141,7 +141,8 @@ def check_message(msg: Any, limits: Limits) -> None:
 def recipe_overrides(sel: pb.RecipeSelection) -> dict[str, Any]:
     """The fields a request set on its recipe, as topology.RecipeSpec fields."""
     out: dict[str, Any] = {}
-    for name in ("method", "solver", "beta", "interp_lambda", "max_alpha", "model"):
+    for name in ("method", "solver", "beta", "interp_lambda", "max_alpha", "model", "inner", "tau", "top_k",
+                 "min_similarity"):
         if sel.HasField(name):
             out[name] = getattr(sel, name)
     if sel.experts:
@@ -320,11 +321,26 @@ def recipes_to_pb(topology: Topology) -> list[pb.RecipeInfo]:
                 experts=list(recipe.experts),
                 solver=recipe.solver or "",
                 alphas=list(recipe.alphas),
-                description=spec.description,
+                description=_describe_recipe(spec.description, recipe),
                 is_default=name == topology.default_preset,
             )
         )
     return out
+
+
+def _describe_recipe(description: str, recipe: Any) -> str:
+    """The preset's own line; a routed preset also says how it routes (its parameters are no RecipeInfo field)."""
+    r = recipe.route
+    if r is None:
+        return description
+    inner = f"dlf ({recipe.solver})" if recipe.solver else f"static alphas {list(recipe.alphas)}"
+    k = "every expert" if r.top_k == 0 else f"top {r.top_k}"
+    how = (
+        f"routed on the prompt ({r.model}'s mean last hidden state, {'centred ' if r.centre else ''}cosine to "
+        f"{sum(len(e) for e in r.examples)} example prompts): softmax(sim / {r.tau}) over {k}, the large base alone "
+        f"below similarity {r.min_similarity}; inner {inner}"
+    )
+    return f"{description} [{how}]" if description else how
 
 
 def limits_to_pb(limits: Limits) -> pb.Limits:
