@@ -11,6 +11,7 @@ calls :func:`to_status` to turn any exception into ``(grpc.StatusCode, details)`
     DeadlineExceeded  -> DEADLINE_EXCEEDED    the client's deadline or the request timeout passed
     Cancelled         -> CANCELLED            the client went away
     ModelUnavailable  -> UNAVAILABLE          a model worker is gone and could not be recovered
+    ShuttingDown      -> UNAVAILABLE          the server drains for shutdown; retry (grpc-retry-pushback-ms)
     Unauthenticated   -> UNAUTHENTICATED      missing or wrong token
     NotFound          -> NOT_FOUND            e.g. an unknown service name in a health check
     InternalError     -> INTERNAL             a bug: the details never carry a stack trace
@@ -29,6 +30,7 @@ from logitfusion.engine.runner import RunnerError, RunnerUnavailable
 
 logger = logging.getLogger(__name__)
 
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRFC A6: a client's retry policy waits this long before retrying
 MAX_DETAILS_CHARS = 1024  # status details travel in HTTP/2 trailers: keep them short
 
 
@@ -80,6 +82,16 @@ class ModelUnavailable(FusionError):
     """A model worker is gone and could not be recovered."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class ShuttingDown(ModelUnavailable):
+    """The server is draining for shutdown: new requests are refused, and requests still running when
+    serve.drain_timeout_s passes are cancelled. Retryable: ``retry_after_s`` is sent as gRPC's retry pushback
+    (trailing metadata ``grpc-retry-pushback-ms``) and quoted in the message."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, field: str | None = None):
+        super().__init__(message, field=field)
+        self.retry_after_s = retry_after_s
 
 
 class Unauthenticated(FusionError):
@@ -144,11 +156,21 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return err.code, _clip(err.message)
 
 
+def trailing_metadata(exc: BaseException) -> list[tuple[str, str]]:
+    """Trailing metadata that goes with an error's status: gRPC's retry pushback for ShuttingDown, else none."""
+    err = classify(exc)
+    if isinstance(err, ShuttingDown):
+        return [(RETRY_PUSHBACK_KEY, str(max(0, round(err.retry_after_s * 1000))))]
+    return []
+
+
 def from_status(code: grpc.StatusCode, details: str) -> FusionError:
     """(status code, details) from the wire -> the matching FusionError (client side)."""
     cls = _BY_CODE.get(code, InternalError)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and ("max_message_bytes" in details or "larger than max" in details):
         cls = MessageTooLarge
+    if code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details:
+        cls = ShuttingDown
     return cls(details or code.name)
 
 

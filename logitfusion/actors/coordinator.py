@@ -340,6 +340,17 @@ class Coordinator:
             self._cv.notify_all()
         return True
 
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until no request is running (each finished, failed or aborted and retired); False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._entries, timeout=max(0.0, timeout_s))
+
+    def abort_all(self, error: FusionError) -> list[str]:
+        """Abort every running request with ``error`` (e.g. a drain ran out of time); returns their ids."""
+        with self._cv:
+            doomed = [rid for rid, e in self._entries.items() if not e.stream.ended]
+        return [rid for rid in doomed if self.abort(rid, error)]
+
     def close(self, timeout_s: float = 30.0) -> None:
         """Fail every request (ModelUnavailable), free their sequences, stop the loop. Runners stay open."""
         with self._cv:

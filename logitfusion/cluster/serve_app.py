@@ -37,9 +37,11 @@ from logitfusion.errors import (
     InvalidRequest,
     MessageTooLarge,
     NotFound,
+    ShuttingDown,
     Unauthenticated,
     classify,
     to_status,
+    trailing_metadata,
 )
 from logitfusion.v1 import fusion_pb2 as pb
 
@@ -61,6 +63,7 @@ SERVICER_FUNCTIONS = (
 GENERATED_SERVICER_FUNCTION = "logitfusion.v1.fusion_pb2_grpc.add_FusionServiceServicer_to_server"
 MAX_TEMPERATURE = 100.0
 ONGOING_HEADROOM = 16  # Serve may run this many more calls than max_concurrent_requests (health, Describe, ...)
+DRAIN_RETRY_AFTER_S = 5.0  # the retry pushback a request refused while draining carries
 _FINISH_TO_PB = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP}
 
 
@@ -379,6 +382,7 @@ class FusionFrontend:
             recipes=recipes_to_pb(topology), default_preset=topology.default_preset
         )
         self.serving = True
+        self.draining = False  # set once by begin_drain(): health NOT_SERVING, new requests ShuttingDown
         token_env = topology.serve.auth_token_env
         self._token = os.environ.get(token_env, "") if token_env else ""
         if token_env and not self._token:
@@ -392,8 +396,18 @@ class FusionFrontend:
         if not hmac.compare_digest(given.encode(), f"Bearer {self._token}".encode()):
             raise Unauthenticated("metadata authorization: missing or wrong bearer token")
 
+    def begin_drain(self) -> None:
+        """From now on: health reports NOT_SERVING and every new request gets ShuttingDown (UNAVAILABLE, retry)."""
+        self.draining = True
+
     def _submit(self, msg: Any, request_id: str | None) -> tuple[str, Any]:
         """Check and convert the request, then admit it; returns (recipe name, its stream)."""
+        if self.draining:
+            raise ShuttingDown(
+                f"the server is shutting down and admits no new request; retry in {DRAIN_RETRY_AFTER_S:g} s "
+                "(another replica, or this service once it is back)",
+                retry_after_s=DRAIN_RETRY_AFTER_S,
+            )
         check_message(msg, self.topology.limits)
         rid = msg.request_id or request_id or self.coordinator.new_request_id()
         req = request_from_pb(
@@ -431,7 +445,7 @@ class FusionFrontend:
     def health(self, service: str) -> Any:
         if service not in ("", SERVICE_NAME):
             raise NotFound(f"service: unknown service {service!r}; this server reports '' and {SERVICE_NAME!r}")
-        ok = self.serving and self.coordinator.alive()
+        ok = self.serving and not self.draining and self.coordinator.alive()
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)
 
@@ -616,6 +630,9 @@ def _apply_error(grpc_context: Any, exc: BaseException) -> FusionError:
     if grpc_context is not None:
         grpc_context.set_code(code)
         grpc_context.set_details(details)
+        extra = trailing_metadata(exc)
+        if extra:
+            grpc_context.set_trailing_metadata(extra)
     return classify(exc)
 
 
@@ -630,6 +647,8 @@ class FusionDeployment:
         self.topology = Topology.model_validate(topology)
         ctx = serve.get_replica_context()
         prefix = f"lf-{ctx.app_name}-{ctx.replica_id.unique_id}"
+        self._replica_id = ctx.replica_id.unique_id
+        self._drain_task: asyncio.Future | None = None
         t0 = time.monotonic()
         self.pipeline = Pipeline.launch(self.topology, name_prefix=prefix)
         self.frontend = FusionFrontend(self.topology, self.pipeline.coordinator)
@@ -715,6 +734,37 @@ class FusionDeployment:
         c = self.pipeline.coordinator
         return {"steps_run": c.steps_run, "active_requests": c.active_requests()}
 
+    async def drain(self, timeout_s: float) -> dict[str, Any]:
+        """Graceful shutdown of this replica's pipeline, called by `logitfusion serve` on SIGTERM/SIGINT.
+
+        At once: health NOT_SERVING and new requests ShuttingDown. Then requests in flight run on for up to
+        ``timeout_s`` (serve.drain_timeout_s); any still running are cancelled with ShuttingDown naming that field.
+        Returns {"replica", "finished", "cancelled"} once nothing runs. A second call (another caller, or the same
+        one retrying) waits for the same drain: calls on a draining replica stay open, so a handle that routes
+        to the least busy replica reaches every replica in turn.
+        """
+        if self._drain_task is None:
+            self.frontend.begin_drain()
+            self._drain_task = asyncio.ensure_future(self._drain(timeout_s))
+        return await asyncio.shield(self._drain_task)
+
+    async def _drain(self, timeout_s: float) -> dict[str, Any]:
+        c = self.pipeline.coordinator
+        running = c.active_requests()
+        logger.info("draining: %d request(s) in flight, up to serve.drain_timeout_s=%g s", len(running), timeout_s)
+        cancelled: list[str] = []
+        if not await asyncio.to_thread(c.wait_idle, timeout_s):
+            cancelled = c.abort_all(
+                ShuttingDown(
+                    f"the request was cancelled: the server is shutting down and the request was still running "
+                    f"when serve.drain_timeout_s ({timeout_s:g} s) passed; retry it",
+                    retry_after_s=DRAIN_RETRY_AFTER_S,
+                )
+            )
+            logger.warning("drain: cancelled %d request(s) after %g s: %s", len(cancelled), timeout_s, cancelled)
+            await asyncio.to_thread(c.wait_idle, 30.0)
+        return {"replica": self._replica_id, "finished": len(set(running) - set(cancelled)), "cancelled": len(cancelled)}
+
     def __del__(self) -> None:
         pipeline = getattr(self, "pipeline", None)
         if pipeline is not None:
@@ -741,7 +791,8 @@ def deployment_options(topology: Topology, gpus_available: float) -> dict[str, A
         "max_queued_requests": limits.max_concurrent_requests + ONGOING_HEADROOM,
         "health_check_period_s": 10.0,
         "health_check_timeout_s": 30.0,
-        "graceful_shutdown_timeout_s": 20.0,
+        # Serve's own wait for calls in flight when a replica stops; our drain ends them within drain_timeout_s.
+        "graceful_shutdown_timeout_s": max(20.0, topology.serve.drain_timeout_s + 10.0),
     }
 
 

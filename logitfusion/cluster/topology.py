@@ -187,6 +187,10 @@ class ServeSpec(_Strict):
     fusion_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where the coordinator fuses and solves DLF; auto: its GPU share when it has one"
     )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, le=3600, description="on SIGTERM/SIGINT: how long requests in flight may still run before they "
+        "are cancelled (UNAVAILABLE naming this field); new requests are refused from the signal on"
+    )
 
 
 class Topology(_Strict):
