@@ -11,7 +11,7 @@ calls :func:`to_status` to turn any exception into ``(grpc.StatusCode, details)`
     DeadlineExceeded  -> DEADLINE_EXCEEDED    the client's deadline or the request timeout passed
     Cancelled         -> CANCELLED            the client went away
     ModelUnavailable  -> UNAVAILABLE          a model worker is gone and could not be recovered
-    ShuttingDown      -> UNAVAILABLE          the server drains for shutdown; retry (grpc-retry-pushback-ms)
+    ShuttingDown      -> UNAVAILABLE          the server drains for shutdown; the details say "retry in N s"
     Unauthenticated   -> UNAUTHENTICATED      missing or wrong token
     NotFound          -> NOT_FOUND            e.g. an unknown service name in a health check
     InternalError     -> INTERNAL             a bug: the details never carry a stack trace
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import re
 from typing import ClassVar
 
 import grpc
@@ -30,8 +31,8 @@ from logitfusion.engine.runner import RunnerError, RunnerUnavailable
 
 logger = logging.getLogger(__name__)
 
-RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRFC A6: a client's retry policy waits this long before retrying
-MAX_DETAILS_CHARS = 1024  # status details travel in HTTP/2 trailers: keep them short
+MAX_DETAILS_CHARS = 1024
+_RETRY_HINT = re.compile(r"retry in ([0-9]+(?:\.[0-9]+)?) s")  # ShuttingDown's hint in the status details  # status details travel in HTTP/2 trailers: keep them short
 
 
 class FusionError(Exception):
@@ -86,8 +87,9 @@ class ModelUnavailable(FusionError):
 
 class ShuttingDown(ModelUnavailable):
     """The server is draining for shutdown: new requests are refused, and requests still running when
-    serve.drain_timeout_s passes are cancelled. Retryable: ``retry_after_s`` is sent as gRPC's retry pushback
-    (trailing metadata ``grpc-retry-pushback-ms``) and quoted in the message."""
+    serve.drain_timeout_s passes are cancelled. Retryable: the message says "retry in <retry_after_s> s" (Serve's
+    gRPC proxy passes a failed call's code and details on, not its trailing metadata, so the hint is in the text;
+    from_status reads it back)."""
 
     def __init__(self, message: str, *, retry_after_s: float = 1.0, field: str | None = None):
         super().__init__(message, field=field)
@@ -156,21 +158,14 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return err.code, _clip(err.message)
 
 
-def trailing_metadata(exc: BaseException) -> list[tuple[str, str]]:
-    """Trailing metadata that goes with an error's status: gRPC's retry pushback for ShuttingDown, else none."""
-    err = classify(exc)
-    if isinstance(err, ShuttingDown):
-        return [(RETRY_PUSHBACK_KEY, str(max(0, round(err.retry_after_s * 1000))))]
-    return []
-
-
 def from_status(code: grpc.StatusCode, details: str) -> FusionError:
     """(status code, details) from the wire -> the matching FusionError (client side)."""
     cls = _BY_CODE.get(code, InternalError)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and ("max_message_bytes" in details or "larger than max" in details):
         cls = MessageTooLarge
     if code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details:
-        cls = ShuttingDown
+        hint = _RETRY_HINT.search(details)
+        return ShuttingDown(details, retry_after_s=float(hint.group(1)) if hint else 1.0)
     return cls(details or code.name)
 
 

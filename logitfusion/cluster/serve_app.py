@@ -41,7 +41,6 @@ from logitfusion.errors import (
     Unauthenticated,
     classify,
     to_status,
-    trailing_metadata,
 )
 from logitfusion.v1 import fusion_pb2 as pb
 
@@ -630,9 +629,6 @@ def _apply_error(grpc_context: Any, exc: BaseException) -> FusionError:
     if grpc_context is not None:
         grpc_context.set_code(code)
         grpc_context.set_details(details)
-        extra = trailing_metadata(exc)
-        if extra:
-            grpc_context.set_trailing_metadata(extra)
     return classify(exc)
 
 
