@@ -534,7 +534,7 @@ class Pipeline:
             wait_for_workers(workers, topology.serve.startup_timeout_s)  # every model loads in parallel
             for name, actor in workers.items():
                 runners[name] = RemoteRunner.for_actor(
-                    name, actor, reconnect_timeout_s=topology.serve.reconnect_timeout_s
+                    name, actor, reconnect_timeout_s=topology.serve.reconnect_timeout_s, tls=topology.worker_tls()
                 )
             coordinator = Coordinator(runners, codec=codec, limits=topology.limits, name=name_prefix,
                                       fusion_device=topology.serve.fusion_device)
@@ -608,6 +608,7 @@ def launch_worker(
         dtype=m.dtype,
         tp_size=m.tp_size,
         bind_host=topology.serve.worker_bind_host,
+        tls=topology.worker_tls(),
     )
     return start_worker(
         spec,
