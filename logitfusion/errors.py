@@ -31,8 +31,8 @@ from logitfusion.engine.runner import RunnerError, RunnerUnavailable
 
 logger = logging.getLogger(__name__)
 
-MAX_DETAILS_CHARS = 1024
-_RETRY_HINT = re.compile(r"retry in ([0-9]+(?:\.[0-9]+)?) s")  # ShuttingDown's hint in the status details  # status details travel in HTTP/2 trailers: keep them short
+MAX_DETAILS_CHARS = 1024  # status details travel in HTTP/2 trailers: keep them short
+_RETRY_HINT = re.compile(r"retry in ([0-9]+(?:\.[0-9]+)?) s")  # ShuttingDown's hint in the status details
 
 
 class FusionError(Exception):

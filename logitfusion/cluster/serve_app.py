@@ -16,6 +16,7 @@ friends go back. Every error becomes a status through errors.to_status (the one 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import math
@@ -88,9 +89,44 @@ def _tolerant(parse, method: str):
     return deserialize
 
 
+def report_replica_death_as_unavailable() -> bool:
+    """Make Serve's gRPC proxy (this process) answer UNAVAILABLE, not INTERNAL, for a call whose replica died.
+
+    Ray 2.60's proxy maps every RayActorError to INTERNAL ("The actor died unexpectedly ..."): for a client that is
+    the server going away mid-call, which gRPC calls UNAVAILABLE (retryable), and the replica is restarted by Serve.
+    The proxy overrides our handlers (only the request deserializer is ours), so the mapping is wrapped where the
+    proxy looks it up, once per process; anything not an actor death keeps Serve's status. Returns whether the
+    wrapper is installed (False, with a warning, on a Ray whose proxy does not have the function).
+    """
+    try:
+        from ray.exceptions import RayActorError
+        from ray.serve._private import proxy as serve_proxy
+    except ImportError:
+        return False
+    original = getattr(serve_proxy, "get_grpc_response_status", None)
+    if original is None:
+        logger.warning("this Ray's Serve proxy has no get_grpc_response_status: a dead replica stays INTERNAL")
+        return False
+    if getattr(original, "_logitfusion", False):
+        return True
+
+    def status(exc: BaseException, *args: Any, **kwargs: Any) -> Any:
+        out = original(exc, *args, **kwargs)
+        if getattr(out, "code", None) == grpc.StatusCode.INTERNAL and isinstance(exc, RayActorError):
+            first = (str(exc).strip().splitlines() or ["actor died"])[0][:200]
+            message = f"the replica serving this call died; Serve restarts it: retry ({first})"
+            return dataclasses.replace(out, code=grpc.StatusCode.UNAVAILABLE, message=message)
+        return out
+
+    status._logitfusion = True  # type: ignore[attr-defined]
+    serve_proxy.get_grpc_response_status = status
+    return True
+
+
 def add_fusion_service_to_server(servicer: Any, server: Any) -> None:
     """Register FusionService like the generated add_FusionServiceServicer_to_server, but with request parsing
-    that turns undecodable bytes into an ``Undecodable`` value (answered with INVALID_ARGUMENT by the replica)."""
+    that turns undecodable bytes into an ``Undecodable`` value (answered with INVALID_ARGUMENT by the replica).
+    Serve calls it in its proxy process, which is where report_replica_death_as_unavailable() takes effect."""
     from logitfusion.v1 import fusion_pb2_grpc
 
     messages = {
@@ -107,6 +143,7 @@ def add_fusion_service_to_server(servicer: Any, server: Any) -> None:
         )
         for name, (req, resp, make) in messages.items()
     }
+    report_replica_death_as_unavailable()
     generic = grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
     server.add_generic_rpc_handlers((generic,))
     if hasattr(server, "add_registered_method_handlers"):
@@ -726,10 +763,19 @@ class FusionDeployment:
         namespace = ray.get_runtime_context().namespace
         return {model: (name, namespace) for model, name in self.pipeline.worker_names.items()}
 
-    def stats(self) -> dict[str, Any]:
-        """Coordinator counters: decoding steps run, requests running."""
+    async def stats(self) -> dict[str, Any]:
+        """Coordinator counters (decoding steps run, requests running), this replica's pid, and the live sequences
+        on each model worker as the worker itself counts them (its own table; all 0 when nothing leaks)."""
+        import ray
+
         c = self.pipeline.coordinator
-        return {"steps_run": c.steps_run, "active_requests": c.active_requests()}
+        models = list(self.pipeline.workers)
+        tables = await asyncio.gather(*(self.pipeline.workers[m].sequences.remote() for m in models),
+                                      return_exceptions=True)
+        live = {m: (len(t) if isinstance(t, dict) else f"unreachable: {type(t).__name__}")
+                for m, t in zip(models, tables, strict=True)}
+        return {"steps_run": c.steps_run, "active_requests": c.active_requests(), "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(), "live_sequences": live}
 
     async def drain(self, timeout_s: float) -> dict[str, Any]:
         """Graceful shutdown of this replica's pipeline, called by `logitfusion serve` on SIGTERM/SIGINT.
@@ -760,7 +806,8 @@ class FusionDeployment:
             )
             logger.warning("drain: cancelled %d request(s) after %g s: %s", len(cancelled), timeout_s, cancelled)
             await asyncio.to_thread(c.wait_idle, 30.0)
-        return {"replica": self._replica_id, "finished": len(set(running) - set(cancelled)), "cancelled": len(cancelled)}
+        finished = len(set(running) - set(cancelled))
+        return {"replica": self._replica_id, "finished": finished, "cancelled": len(cancelled)}
 
     def __del__(self) -> None:
         pipeline = getattr(self, "pipeline", None)

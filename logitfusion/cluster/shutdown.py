@@ -1,7 +1,8 @@
 """Graceful shutdown of `logitfusion serve` and `logitfusion demo`: the signals, and nothing left behind.
 
     guard = SignalGuard().install()        # SIGTERM and SIGINT: the first raises ShutdownRequested in the main thread
-    ...                                    # (start, serve); Ray's own SIGTERM handler is replaced: guard.install() again
+    ...                                    # start and serve; after ray.init (which installs Ray's own SIGTERM
+    guard.install()                        # handler) install again
     procs = descendants()                  # every process this one started, directly or not (raylet's workers too)
     reap(procs, grace_s=10)                # wait for them to exit; SIGTERM, then SIGKILL, whatever does not
 

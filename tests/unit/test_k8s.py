@@ -756,7 +756,8 @@ def test_network_policy_check_needs_clients_admitted_to_the_grpc_port():
 def test_network_policy_check_catches_a_misspelled_named_port():
     def edit(p):
         p["logitfusion-ray"]["spec"]["ingress"][1]["ports"][0]["port"] = "serve-grcp"
-    assert any("named port 'serve-grcp' is declared by no pod" in e for e in ck.network_policy_errors(_with_policies(edit)))
+    errors = ck.network_policy_errors(_with_policies(edit))
+    assert any("named port 'serve-grcp' is declared by no pod" in e for e in errors)
 
 
 def test_network_policy_check_catches_an_unselected_worker_group():
