@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import os
 import statistics
@@ -233,20 +232,10 @@ def peer_section(cfg: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.peer", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(1)
-    from bench.common import render
+    from bench.common import run_section_cli, section_cli
 
-    sec = peer_section(argparse.Namespace(quick=args.quick))
-    print(render(sec))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(sec.to_json(), indent=1) + "\n")
-    return 0
+    args = section_cli("python -m bench.peer", __doc__).parse_args(argv)
+    return run_section_cli(args, lambda: peer_section(argparse.Namespace(quick=args.quick)))
 
 
 if __name__ == "__main__":
