@@ -113,7 +113,9 @@ def build_peer(peer_cls: type, paths: dict[str, Path], tokenizer: Any) -> Any:
     return peer
 
 
-def run_peer(peer: Any, tokenizer: Any, prompts: list[list[int]], tokens: int, batch: int) -> tuple[list[list[int]], float]:
+def run_peer(
+    peer: Any, tokenizer: Any, prompts: list[list[int]], tokens: int, batch: int
+) -> tuple[list[list[int]], float]:
     """Generate for every prompt in batches of ``batch`` (left padding + mask); (new ids per prompt, seconds)."""
     out: list[list[int]] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -143,7 +145,9 @@ def build_ours(paths: dict[str, Path], tokenizer: Any, max_batch: int) -> Any:
                    decode_fn=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), max_batch_size=max_batch)
 
 
-def run_ours(decoder: Any, prompts: list[list[int]], tokens: int, batch: int, tag: str) -> tuple[list[list[int]], float]:
+def run_ours(
+    decoder: Any, prompts: list[list[int]], tokens: int, batch: int, tag: str
+) -> tuple[list[list[int]], float]:
     from logitfusion.engine.decoder import GenerationRequest
     from logitfusion.fusion import presets
 
@@ -194,7 +198,7 @@ def peer_rows(peer_dir: str | Path, *, rounds: int, tokens: int, num_prompts: in
             "identical": f"{sum(1 for _ in prompts)}/{len(prompts)}" if identical else "NO",
             "rounds": rounds,
         })
-    backends = {m: r.backend for m, r in ours._runners.items()}
+    backends = {m: getattr(r, "backend", "hf") for m, r in ours._runners.items()}
     return {"rows": rows, "backends": backends, "prompts": len(prompts), "tokens": tokens}
 
 

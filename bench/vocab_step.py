@@ -158,7 +158,8 @@ def vocab_section(cfg: Any, vocabs: tuple[int, ...] | None = None, batches: tupl
     if getattr(cfg, "distributed", True):
         v, b = (vocabs[0], max(batches)) if quick else (128256, 16)
         dist, why = distributed_rows(v, b, warmup=1 if quick else 2, steps=3 if quick else 6, repeats=2 if quick else 3)
-        sec.extra["distributed (workers over gRPC streams) vs in-process"] = "\n\n" + markdown_table(DIST_COLUMNS, dist) if dist else why
+        table = "\n\n" + markdown_table(DIST_COLUMNS, dist) if dist else why
+        sec.extra["distributed (workers over gRPC streams) vs in-process"] = table
         if why:
             sec.skipped.append(f"distributed rows: {why}")
     sec.notes += [
@@ -185,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from bench.common import render
 
-    sec = vocab_section(argparse.Namespace(quick=args.quick, distributed=not args.no_distributed), tuple(args.vocab or ()) or None,
-                        tuple(args.batch or ()) or None)
+    cfg = argparse.Namespace(quick=args.quick, distributed=not args.no_distributed)
+    sec = vocab_section(cfg, tuple(args.vocab or ()) or None, tuple(args.batch or ()) or None)
     print(render(sec))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--config", required=True, help="topology YAML")
     sv.add_argument("--address", default=None, help="join this Ray cluster (default: embedded local Ray)")
     sv.add_argument("--port", type=int, default=None, help="gRPC port (default: the topology's serve.grpc_port)")
+    sv.add_argument("--http-port", type=int, default=None,
+                    help="HTTP port of the OpenAI-style API (default: the topology's serve.http_port)")
     sv.set_defaults(func=_cmd_serve)
 
     ge = sub.add_parser("generate", help="stream a fused generation from a running service")

@@ -41,7 +41,7 @@ def run_service_demo(config: Path) -> int:
 
     print(f"starting the service: embedded Ray on 127.0.0.1, Serve gRPC ingress, one worker per model ({config})",
           flush=True)
-    service = run_service(config, grpc_port=free_port(), blocking=False, access_log=False)
+    service = run_service(config, grpc_port=free_port(), http_port=free_port(), blocking=False, access_log=False)
     print(f"serving on {service.address} (started in {service.startup_s:.1f} s)\n", flush=True)
     try:
         with FusionClient(service.address, timeout_s=120) as client:

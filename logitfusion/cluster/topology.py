@@ -211,6 +211,7 @@ class ServeSpec(_Strict):
 
     host: str = Field("127.0.0.1", min_length=1, description="address the embedded Ray node binds and clients use")
     grpc_port: int = Field(9000, ge=1, le=65535, description="port of Ray Serve's gRPC ingress")
+    http_port: int = Field(8000, ge=1, le=65535, description="port of Ray Serve's HTTP ingress (OpenAI-style API)")
     replicas: int = Field(1, ge=1, le=256, description="pipelines (each: coordinator + its workers)")
     app_name: str = Field("logitfusion", pattern=NAME_PATTERN, description="Ray Serve application name")
     coordinator_num_cpus: float = Field(0.5, gt=0, le=64, description="CPUs of the replica running the coordinator")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
@@ -33,7 +34,7 @@ import torch
 from logitfusion.engine.routing import RouteTables, split_features
 from logitfusion.engine.runner import ExtendOp, ModelRunner, RunnerInfo, StepPlan, Want, concat_rows, failed
 from logitfusion.fusion import Recipe, SamplingParams, fuse, make_generator, sample, speculative_accept, to_probs
-from logitfusion.fusion.routing import route
+from logitfusion.fusion.routing import Routing, route
 
 logger = logging.getLogger(__name__)
 
@@ -364,6 +365,7 @@ class Decoder:
         self._releases: dict[str, set[str]] = {m: set() for m in self._runners}  # model -> seq ids to free
         self._results: dict[str, GenerationResult] = {}
         self._step = 0
+        self.fusion_time_s = 0.0  # total seconds spent fusing and solving the weights (metrics read the deltas)
         self._route_tables = RouteTables()  # routed recipes' example tables, computed on first use
 
     @staticmethod
@@ -725,6 +727,12 @@ class Decoder:
                 except Exception as exc:  # noqa: BLE001 - a runner failure like any other
                     raise StepFailed(routing.model, exc) from exc
 
+    def route_prompts(self, routing: Routing, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """[R, T] expert weights of R prompt representations under ``routing`` (the example table is computed
+        through the routing model's runner on first use: call from the thread that drives step(), between steps)."""
+        table = self._route_tables.get(routing, self._runners[routing.model])
+        return route(torch.stack(list(features)), table, routing)[0]
+
     def _set_routes(self, prompt_features: Sequence[tuple[_Live, torch.Tensor]]) -> None:
         """The routing model's prefills came back: weight each request's experts by its prompt representation
         (rows that share a routing are routed at once)."""
@@ -792,7 +800,9 @@ class Decoder:
             weights = None
             if recipe.route is not None:  # each row routed on its own request's prompt: [rows, T]
                 weights = torch.cat([live.route.expand(n, -1) for live, n in zip(lives, sizes)]).to(self.fusion_device)
+            t0 = time.perf_counter()
             result = fuse(inputs, recipe, weights, validated=True)  # add_request validated it; fuse checks the logits
+            self.fusion_time_s += time.perf_counter() - t0
             logprobs, alphas = result.logprobs.cpu(), result.alphas.cpu()  # sampling uses per-request CPU generators
             for live, lp, al in zip(lives, logprobs.split(sizes), alphas.split(sizes)):
                 fused[live.rid] = (lp, al)

@@ -341,5 +341,7 @@ class LeanLlama:
         )
         scale = max(1.0, float(ref.abs().max()))
         if diff > SELF_CHECK_ATOL * scale:
-            raise ValueError(f"lean forward differs from the model's own by {diff:.3g} (limit {SELF_CHECK_ATOL * scale:.3g})")
+            raise ValueError(
+                f"lean forward differs from the model's own by {diff:.3g} (limit {SELF_CHECK_ATOL * scale:.3g})"
+            )
         return diff

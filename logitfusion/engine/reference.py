@@ -5,8 +5,9 @@
 - ``sequential_decode``: what the proxy-tuning reference code does: batch 1, each model called in turn with its
   own Hugging Face ``past_key_values``. The benchmarks' baseline.
 
-Both fuse and sample with logitfusion.fusion exactly as the Decoder does, with a generator seeded by
-``SamplingParams.seed``, so a sampled run is reproducible and comparable token for token.
+Both fuse and sample with logitfusion.fusion as the Decoder does, but on the dense path (every token, never the
+certified candidate support) and with the Hugging Face forward, with a generator seeded by ``SamplingParams.seed``,
+so a sampled run is reproducible and comparable token for token.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def _pick(
     route_weights: torch.Tensor | None = None,
 ) -> tuple[int, list[float], torch.Tensor]:
     """Fuse one row per model ([1, V] each) and sample: (token, alphas, fused log-probs [V])."""
-    res = fuse(logits, recipe) if route_weights is None else fuse(logits, recipe, route_weights)
+    # the reference arithmetic on every token, never the candidates
+    res = fuse(logits, recipe, route_weights=route_weights, support="dense")
     token = int(sample(res.logprobs, [sampling], [gen])[0])
     return token, [float(a) for a in res.alphas[0]], res.logprobs[0]
 

@@ -11,11 +11,12 @@ probability below exp(-tau) too (alpha = 0 is in the box). With tau = ln(V / eps
 at most eps of the mass of P and of every Pt the solver can visit. The DLF problem is solved on the kept tokens only
 (P renormalised on them, deltas centred under that P), in float64; the targets KL(Q_t || Q), KL(Q || Q_t) involve
 only the small models and come from the one dense pass. Rows whose bound does not separate (more than
-max_fraction * V candidates: flat distributions) are solved densely, exactly as before.
+max_fraction * V candidates: flat distributions, and the bulk of trained models) take the dense reference
+arithmetic, bit for bit.
 
-The fast path needs finite logits everywhere (no masked token): one amax and one amin per model decide that, and
-double as the NaN guard. Anything else (a -inf mask, NaN, +inf) returns None and fuse() takes the dense path, which
-handles masks and raises the precise error naming the model.
+The fast path needs finite logits everywhere (no masked token): one amax and one amin per model and row decide that
+(taken chunk by chunk with the other passes), and double as the NaN guard. Anything else (a -inf mask, NaN, +inf)
+returns None and fuse() takes the dense path, which handles masks and raises the precise error naming the model.
 """
 
 from __future__ import annotations
@@ -55,18 +56,6 @@ def tau_for(vocab: int, eps: float) -> float:
     return math.log(vocab / eps)
 
 
-def finite_row_maxes(z: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """{name: row max [B]} when every logit of every model is finite; None otherwise (a mask, NaN or +inf).
-
-    amax and amin propagate NaN, so two cheap reductions per model are the whole guard: one host sync per step.
-    """
-    maxes = {n: x.amax(-1) for n, x in z.items()}  # [B] each
-    mins = [x.amin(-1) for x in z.values()]
-    if not bool(torch.isfinite(torch.stack([*maxes.values(), *mins])).all()):
-        return None
-    return maxes
-
-
 def row_chunks(rows: int, vocab: int, itemsize: int) -> list[slice]:
     """Row slices of about _CHUNK_BYTES per [rows, V] buffer (at least one row each)."""
     step = max(1, _CHUNK_BYTES // max(1, vocab * itemsize))
@@ -87,25 +76,46 @@ def log_softmax_(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     return x.sub_(top + sums.log())
 
 
-def static_log_probs(
-    z: Mapping[str, torch.Tensor], maxes: Mapping[str, torch.Tensor], weights: Mapping[str, float]
-) -> torch.Tensor:
-    """log_softmax(sum_m w_m z_m): every per-model normalisation is a per-row constant that no softmax sees.
+def _row_extremes(
+    z: Sequence[torch.Tensor], rows: slice, maxes: torch.Tensor, mins: torch.Tensor
+) -> None:
+    """Each model's max and min over the chunk's rows, into maxes[m, rows] and mins[m, rows] ([M, B] each). Done
+    chunk by chunk, just before the chunk's other passes, so the guard costs no extra trip to memory."""
+    for m, x in enumerate(z):
+        torch.amax(x[rows], -1, out=maxes[m, rows])
+        torch.amin(x[rows], -1, out=mins[m, rows])
 
-    Each z_m is centred on its row max first (exact near the top, where the mass is) so the sum keeps the
-    precision of log-probs. z: finite logits [B, V] per model; weights: the recipe's total coefficient per model.
+
+def _all_finite(maxes: torch.Tensor, mins: torch.Tensor) -> bool:
+    """The guard: every logit finite (amax and amin propagate NaN; +inf shows in the max, -inf in the min)."""
+    return bool(torch.isfinite(maxes).all() and torch.isfinite(mins).all())
+
+
+def static_log_probs(z: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor | None:
+    """log_softmax(sum_m w_m z_m), or None when a logit is not finite (then the dense path decides).
+
+    Every per-model normalisation is a per-row constant that no softmax sees, so the raw logits suffice. Each z_m
+    is centred on its row max first (exact near the top, where the mass is) so the sum keeps the precision of
+    log-probs. z: logits [B, V] per model (every model the recipe reads, weight 0 included: all are guarded);
+    weights: the recipe's total coefficient per model.
     """
-    first = next(iter(z.values()))
+    names = list(z)
+    first = z[names[0]]
+    B, V = first.shape
+    maxes = torch.empty(len(names), B, dtype=first.dtype, device=first.device)
+    mins = torch.empty_like(maxes)
     scores = torch.zeros_like(first)  # [B, V]  the result (every weight 0 gives the uniform distribution)
     (scratch,) = _scratch(first, 1)
-    for rows in row_chunks(first.shape[0], first.shape[1], first.element_size()):
+    for rows in row_chunks(B, V, first.element_size()):
+        _row_extremes([z[n] for n in names], rows, maxes, mins)
         out = scores[rows]
         buf = scratch[: out.shape[0]]
-        for name, w in weights.items():
+        for m, name in enumerate(names):
+            w = weights[name]
             if w != 0.0:  # finite logits times 0 add exactly nothing
-                out.add_(torch.sub(z[name][rows], maxes[name][rows].unsqueeze(-1), out=buf), alpha=w)
+                out.add_(torch.sub(z[name][rows], maxes[m, rows].unsqueeze(-1), out=buf), alpha=w)
         log_softmax_(out, buf)
-    return scores
+    return scores if _all_finite(maxes, mins) else None
 
 
 @dataclass(frozen=True)
@@ -236,22 +246,25 @@ class DlfStep:
 
 
 def fuse_dlf_fast(
-    z: Mapping[str, torch.Tensor], maxes: Mapping[str, torch.Tensor], large: str, small: str,
-    experts: Sequence[str], solver: str, max_alpha: float, support: str, eps: float,
-    max_fraction: float = MAX_FRACTION,
-) -> tuple[torch.Tensor, DlfStep]:
-    """One DLF step from finite raw logits: (fused log-probs [B, V], the solve).
+    z: Mapping[str, torch.Tensor], large: str, small: str, experts: Sequence[str], solver: str, max_alpha: float,
+    support: str, eps: float, max_fraction: float = MAX_FRACTION,
+) -> tuple[torch.Tensor, DlfStep] | None:
+    """One DLF step from raw logits: (fused log-probs [B, V], the solve), or None when a logit is not finite (then
+    the dense path decides).
 
-    Pass 1, over row chunks that fit in cache: deltas, targets and the candidate mask. Then every row whose
-    candidates are at most max_fraction * V (every row, support="candidates") is solved on them; the others take
-    the dense reference arithmetic (dense_rows). Pass 2: the fused log-probs of the candidate rows.
+    Pass 1, over row chunks that fit in cache: the guard (row max and min), deltas, targets and the candidate mask.
+    Then every row whose candidates are at most max_fraction * V (every row, support="candidates") is solved on
+    them; the others take the dense reference arithmetic (dense_rows). Pass 2: the fused log-probs of the
+    candidate rows.
     """
     z_l, z_s, z_e = z[large], z[small], [z[e] for e in experts]
-    m_l, m_s, m_e = maxes[large], maxes[small], [maxes[e] for e in experts]
     B, V = z_l.shape
     T = len(experts)
     dtype, device = z_l.dtype, z_l.device
     tau = tau_for(V, eps)
+    maxes = torch.empty(T + 2, B, dtype=dtype, device=device)  # rows: large, small, experts
+    mins = torch.empty_like(maxes)
+    m_l, m_s, m_e = maxes[0], maxes[1], list(maxes[2:])
     d = torch.empty((T, B, V), dtype=dtype, device=device)  # [T, B, V]
     keep = torch.empty(B, V, dtype=torch.bool, device=device)
     scratch = _scratch(z_l, 3)
@@ -260,9 +273,12 @@ def fuse_dlf_fast(
     for rows in chunks:
         n = rows.stop - rows.start
         bufs = [x[:n] for x in scratch]
+        _row_extremes([z_l, z_s, *z_e], rows, maxes, mins)
         targets.append(dlf_dense_pass(z_s[rows], [x[rows] for x in z_e], m_s[rows], [x[rows] for x in m_e],
                                       d[:, rows], bufs))
         torch.ge(*_bound(z_l[rows], d[:, rows], max_alpha, tau, bufs), out=keep[rows])
+    if not _all_finite(maxes, mins):
+        return None
     part = DensePart(d, torch.cat([a for a, _ in targets]), torch.cat([b for _, b in targets]))
     counts = keep.sum(-1)  # [B]
     if support == "candidates":

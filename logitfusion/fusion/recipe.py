@@ -20,7 +20,6 @@ import torch
 from .candidates import (
     DEFAULT_EPS,
     check_support,
-    finite_row_maxes,
     fuse_dlf_fast,
     static_log_probs,
 )
@@ -242,17 +241,23 @@ def _fuse_fast(
     mats = check_logits(logits, names)
     dtype = compute_dtype(*mats.values())
     z = {n: x.to(dtype) for n, x in mats.items()}  # no copy when already fp32 / fp64
-    maxes = finite_row_maxes(z)
-    if maxes is None:
-        return None
     B, T = z[names[0]].shape[0], len(recipe.experts)
+    if B == 0:
+        return None  # an empty batch: the dense path returns the empty result
     if recipe.route is not None:
-        return FusionResult(*fuse_routed_fast(z, maxes, recipe, route_weights, support, eps))
+        routed = fuse_routed_fast(z, recipe, route_weights, support, eps)
+        return None if routed is None else FusionResult(*routed)
     if not (T and recipe.solver is not None):
-        alphas = torch.tensor(recipe.alphas, dtype=dtype, device=z[names[0]].device).expand(B, T)  # [B, T]
-        return FusionResult(static_log_probs(z, maxes, _static_weights(recipe)), alphas.contiguous(), None)
-    fused, step = fuse_dlf_fast(z, maxes, recipe.anchor, recipe.small, recipe.experts, recipe.solver,  # type: ignore[arg-type]
-                                recipe.max_alpha, support, eps)
+        fused = static_log_probs(z, _static_weights(recipe))
+        if fused is None:
+            return None
+        alphas = torch.tensor(recipe.alphas, dtype=dtype, device=fused.device).expand(B, T)  # [B, T]
+        return FusionResult(fused, alphas.contiguous(), None)
+    out = fuse_dlf_fast(z, recipe.anchor, recipe.small, recipe.experts, recipe.solver,  # type: ignore[arg-type]
+                        recipe.max_alpha, support, eps)
+    if out is None:
+        return None
+    fused, step = out
     return FusionResult(fused, step.alphas, step.loss, step.support_size)
 
 

@@ -266,23 +266,27 @@ def routed_alphas(
 
 def fuse_routed_fast(
     z: dict[str, torch.Tensor],
-    maxes: dict[str, torch.Tensor],
     recipe,
     weights: torch.Tensor,
     support: str,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The routed step on finite raw logits (fuse's fast path): (log-probs [B, V], alphas [B, T], loss, support size).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+    """The routed step on raw logits (fuse's fast path): (log-probs [B, V], alphas [B, T], loss, support size), or
+    None when a logit is not finite (then the dense path decides).
 
-    z: [B, V] logits per model; maxes: their row maxima. Every per-model normalisation is a per-row constant, so the
-    deltas may be taken on max-centred logits. Static: log_softmax(z_L + sum_t alpha_t w_t (z_Et - z_S)). DLF: the
-    routed mixture is one expert with logits z_S + sum_t w_t (z_Et - z_S) (its softmax is Q_w), solved on the
-    certified candidate support like any single-expert DLF step.
+    z: [B, V] logits per model. Every per-model normalisation is a per-row constant, so the deltas may be taken on
+    max-centred logits. Static: log_softmax(z_L + sum_t alpha_t w_t (z_Et - z_S)). DLF: the routed mixture is one
+    expert with logits z_S + sum_t w_t (z_Et - z_S) (its softmax is Q_w), solved on the certified candidate support
+    like any single-expert DLF step.
     """
     from .candidates import fuse_dlf_fast, log_softmax_
 
     B, T = z[recipe.small].shape[0], len(recipe.experts)
     w, active = check_weights(weights, B, T)  # top-k routing leaves most columns empty: only the active ones
+    names = recipe.model_names()
+    maxes = {n: z[n].amax(-1) for n in names}  # [B] each
+    if not bool(torch.isfinite(torch.stack([*maxes.values(), *(z[n].amin(-1) for n in names)])).all()):
+        return None  # a masked token, NaN or +inf
     w = w.to(device=z[recipe.small].device, dtype=z[recipe.small].dtype)  # [B, T]
     c_s = z[recipe.small] - maxes[recipe.small].unsqueeze(-1)  # [B, V]
     if recipe.solver is None:
@@ -297,9 +301,10 @@ def fuse_routed_fast(
         e = recipe.experts[t]
         mix.addcmul_(z[e] - maxes[e].unsqueeze(-1) - c_s, w[:, t : t + 1])
     zz = {recipe.anchor: z[recipe.anchor], recipe.small: z[recipe.small], "\0mix": mix}
-    mm = {recipe.anchor: maxes[recipe.anchor], recipe.small: maxes[recipe.small], "\0mix": mix.amax(-1)}
-    fused, step = fuse_dlf_fast(zz, mm, recipe.anchor, recipe.small, ["\0mix"], recipe.solver, recipe.max_alpha,
-                                support, eps)
+    out = fuse_dlf_fast(zz, recipe.anchor, recipe.small, ["\0mix"], recipe.solver, recipe.max_alpha, support, eps)
+    if out is None:
+        return None
+    fused, step = out
     return fused, step.alphas * w, step.loss, step.support_size
 
 

@@ -60,7 +60,7 @@ def test_dropped_tokens_carry_at_most_exp_minus_tau_under_every_alpha(seed, B, V
     # A loose eps so that tokens really are dropped at these small V; the claim is checked at random alphas in the
     # box and at all its corners (where the linear fused logits take their extremes).
     z = peaked_logits(seed, B, V, T, top=8.0, bulk=bulk, spread=spread)
-    maxes = C.finite_row_maxes(z)
+    maxes = {n: x.amax(-1) for n, x in z.items()}
     d = torch.empty(T, B, V, dtype=torch.float64)
     scratch = [torch.empty(B, V, dtype=torch.float64) for _ in range(3)]
     C.dlf_dense_pass(z["small"], [z[f"e{t}"] for t in range(T)], maxes["small"],
@@ -208,6 +208,13 @@ def test_experts_equal_to_small_give_alpha_zero_on_the_candidates():
     assert (res.loss.abs() < 1e-20).all()
 
 
+def test_an_empty_batch_gives_empty_results():
+    z = {n: torch.zeros(0, 9) for n in ("large", "small", "e0")}
+    for recipe in (presets.proxy_tuning("large", "small", "e0"), dlf(1, "joint")):
+        res = fuse(z, recipe)
+        assert res.logprobs.shape == (0, 9) and res.alphas.shape == (0, 1)
+
+
 def test_a_single_token_vocabulary_and_a_single_candidate():
     z = {n: torch.zeros(2, 1) for n in ("large", "small", "e0")}
     res = fuse(z, dlf(1, "newton"), support="candidates")
@@ -287,14 +294,18 @@ def test_nan_or_inf_anywhere_names_the_model_and_row(V, recipe):
         fuse({**z, "small": dead}, recipe, validated=True)
 
 
-def test_row_maxes_guard_flags_every_non_finite_case():
-    x = torch.zeros(2, 50)
-    assert C.finite_row_maxes({"m": x}) is not None
+def test_the_guard_flags_every_non_finite_case_in_every_chunk(monkeypatch):
+    monkeypatch.setattr(C, "_CHUNK_BYTES", 2 * 50 * 4)  # two rows per chunk: the guard is taken chunk by chunk
+    x = torch.zeros(5, 50)
+    assert C.static_log_probs({"m": x, "n": x}, {"m": 1.0, "n": 0.0}) is not None
     for value in (float("nan"), float("inf"), NEG_INF):
-        for pos in (0, 17, 49):
-            y = x.clone()
-            y[1, pos] = value
-            assert C.finite_row_maxes({"m": x, "n": y}) is None, (value, pos)
+        for row in (0, 3, 4):
+            for pos in (0, 17, 49):
+                y = x.clone()
+                y[row, pos] = value
+                assert C.static_log_probs({"m": x, "n": y}, {"m": 1.0, "n": 0.0}) is None, (value, row, pos)
+                out = C.fuse_dlf_fast({"l": x, "s": x, "e": y}, "l", "s", ["e"], "grid", 2.0, "auto", 1e-9)
+                assert out is None, (value, row, pos)
 
 
 def test_validated_skips_only_the_recipe_check(monkeypatch):
@@ -342,7 +353,7 @@ def test_greedy_decode_is_token_identical_to_the_dense_reference(models, kind, m
     prompt = [5, 17, 33, 2, 60]
     runs = {}
     for support in ("dense", "candidates", "auto"):
-        monkeypatch.setattr(reference, "fuse", lambda lg, r, s=support: fuse(lg, r, support=s))
+        monkeypatch.setattr(reference, "fuse", lambda lg, r, s=support, **_: fuse(lg, r, support=s))
         runs[support] = reference.naive_decode(models, prompt, recipe, vocab_size=TINY_VOCAB_SIZE, max_new_tokens=8)
     for support in ("candidates", "auto"):
         assert runs[support].token_ids == runs["dense"].token_ids, support
