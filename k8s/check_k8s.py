@@ -17,7 +17,10 @@ What it checks, and why each one exists:
 - the GCS fault-tolerance variant reads its Redis password from the Secret it ships, and the Redis it points at
   exists in the same file;
 - the Dockerfile installs every dependency pyproject.toml declares, with the pins of requirements.txt, and the
-  project itself.
+  project itself;
+- the NetworkPolicies select every pod of the serving RayService (Serve's proxies bind every interface), admit the
+  cluster's Ray pods from each other on every port (or Ray breaks), admit clients to the gRPC ingress port and only
+  to named ports the selected pods declare, and select the GCS fault-tolerance Redis, admitting only Ray pods.
 Each check is a function returning a list of messages (empty = fine), so tests can feed it broken copies.
 """
 
@@ -47,7 +50,7 @@ REPO_ROOT = K8S_DIR.parent
 SCHEMAS_ENV = "LOGITFUSION_K8S_SCHEMAS"
 KUBERNETES_VERSION = "1.33.0"  # the API version core objects are validated against
 CRD_KINDS = frozenset({"RayCluster", "RayJob", "RayService"})
-CORE_KINDS = frozenset({"Secret", "Service", "Deployment", "PersistentVolumeClaim", "ConfigMap"})
+CORE_KINDS = frozenset({"Secret", "Service", "Deployment", "PersistentVolumeClaim", "ConfigMap", "NetworkPolicy"})
 IMAGE_CONFIG_DIR = "/app/configs"  # where the Dockerfile copies k8s/configs/
 GPU = "nvidia.com/gpu"
 GRPC_PORT_NAME = "serve-grpc"
@@ -739,6 +742,100 @@ def gcs_ft_errors(docs: list[Doc]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Network policies
+
+
+def selects(selector: Doc | None, labels: Mapping[str, str]) -> bool:
+    """Whether a Kubernetes label selector (matchLabels + matchExpressions) selects ``labels``; {} selects all."""
+    selector = selector or {}
+    if any(labels.get(k) != str(v) for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr.get("key"), expr.get("operator"), [str(v) for v in expr.get("values") or []]
+        ok = {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}.get(op, False)
+        if not ok:
+            return False
+    return True
+
+
+def _labels(template: Doc) -> dict[str, str]:
+    return {k: str(v) for k, v in ((template.get("metadata") or {}).get("labels") or {}).items()}
+
+
+def _container_ports(template: Doc) -> set[Any]:
+    """Names and numbers of every containerPort of a pod template."""
+    out: set[Any] = set()
+    for c in (template.get("spec") or {}).get("containers") or []:
+        for port in c.get("ports") or []:
+            out |= {port.get("name"), port.get("containerPort")} - {None}
+    return out
+
+
+def _peer_selects(peer: Doc, labels: Mapping[str, str]) -> bool:
+    """A `from` peer of the policy's own namespace (no namespaceSelector, no ipBlock) that selects ``labels``."""
+    return "namespaceSelector" not in peer and "ipBlock" not in peer and selects(peer.get("podSelector"), labels)
+
+
+def _policy_rules(policy: Doc) -> list[Doc]:
+    return (policy.get("spec") or {}).get("ingress") or []
+
+
+def network_policy_errors(manifests: dict[str, list[Doc]]) -> list[str]:
+    """See the module docstring. The serving pods are the pod templates of every RayService; Redis is every
+    Deployment whose template has the label app.kubernetes.io/component: redis."""
+    policies = [(f"{name} {describe(d)}", d) for name, docs in manifests.items() for d in docs
+                if d.get("kind") == "NetworkPolicy"]
+    ray_pods = [(f"{name} {describe(d)} {where}", t) for name, docs in manifests.items() for d in docs
+                if d.get("kind") == "RayService" for where, t in pod_templates(d)]
+    redis_pods = [(f"{name} {describe(d)}", t) for name, docs in manifests.items() for d in docs
+                  if d.get("kind") == "Deployment" for _, t in pod_templates(d)
+                  if _labels(t).get("app.kubernetes.io/component") == "redis"]
+    errors = []
+
+    def admits_ray_pods(rule: Doc) -> bool:
+        return all(any(_peer_selects(f, _labels(t)) for f in rule.get("from") or []) for _, t in ray_pods)
+
+    for at, policy in policies:  # named ports must exist on some pod the policy selects
+        selected = [t for _, t in ray_pods + redis_pods
+                    if selects((policy.get("spec") or {}).get("podSelector"), _labels(t))]
+        declared = set().union(*(_container_ports(t) for t in selected)) if selected else set()
+        for i, rule in enumerate(_policy_rules(policy)):
+            for port in rule.get("ports") or []:
+                if isinstance(port.get("port"), str) and port["port"] not in declared:
+                    errors.append(f"{at} ingress[{i}]: named port {port['port']!r} is declared by no pod it selects")
+    for at, template in ray_pods + redis_pods:
+        labels = _labels(template)
+        mine = [p for _, p in policies if selects((p.get("spec") or {}).get("podSelector"), labels)
+                and "Ingress" in ((p.get("spec") or {}).get("policyTypes") or ["Ingress"])]
+        if not mine:
+            errors.append(f"{at}: no NetworkPolicy in k8s/ selects this pod (labels {labels}): anyone can reach it")
+            continue
+        rules = [r for p in mine for r in _policy_rules(p)]
+        if any(not r.get("from") for r in rules):
+            errors.append(f"{at}: an ingress rule without `from` admits anyone")
+        if (at, template) in redis_pods:
+            if not any(admits_ray_pods(r) for r in rules):
+                errors.append(f"{at}: no ingress rule admits the Ray pods to Redis")
+            strangers = [f for r in rules for f in r.get("from") or []
+                         if "namespaceSelector" in f or "ipBlock" in f or not (f.get("podSelector") or {})
+                         or not any(selects(f.get("podSelector"), _labels(t)) for _, t in ray_pods)]
+            if strangers:
+                errors.append(f"{at}: Redis admits peers other than the Ray pods: {strangers}")
+            continue
+        if not any(admits_ray_pods(r) and not r.get("ports") for r in rules):
+            errors.append(f"{at}: no ingress rule admits every Ray pod of the cluster on every port (Ray's GCS, "
+                          "raylets, workers and the coordinator-to-worker streams use dynamic ports)")
+        ports = _container_ports(template)
+        if GRPC_PORT_NAME in ports and not any(
+            not admits_ray_pods(r) and any(p.get("port") in (GRPC_PORT_NAME, 9000) for p in r.get("ports") or [])
+            for r in rules
+        ):
+            errors.append(f"{at}: no ingress rule admits clients to the gRPC ingress port {GRPC_PORT_NAME!r}")
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Cross-file consistency: one image, one Ray version
 
 
@@ -1050,6 +1147,7 @@ def check_all(k8s_dir: Path = K8S_DIR, schemas: Path | None = None) -> dict[str,
             errors.append(f"semantic checks stopped at a malformed value: {type(error).__name__}: {error}")
         results[path.name] = errors
     results["(consistency)"] = consistency_errors(loaded, k8s_dir.parent)
+    results["(network policies)"] = network_policy_errors(loaded)
     results["Dockerfile"] = dockerfile_errors(k8s_dir / "Dockerfile", k8s_dir.parent)
     return results
 

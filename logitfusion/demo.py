@@ -4,8 +4,8 @@ By default it goes the whole way: an embedded local Ray on loopback, Ray Serve's
 one worker actor per zoo model; then, for one held-out question per task, it asks the large base alone, the task's
 small expert alone, and the DLF fusion of the two (streamed token by token, with the expert weight solved at every
 step), and finally the multi-expert fusion with no task label: DLF over all four experts (`dlf_multi`), and the
-deployment's default preset `routed_multi`, which routes the question to an expert by its prompt first. `--local` runs the same questions through the
-in-process Decoder instead (no Ray, no gRPC).
+deployment's default preset `routed_multi`, which routes the question to an expert by its prompt first. `--local`
+runs the same questions through the in-process Decoder instead (no Ray, no gRPC).
 """
 
 from __future__ import annotations
@@ -36,41 +36,62 @@ def _weights(steps: list[dict[str, float]]) -> str:
 
 
 def run_service_demo(config: Path) -> int:
-    from logitfusion.client import FusionClient
+    """The service demo. Ctrl-C (or SIGTERM) at any point drains and stops the service, leaves no process behind and
+    exits 0; a second one exits at once (cluster.shutdown)."""
     from logitfusion.cluster.cli import free_port, run_service
+    from logitfusion.cluster.shutdown import ShutdownRequested, SignalGuard
 
+    guard = SignalGuard().install()
     print(f"starting the service: embedded Ray on 127.0.0.1, Serve gRPC ingress, one worker per model ({config})",
           flush=True)
-    service = run_service(config, grpc_port=free_port(), http_port=free_port(), blocking=False, access_log=False)
-    print(f"serving on {service.address} (started in {service.startup_s:.1f} s)\n", flush=True)
     try:
-        with FusionClient(service.address, timeout_s=120) as client:
-            models = client.describe().get("models", [])
-            print("models: " + ", ".join(m.get("name", "?") for m in models) + "\n")
-            for task, prompt, ref in _questions():
-                print(f"[{task}] {prompt}   (reference: {ref})")
-                for preset in ("large_base", f"expert_{task}"):
-                    out = client.generate(prompt, preset=preset, max_new_tokens=8).text
-                    print(f"  {preset:<16} -> {out.strip()!r:<24} {_mark(out, ref)}")
-                t0 = time.perf_counter()
-                text, steps = "", []
-                sys.stdout.write(f"  {'dlf_' + task:<16} -> ")
-                for tok in client.generate_stream(prompt, preset=f"dlf_{task}", max_new_tokens=8):
-                    sys.stdout.write(tok.text)
-                    sys.stdout.flush()
-                    text += tok.text
-                    steps.append(tok.weights)
-                dt = time.perf_counter() - t0
-                print(f"   {_mark(text, ref)}  ({len(steps)} tokens, {1000 * dt / max(1, len(steps)):.0f} ms/token)")
-                print(f"  {'':<16}    weights per step: {_weights(steps)}")
-                multi = client.generate(prompt, preset="dlf_multi", max_new_tokens=8)
-                print(f"  {'dlf_multi':<16} -> {multi.text.strip()!r:<24} {_mark(multi.text, ref)}   (no task label)")
-                routed = client.generate(prompt, max_new_tokens=8)  # no preset: the default, routed_multi
-                print(f"  {routed.recipe:<16} -> {routed.text.strip()!r:<24} {_mark(routed.text, ref)}   "
-                      f"(no task label; first step {_weights(routed.weights[:1])})\n")
+        service = run_service(config, grpc_port=free_port(), http_port=free_port(), blocking=False, access_log=False,
+                              guard=guard)
+    except (KeyboardInterrupt, ShutdownRequested) as exc:  # run_service stopped what it had started
+        print(f"\ninterrupted ({exc or 'Ctrl-C'}) while starting: stopped", flush=True)
+        return 0
+    print(f"serving on {service.address} (started in {service.startup_s:.1f} s)\n", flush=True)
+    reason = "done"
+    try:
+        _ask(service.address)
+    except (KeyboardInterrupt, ShutdownRequested) as exc:
+        reason = str(exc) or "interrupted"
+        print(f"\ninterrupted ({reason}): draining and stopping the service; a second Ctrl-C exits at once", flush=True)
     finally:
-        service.shutdown()
+        service.stop(reason)
+    if reason != "done":
+        print("stopped", flush=True)
     return 0
+
+
+def _ask(address: str) -> None:
+    """The demo's questions to the service at ``address``."""
+    from logitfusion.client import FusionClient
+
+    with FusionClient(address, timeout_s=120) as client:
+        models = client.describe().get("models", [])
+        print("models: " + ", ".join(m.get("name", "?") for m in models) + "\n")
+        for task, prompt, ref in _questions():
+            print(f"[{task}] {prompt}   (reference: {ref})")
+            for preset in ("large_base", f"expert_{task}"):
+                out = client.generate(prompt, preset=preset, max_new_tokens=8).text
+                print(f"  {preset:<16} -> {out.strip()!r:<24} {_mark(out, ref)}")
+            t0 = time.perf_counter()
+            text, steps = "", []
+            sys.stdout.write(f"  {'dlf_' + task:<16} -> ")
+            for tok in client.generate_stream(prompt, preset=f"dlf_{task}", max_new_tokens=8):
+                sys.stdout.write(tok.text)
+                sys.stdout.flush()
+                text += tok.text
+                steps.append(tok.weights)
+            dt = time.perf_counter() - t0
+            print(f"   {_mark(text, ref)}  ({len(steps)} tokens, {1000 * dt / max(1, len(steps)):.0f} ms/token)")
+            print(f"  {'':<16}    weights per step: {_weights(steps)}")
+            multi = client.generate(prompt, preset="dlf_multi", max_new_tokens=8)
+            print(f"  {'dlf_multi':<16} -> {multi.text.strip()!r:<24} {_mark(multi.text, ref)}   (no task label)")
+            routed = client.generate(prompt, max_new_tokens=8)  # no preset: the default, routed_multi
+            print(f"  {routed.recipe:<16} -> {routed.text.strip()!r:<24} {_mark(routed.text, ref)}   "
+                  f"(no task label; first step {_weights(routed.weights[:1])})\n")
 
 
 def run_local_demo() -> int:

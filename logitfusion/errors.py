@@ -11,6 +11,7 @@ calls :func:`to_status` to turn any exception into ``(grpc.StatusCode, details)`
     DeadlineExceeded  -> DEADLINE_EXCEEDED    the client's deadline or the request timeout passed
     Cancelled         -> CANCELLED            the client went away
     ModelUnavailable  -> UNAVAILABLE          a model worker is gone and could not be recovered
+    ShuttingDown      -> UNAVAILABLE          the server drains for shutdown; the details say "retry in N s"
     Unauthenticated   -> UNAUTHENTICATED      missing or wrong token
     NotFound          -> NOT_FOUND            e.g. an unknown service name in a health check
     InternalError     -> INTERNAL             a bug: the details never carry a stack trace
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import re
 from typing import ClassVar
 
 import grpc
@@ -34,6 +36,7 @@ from logitfusion.engine.runner import RunnerError, RunnerUnavailable
 logger = logging.getLogger(__name__)
 
 MAX_DETAILS_CHARS = 1024  # status details travel in HTTP/2 trailers: keep them short
+_RETRY_HINT = re.compile(r"retry in ([0-9]+(?:\.[0-9]+)?) s")  # ShuttingDown's hint in the status details
 
 
 class FusionError(Exception):
@@ -84,6 +87,17 @@ class ModelUnavailable(FusionError):
     """A model worker is gone and could not be recovered."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class ShuttingDown(ModelUnavailable):
+    """The server is draining for shutdown: new requests are refused, and requests still running when
+    serve.drain_timeout_s passes are cancelled. Retryable: the message says "retry in <retry_after_s> s" (Serve's
+    gRPC proxy passes a failed call's code and details on, not its trailing metadata, so the hint is in the text;
+    from_status reads it back)."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, field: str | None = None):
+        super().__init__(message, field=field)
+        self.retry_after_s = retry_after_s
 
 
 class Unauthenticated(FusionError):
@@ -178,6 +192,9 @@ def from_status(code: grpc.StatusCode, details: str) -> FusionError:
     cls = _BY_CODE.get(code, InternalError)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and ("max_message_bytes" in details or "larger than max" in details):
         cls = MessageTooLarge
+    if code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details:
+        hint = _RETRY_HINT.search(details)
+        return ShuttingDown(details, retry_after_s=float(hint.group(1)) if hint else 1.0)
     return cls(details or code.name)
 
 

@@ -32,9 +32,12 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from logitfusion.cluster.topology import Limits
 from logitfusion.engine.decoder import (
@@ -47,7 +50,7 @@ from logitfusion.engine.decoder import (
     StepFailed,
 )
 from logitfusion.engine.routing import split_features
-from logitfusion.engine.runner import ExtendOp, ModelRunner, RunnerInfo, RunnerUnavailable, StepPlan
+from logitfusion.engine.runner import ExtendOp, ModelRunner, RunnerError, RunnerInfo, RunnerUnavailable, StepPlan
 from logitfusion.engine.scoring import score_tokens
 from logitfusion.errors import (
     Cancelled,
@@ -64,6 +67,54 @@ logger = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 1.0  # longest sleep of an idle loop between deadline checks (it also wakes on every submit/abort)
 SCORE_SEQ_PREFIX = "~score/"  # sequence ids of scoring jobs; refused as a request id
+
+
+# ------------------------------------------------------------------------------------------------ logits guard
+
+
+class NonFiniteLogits(RunnerError):
+    """A model answered NaN or +inf logits (a broken checkpoint, an overflow): the server's fault, never the
+    request's. The requests that read the model fail with INTERNAL naming it; the others go on."""
+
+    def __init__(self, model: str, message: str) -> None:
+        super().__init__(message)
+        self.model = model
+
+
+def check_finite_logits(model: str, logits: Sequence[torch.Tensor]) -> None:
+    """Raise NonFiniteLogits when a row holds NaN or +inf (-inf is a masked token). One reduction per tensor: a
+    sum is finite exactly when no element is NaN or +-inf; only then is the exact check needed."""
+    for i, t in enumerate(logits):
+        if t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float64))):
+            nan, posinf = int(torch.isnan(t).sum()), int(torch.isposinf(t).sum())
+            if nan or posinf:
+                raise NonFiniteLogits(model, f"model {model!r} returned non-finite logits ({nan} NaN, {posinf} +inf "
+                                             f"in result {i} of shape {list(t.shape)})")
+
+
+class _CheckedRunner:
+    """A runner whose step results pass check_finite_logits (everything else is delegated unchanged)."""
+
+    def __init__(self, name: str, runner: ModelRunner) -> None:
+        self._name, self._runner = name, runner
+
+    def submit(self, plan: Any) -> Future:
+        checked: Future = Future()
+
+        def done(f: Future) -> None:
+            try:
+                logits = f.result()
+                check_finite_logits(self._name, logits)
+            except BaseException as exc:  # noqa: BLE001 - handed on through the future
+                checked.set_exception(exc)
+            else:
+                checked.set_result(logits)
+
+        self._runner.submit(plan).add_done_callback(done)
+        return checked
+
+    def __getattr__(self, item: str) -> Any:
+        return getattr(self._runner, item)
 
 
 # ------------------------------------------------------------------------------------------------ public types
@@ -274,9 +325,10 @@ class Coordinator:
         self.limits = limits
         self.codec = codec
         self.runners = dict(runners)
+        checked = {name: _CheckedRunner(name, r) for name, r in self.runners.items()}
         # The Decoder checks the vocabularies (ValueError naming both models) before anything is admitted.
         self.decoder = Decoder(
-            self.runners,
+            checked,  # type: ignore[arg-type]  # ModelRunner's contract, NaN/+inf results refused by model name
             eos_token_ids=codec.eos_token_ids,
             decode_fn=codec.decode,
             max_batch_size=limits.max_batch_size,
@@ -393,6 +445,17 @@ class Coordinator:
             self._aborts[request_id] = error
             self._cv.notify_all()
         return True
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until no request is running (each finished, failed or aborted and retired); False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._entries, timeout=max(0.0, timeout_s))
+
+    def abort_all(self, error: FusionError) -> list[str]:
+        """Abort every running request with ``error`` (e.g. a drain ran out of time); returns their ids."""
+        with self._cv:
+            doomed = [rid for rid, e in self._entries.items() if not e.stream.ended]
+        return [rid for rid in doomed if self.abort(rid, error)]
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Fail every request (ModelUnavailable), free their sequences, stop the loop. Runners stay open."""
@@ -551,6 +614,10 @@ class Coordinator:
 
     def _on_step_failed(self, exc: StepFailed) -> None:
         """Retry the step (its requests stay live), or fail the requests of a runner that stays down."""
+        if isinstance(exc.cause, NonFiniteLogits):  # deterministic: a retry would answer the same
+            logger.error("%s: %s", self.name, exc.cause)
+            self._fail_models({exc.model}, InternalError(f"{exc.cause}; the requests that read it were ended"))
+            return
         n = self._failures.get(exc.model, 0) + 1
         self._failures[exc.model] = n
         if isinstance(exc.cause, RunnerUnavailable) or n > self.max_step_retries:

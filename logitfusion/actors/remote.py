@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 
 from logitfusion import wire
+from logitfusion.actors.tls import WorkerTLS
 from logitfusion.actors.worker import DEFAULT_MAX_MESSAGE_BYTES, STREAM_ID_METADATA_KEY, grpc_channel_options
 from logitfusion.engine.runner import (
     ExtendOp,
@@ -174,7 +175,7 @@ class RemoteRunner(ModelRunner):
     raise while none is reachable (retried until reconnect_timeout_s). logits_dtype: "float32", or "bfloat16" to
     halve traffic (the Decoder still gets fp32 tensors). info: the RunnerInfo to expect; None asks the worker now.
     max_breaks_per_step: a plan whose in-flight stream broke this many times fails with RunnerError (a plan that
-    crashes its worker every time must not loop until the timeout).
+    crashes its worker every time must not loop until the timeout). tls: dial the worker over TLS (actors.tls).
     """
 
     def __init__(
@@ -189,6 +190,7 @@ class RemoteRunner(ModelRunner):
         replay_tokens_per_step: int = 8192,
         max_breaks_per_step: int = 3,
         info: RunnerInfo | None = None,
+        tls: WorkerTLS | None = None,
     ) -> None:
         wire.logits_dtype_code(logits_dtype)  # validates the name
         if reconnect_timeout_s <= 0 or call_timeout_s <= 0:
@@ -204,7 +206,8 @@ class RemoteRunner(ModelRunner):
         self._address_fn = address_fn
         self._logits_dtype = logits_dtype
         self._max_message_bytes = max_message_bytes
-        self._options = grpc_channel_options(max_message_bytes)
+        self._options = grpc_channel_options(max_message_bytes) + (tls.channel_options() if tls else [])
+        self._credentials = tls.channel_credentials() if tls else None  # read once: a bad file fails here
         self._reconnect_timeout_s = reconnect_timeout_s
         self._call_timeout_s = call_timeout_s
         self._replay_tokens_per_step = replay_tokens_per_step
@@ -313,7 +316,8 @@ class RemoteRunner(ModelRunner):
             address = "?"
             try:
                 address = self._address_fn()
-                channel = grpc.insecure_channel(address, options=self._options)
+                channel = (grpc.secure_channel(address, self._credentials, options=self._options) if self._credentials
+                           else grpc.insecure_channel(address, options=self._options))
                 stub = worker_pb2_grpc.WorkerStub(channel)
                 try:
                     remaining = max(0.1, min(self._call_timeout_s, deadline - time.monotonic()))

@@ -27,6 +27,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from logitfusion import wire
+from logitfusion.actors.tls import WorkerTLS
 from logitfusion.engine.runner import ExtendOp, ModelRunner, RunnerError, RunnerInfo, RunnerUnavailable, StepPlan
 from logitfusion.v1 import worker_pb2 as pb
 from logitfusion.v1 import worker_pb2_grpc
@@ -257,7 +258,8 @@ class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
 
 class WorkerServer:
-    """A gRPC server (thread pool) serving worker.proto over ``runner``. Binds ``host:port`` (port 0: any free)."""
+    """A gRPC server (thread pool) serving worker.proto over ``runner``. Binds ``host:port`` (port 0: any free);
+    with ``tls`` (actors.tls) it speaks only TLS (mutual TLS: it accepts only clients with a certificate)."""
 
     def __init__(
         self,
@@ -267,6 +269,7 @@ class WorkerServer:
         port: int = 0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_streams: int = 16,
+        tls: WorkerTLS | None = None,
     ) -> None:
         if max_streams < 1:
             raise ValueError(f"max_streams={max_streams} must be >= 1")
@@ -282,7 +285,9 @@ class WorkerServer:
         worker_pb2_grpc.add_WorkerServicer_to_server(self.servicer, self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        bound = self._server.add_insecure_port(f"{host}:{port}")
+        bound = (self._server.add_secure_port(f"{host}:{port}", tls.server_credentials()) if tls
+                 else self._server.add_insecure_port(f"{host}:{port}"))
+        self.tls = tls
         if bound == 0:
             raise OSError(f"worker server could not bind {host}:{port}")
         self.port = bound
@@ -338,6 +343,7 @@ class WorkerSpec:
     port: int = 0  # 0: any free port (a restarted actor gets a new one; clients re-ask address())
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC send/receive limit of the worker server
     max_streams: int = 16  # concurrent Step streams (coordinators) the worker accepts
+    tls: WorkerTLS | None = None  # serve over TLS (the files are read on the worker's node)
     factory: Callable[[], ModelRunner] | None = field(default=None, compare=False)  # builds the runner instead
     # of loading model_path (random-weight models for tests and benchmarks); must be picklable (a module-level
     # function or a functools.partial of one)
@@ -429,6 +435,7 @@ class ModelWorker:
             port=spec.port,
             max_message_bytes=spec.max_message_bytes,
             max_streams=spec.max_streams,
+            tls=spec.tls,
         )
         self._address = f"{advertised}:{self._server.port}"
         logger.info("ModelWorker %s (pid %d) on %s serving at %s", spec.name, os.getpid(), device, self._address)

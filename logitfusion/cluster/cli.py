@@ -32,6 +32,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from logitfusion.cluster.shutdown import ShutdownRequested, SignalGuard, descendants, reap
 from logitfusion.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,8 @@ class RunningService:
     app_name: str
     startup_s: float  # from the call to SERVING
     started_ray: bool  # this process started (or joined) Ray and shuts it down
+    replicas: int = 1  # serve.replicas: how many pipelines a drain must reach
+    drain_timeout_s: float = 30.0  # serve.drain_timeout_s
     http_address: str = ""  # host:port of the HTTP ingress (OpenAI-style API, /health, /metrics)
 
     @property
@@ -141,17 +144,61 @@ class RunningService:
         """http://host:port of the HTTP ingress (the OpenAI client's base_url is this plus /v1)."""
         return f"http://{self.http_address}"
 
+    def drain(self, timeout_s: float | None = None) -> list[dict]:
+        """Every replica at once: health NOT_SERVING, new requests UNAVAILABLE (retry pushback); requests in flight
+        run on for up to ``timeout_s`` (default serve.drain_timeout_s), then are cancelled. Returns each replica's
+        report {"replica", "finished", "cancelled"}.
+
+        Serve's handle routes each call to the least busy of two replicas and a draining replica holds its drain
+        calls open, so calls spread over the replicas; a few more are sent until every replica has answered.
+        """
+        from ray import serve
+
+        wait_s = self.drain_timeout_s if timeout_s is None else timeout_s
+        handle = serve.get_app_handle(self.app_name)
+        reports: dict[str, dict] = {}
+        deadline = time.monotonic() + wait_s + 60.0  # the drain itself ends by wait_s; the rest is Ray's latency
+        calls = 0
+        while len(reports) < self.replicas and calls < 4 * self.replicas and time.monotonic() < deadline:
+            batch = [handle.drain.remote(wait_s) for _ in range(self.replicas - len(reports))]
+            calls += len(batch)
+            for resp in batch:
+                report = resp.result(timeout_s=max(1.0, deadline - time.monotonic()))
+                reports[report["replica"]] = report
+        if len(reports) < self.replicas:
+            logger.warning("drain reached %d of %d replicas", len(reports), self.replicas)
+        return list(reports.values())
+
+    def stop(self, reason: str = "stop") -> None:
+        """Drain (see drain()), then shut down; every step is attempted even when an earlier one fails."""
+        t0 = time.monotonic()
+        logger.info("%s: draining for up to serve.drain_timeout_s=%g s", reason, self.drain_timeout_s)
+        try:
+            for r in self.drain():
+                logger.info("replica %s drained: %d request(s) finished, %d cancelled", r["replica"], r["finished"],
+                            r["cancelled"])
+        except Exception:  # noqa: BLE001 - a failed drain must not keep the process (and Ray) alive
+            logger.exception("drain failed; shutting down anyway")
+        self.shutdown()
+        logger.info("stopped in %.1f s", time.monotonic() - t0)
+
     def shutdown(self) -> None:
-        """Delete the application (its replicas close their pipelines), stop Serve, and Ray if we started it."""
+        """Delete the application (its replicas close their pipelines), stop Serve, and Ray if we started it; then
+        make sure no process this one started is left (shutdown.reap)."""
         import ray
         from ray import serve
 
+        procs = descendants()
         try:
-            serve.delete(self.app_name, _blocking=True)
+            try:
+                serve.delete(self.app_name, _blocking=True)
+            finally:
+                serve.shutdown()
         finally:
-            serve.shutdown()
             if self.started_ray:
+                procs = list({p: None for p in [*procs, *descendants()]})  # workers started since the first look
                 ray.shutdown()
+                reap(procs)
 
 
 def run_service(
@@ -163,13 +210,15 @@ def run_service(
     blocking: bool = True,
     num_cpus: int | None = None,
     access_log: bool = True,
+    guard: SignalGuard | None = None,
 ) -> RunningService:
     """Start Serve with gRPC ingress and the topology's application; return once it reports SERVING.
 
     address None: embedded local Ray on serve.host (loopback by default); else join that Ray cluster.
     grpc_port: overrides serve.grpc_port; http_port: overrides serve.http_port. blocking: serve until Ctrl-C, then shut down.
     access_log: False keeps Serve's per-call access log lines (and its INFO chatter) off the console, as the demo
-    wants; warnings and errors still show.
+    wants; warnings and errors still show. guard: the process's SignalGuard (re-installed once Ray has started; the
+    blocking wait ends on its first signal, with a drain).
     """
     import ray
     from ray import serve
@@ -185,13 +234,23 @@ def run_service(
     host = topology.serve.host
     started = False
     if not ray.is_initialized():
-        if address is None:
-            start_local_ray(host, num_cpus=num_cpus, max_message_bytes=topology.limits.max_message_bytes)
-        else:
-            ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+        try:
+            if address is None:
+                start_local_ray(host, num_cpus=num_cpus, max_message_bytes=topology.limits.max_message_bytes)
+            else:
+                ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+        except BaseException:  # a signal (or an error) while Ray starts: stop what did start
+            procs = descendants()
+            if ray.is_initialized():
+                ray.shutdown()
+            reap(procs)
+            raise
         started = True
+    if guard is not None:
+        guard.install()  # ray.init installed Ray's own SIGTERM handler; ours stays in charge
     hport = http_port or topology.serve.http_port
-    service = RunningService(f"{host}:{port}", topology.serve.app_name, 0.0, started, f"{host}:{hport}")
+    service = RunningService(f"{host}:{port}", topology.serve.app_name, 0.0, started, topology.serve.replicas,
+                             topology.serve.drain_timeout_s, f"{host}:{hport}")
     log_config = None if access_log else LoggingConfig(log_level="WARNING", enable_access_log=False)
     try:
         serve.start(
@@ -210,24 +269,33 @@ def run_service(
     logger.info("serving %s on %s (started in %.1f s)", SERVICE_NAME, service.address, service.startup_s)
     if blocking:
         print(f"logitfusion: serving {SERVICE_NAME} on {service.address} and the OpenAI-style HTTP API on "
-              f"{service.base_url}/v1 (started in {service.startup_s:.1f} s); Ctrl-C stops", flush=True)
+              f"{service.base_url}/v1 (started in {service.startup_s:.1f} s); Ctrl-C or SIGTERM drains and stops",
+              flush=True)
+        reason = "stop"
         try:
             threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
+        except (KeyboardInterrupt, ShutdownRequested) as exc:
+            reason = str(exc) or "interrupted"
+            print(f"logitfusion: {reason}: draining (up to serve.drain_timeout_s={service.drain_timeout_s:g} s), "
+                  "a second signal exits at once", flush=True)
         finally:
-            service.shutdown()
+            service.stop(reason)
+        print("logitfusion: stopped", flush=True)
     return service
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    """`logitfusion serve --config FILE [--address RAY] [--port N]`."""
+    """`logitfusion serve --config FILE [--address RAY] [--port N]`: exits 0 after a drained stop on SIGTERM/SIGINT
+    (a second signal: at once, 128 + its number)."""
+    guard = SignalGuard().install()
     try:
         run_service(args.config, address=args.address, grpc_port=args.port,
-                    http_port=getattr(args, "http_port", None), blocking=True)
+                    http_port=getattr(args, "http_port", None), blocking=True, guard=guard)
     except ConfigError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
+    except (KeyboardInterrupt, ShutdownRequested) as exc:  # during start-up: run_service has stopped everything
+        sys.stderr.write(f"logitfusion: {exc or 'interrupted'} while starting; stopped\n")
     return 0
 
 

@@ -17,6 +17,7 @@ friends go back. Every error becomes a status through errors.to_status (the one 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import math
@@ -38,6 +39,7 @@ from logitfusion.errors import (
     InvalidRequest,
     MessageTooLarge,
     NotFound,
+    ShuttingDown,
     Unauthenticated,
     classify,
     to_status,
@@ -62,6 +64,7 @@ SERVICER_FUNCTIONS = (
 GENERATED_SERVICER_FUNCTION = "logitfusion.v1.fusion_pb2_grpc.add_FusionServiceServicer_to_server"
 MAX_TEMPERATURE = 100.0
 ONGOING_HEADROOM = 16  # Serve may run this many more calls than max_concurrent_requests (health, Describe, ...)
+DRAIN_RETRY_AFTER_S = 5.0  # the retry pushback a request refused while draining carries
 _FINISH_TO_PB = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP}
 
 
@@ -87,9 +90,44 @@ def _tolerant(parse, method: str):
     return deserialize
 
 
+def report_replica_death_as_unavailable() -> bool:
+    """Make Serve's gRPC proxy (this process) answer UNAVAILABLE, not INTERNAL, for a call whose replica died.
+
+    Ray 2.60's proxy maps every RayActorError to INTERNAL ("The actor died unexpectedly ..."): for a client that is
+    the server going away mid-call, which gRPC calls UNAVAILABLE (retryable), and the replica is restarted by Serve.
+    The proxy overrides our handlers (only the request deserializer is ours), so the mapping is wrapped where the
+    proxy looks it up, once per process; anything not an actor death keeps Serve's status. Returns whether the
+    wrapper is installed (False, with a warning, on a Ray whose proxy does not have the function).
+    """
+    try:
+        from ray.exceptions import RayActorError
+        from ray.serve._private import proxy as serve_proxy
+    except ImportError:
+        return False
+    original = getattr(serve_proxy, "get_grpc_response_status", None)
+    if original is None:
+        logger.warning("this Ray's Serve proxy has no get_grpc_response_status: a dead replica stays INTERNAL")
+        return False
+    if getattr(original, "_logitfusion", False):
+        return True
+
+    def status(exc: BaseException, *args: Any, **kwargs: Any) -> Any:
+        out = original(exc, *args, **kwargs)
+        if getattr(out, "code", None) == grpc.StatusCode.INTERNAL and isinstance(exc, RayActorError):
+            first = (str(exc).strip().splitlines() or ["actor died"])[0][:200]
+            message = f"the replica serving this call died; Serve restarts it: retry ({first})"
+            return dataclasses.replace(out, code=grpc.StatusCode.UNAVAILABLE, message=message)
+        return out
+
+    status._logitfusion = True  # type: ignore[attr-defined]
+    serve_proxy.get_grpc_response_status = status
+    return True
+
+
 def add_fusion_service_to_server(servicer: Any, server: Any) -> None:
     """Register FusionService like the generated add_FusionServiceServicer_to_server, but with request parsing
-    that turns undecodable bytes into an ``Undecodable`` value (answered with INVALID_ARGUMENT by the replica)."""
+    that turns undecodable bytes into an ``Undecodable`` value (answered with INVALID_ARGUMENT by the replica).
+    Serve calls it in its proxy process, which is where report_replica_death_as_unavailable() takes effect."""
     from logitfusion.v1 import fusion_pb2_grpc
 
     messages = {
@@ -106,6 +144,7 @@ def add_fusion_service_to_server(servicer: Any, server: Any) -> None:
         )
         for name, (req, resp, make) in messages.items()
     }
+    report_replica_death_as_unavailable()
     generic = grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
     server.add_generic_rpc_handlers((generic,))
     if hasattr(server, "add_registered_method_handlers"):
@@ -396,6 +435,7 @@ class FusionFrontend:
             recipes=recipes_to_pb(topology), default_preset=topology.default_preset
         )
         self.serving = True
+        self.draining = False  # set once by begin_drain(): health NOT_SERVING, new requests ShuttingDown
         token_env = topology.serve.auth_token_env
         self._token = os.environ.get(token_env, "") if token_env else ""
         if token_env and not self._token:
@@ -409,8 +449,18 @@ class FusionFrontend:
         if not hmac.compare_digest(given.encode(), f"Bearer {self._token}".encode()):
             raise Unauthenticated("metadata authorization: missing or wrong bearer token")
 
+    def begin_drain(self) -> None:
+        """From now on: health reports NOT_SERVING and every new request gets ShuttingDown (UNAVAILABLE, retry)."""
+        self.draining = True
+
     def _submit(self, msg: Any, request_id: str | None) -> tuple[str, Any]:
         """Check and convert the request, then admit it; returns (recipe name, its stream)."""
+        if self.draining:
+            raise ShuttingDown(
+                f"the server is shutting down and admits no new request; retry in {DRAIN_RETRY_AFTER_S:g} s "
+                "(another replica, or this service once it is back)",
+                retry_after_s=DRAIN_RETRY_AFTER_S,
+            )
         check_message(msg, self.topology.limits)
         rid = msg.request_id or request_id or self.coordinator.new_request_id()
         req = request_from_pb(
@@ -448,7 +498,7 @@ class FusionFrontend:
     def health(self, service: str) -> Any:
         if service not in ("", SERVICE_NAME):
             raise NotFound(f"service: unknown service {service!r}; this server reports '' and {SERVICE_NAME!r}")
-        ok = self.serving and self.coordinator.alive()
+        ok = self.serving and not self.draining and self.coordinator.alive()
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)
 
@@ -538,7 +588,7 @@ class Pipeline:
             wait_for_workers(workers, topology.serve.startup_timeout_s)  # every model loads in parallel
             for name, actor in workers.items():
                 runners[name] = RemoteRunner.for_actor(
-                    name, actor, reconnect_timeout_s=topology.serve.reconnect_timeout_s
+                    name, actor, reconnect_timeout_s=topology.serve.reconnect_timeout_s, tls=topology.worker_tls()
                 )
             coordinator = Coordinator(runners, codec=codec, limits=topology.limits, name=name_prefix,
                                       fusion_device=topology.serve.fusion_device)
@@ -612,6 +662,7 @@ def launch_worker(
         dtype=m.dtype,
         tp_size=m.tp_size,
         bind_host=topology.serve.worker_bind_host,
+        tls=topology.worker_tls(),
     )
     return start_worker(
         spec,
@@ -649,6 +700,8 @@ class FusionDeployment:
         self.topology = Topology.model_validate(topology)
         ctx = serve.get_replica_context()
         prefix = f"lf-{ctx.app_name}-{ctx.replica_id.unique_id}"
+        self._replica_id = ctx.replica_id.unique_id
+        self._drain_task: asyncio.Future | None = None
         t0 = time.monotonic()
         self.pipeline = Pipeline.launch(self.topology, name_prefix=prefix)
         self.frontend = FusionFrontend(self.topology, self.pipeline.coordinator)
@@ -747,10 +800,51 @@ class FusionDeployment:
         namespace = ray.get_runtime_context().namespace
         return {model: (name, namespace) for model, name in self.pipeline.worker_names.items()}
 
-    def stats(self) -> dict[str, Any]:
-        """Coordinator counters: decoding steps run, requests running."""
+    async def stats(self) -> dict[str, Any]:
+        """Coordinator counters (decoding steps run, requests running), this replica's pid, and the live sequences
+        on each model worker as the worker itself counts them (its own table; all 0 when nothing leaks)."""
+        import ray
+
         c = self.pipeline.coordinator
-        return {"steps_run": c.steps_run, "active_requests": c.active_requests()}
+        models = list(self.pipeline.workers)
+        tables = await asyncio.gather(*(self.pipeline.workers[m].sequences.remote() for m in models),
+                                      return_exceptions=True)
+        live = {m: (len(t) if isinstance(t, dict) else f"unreachable: {type(t).__name__}")
+                for m, t in zip(models, tables, strict=True)}
+        return {"steps_run": c.steps_run, "active_requests": c.active_requests(), "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(), "live_sequences": live}
+
+    async def drain(self, timeout_s: float) -> dict[str, Any]:
+        """Graceful shutdown of this replica's pipeline, called by `logitfusion serve` on SIGTERM/SIGINT.
+
+        At once: health NOT_SERVING and new requests ShuttingDown. Then requests in flight run on for up to
+        ``timeout_s`` (serve.drain_timeout_s); any still running are cancelled with ShuttingDown naming that field.
+        Returns {"replica", "finished", "cancelled"} once nothing runs. A second call (another caller, or the same
+        one retrying) waits for the same drain: calls on a draining replica stay open, so a handle that routes
+        to the least busy replica reaches every replica in turn.
+        """
+        if self._drain_task is None:
+            self.frontend.begin_drain()
+            self._drain_task = asyncio.ensure_future(self._drain(timeout_s))
+        return await asyncio.shield(self._drain_task)
+
+    async def _drain(self, timeout_s: float) -> dict[str, Any]:
+        c = self.pipeline.coordinator
+        running = c.active_requests()
+        logger.info("draining: %d request(s) in flight, up to serve.drain_timeout_s=%g s", len(running), timeout_s)
+        cancelled: list[str] = []
+        if not await asyncio.to_thread(c.wait_idle, timeout_s):
+            cancelled = c.abort_all(
+                ShuttingDown(
+                    f"the request was cancelled: the server is shutting down and the request was still running "
+                    f"when serve.drain_timeout_s ({timeout_s:g} s) passed; retry it",
+                    retry_after_s=DRAIN_RETRY_AFTER_S,
+                )
+            )
+            logger.warning("drain: cancelled %d request(s) after %g s: %s", len(cancelled), timeout_s, cancelled)
+            await asyncio.to_thread(c.wait_idle, 30.0)
+        finished = len(set(running) - set(cancelled))
+        return {"replica": self._replica_id, "finished": finished, "cancelled": len(cancelled)}
 
     async def __del__(self) -> None:  # async: Serve's ingress wrapper awaits only a coroutine __del__
         pipeline = getattr(self, "pipeline", None)
@@ -796,7 +890,8 @@ def deployment_options(topology: Topology, gpus_available: float) -> dict[str, A
         "max_queued_requests": limits.max_concurrent_requests + ONGOING_HEADROOM,
         "health_check_period_s": 10.0,
         "health_check_timeout_s": 30.0,
-        "graceful_shutdown_timeout_s": 20.0,
+        # Serve's own wait for calls in flight when a replica stops; our drain ends them within drain_timeout_s.
+        "graceful_shutdown_timeout_s": max(20.0, topology.serve.drain_timeout_s + 10.0),
     }
 
 

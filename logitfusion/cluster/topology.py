@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from logitfusion.errors import ConfigError, InvalidRequest
 
 if TYPE_CHECKING:
+    from logitfusion.actors.tls import WorkerTLS
     from logitfusion.fusion import Recipe
 
 Role = Literal["large", "small", "expert", "large_ft"]
@@ -206,6 +207,29 @@ class Limits(_Strict):
         return self
 
 
+class WorkerTLSSpec(_Strict):
+    """TLS on the coordinator-to-worker gRPC streams (actors.tls). PEM files; relative paths against base_dir. Every
+    Ray node that runs a worker or a coordinator must have them at the same path (k8s: a Secret mounted on each pod)."""
+
+    cert_file: str = Field(min_length=1, description="certificate chain every worker serves (PEM)")
+    key_file: str = Field(min_length=1, description="its private key (PEM)")
+    ca_file: str = Field(min_length=1, description="CA the coordinator trusts for worker certificates (and, with "
+                         "mutual TLS, the workers for the coordinator's)")
+    client_cert_file: str | None = Field(None, min_length=1, description="mutual TLS: the coordinator's certificate")
+    client_key_file: str | None = Field(None, min_length=1, description="mutual TLS: its private key")
+    server_name: str = Field("logitfusion-worker", min_length=1, description="DNS name in the worker certificate's "
+                             "subjectAltName that the coordinator verifies (workers are dialled by IP)")
+
+    @model_validator(mode="after")
+    def _pair(self) -> WorkerTLSSpec:
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            raise ValueError(
+                f"serve.worker_tls: client_cert_file ({self.client_cert_file!r}) and client_key_file "
+                f"({self.client_key_file!r}) go together (mutual TLS): set both or neither"
+            )
+        return self
+
+
 class ServeSpec(_Strict):
     """How the service is exposed."""
 
@@ -234,6 +258,14 @@ class ServeSpec(_Strict):
     )
     fusion_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where the coordinator fuses and solves DLF; auto: its GPU share when it has one"
+    )
+    worker_tls: WorkerTLSSpec | None = Field(
+        None, description="TLS (optionally mutual) on the coordinator-to-worker streams; unset: plaintext, for "
+        "pipelines inside one trusted network"
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, le=3600, description="on SIGTERM/SIGINT: how long requests in flight may still run before they "
+        "are cancelled (UNAVAILABLE naming this field); new requests are refused from the signal on"
     )
 
 
@@ -290,6 +322,20 @@ class Topology(_Strict):
     def model_path(self, name: str) -> Path:
         """Where model `name`'s weights are: zoo names resolved, relative paths against base_dir."""
         return resolve_model_path(self.model(name).path, Path(self.base_dir))
+
+    def worker_tls(self) -> WorkerTLS | None:
+        """serve.worker_tls with its paths resolved against base_dir (None: plaintext streams)."""
+        spec = self.serve.worker_tls
+        if spec is None:
+            return None
+        from logitfusion.actors.tls import WorkerTLS
+
+        def resolve(p: str | None) -> str | None:
+            return None if p is None else str(Path(self.base_dir, Path(p).expanduser()))
+
+        return WorkerTLS(cert_file=resolve(spec.cert_file), key_file=resolve(spec.key_file),
+                         ca_file=resolve(spec.ca_file), client_cert_file=resolve(spec.client_cert_file),
+                         client_key_file=resolve(spec.client_key_file), server_name=spec.server_name)
 
     def recipe(self, preset: str) -> Recipe:
         """Preset name -> fusion.Recipe."""

@@ -42,8 +42,7 @@ def _pick(
     route_weights: torch.Tensor | None = None,
 ) -> tuple[int, list[float], torch.Tensor]:
     """Fuse one row per model ([1, V] each) and sample: (token, alphas, fused log-probs [V])."""
-    # the reference arithmetic on every token, never the candidates
-    res = fuse(logits, recipe, route_weights=route_weights, support="dense")
+    res = fuse(logits, recipe, route_weights, support="dense")  # the reference arithmetic on every token
     token = int(sample(res.logprobs, [sampling], [gen])[0])
     return token, [float(a) for a in res.alphas[0]], res.logprobs[0]
 

@@ -272,7 +272,7 @@ def fuse_routed_fast(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
     """The routed step on raw logits (fuse's fast path): (log-probs [B, V], alphas [B, T], loss, support size), or
-    None when a logit is not finite (then the dense path decides).
+    None when a logit is not finite (then fuse's dense path decides and names the model).
 
     z: [B, V] logits per model. Every per-model normalisation is a per-row constant, so the deltas may be taken on
     max-centred logits. Static: log_softmax(z_L + sum_t alpha_t w_t (z_Et - z_S)). DLF: the routed mixture is one
@@ -283,10 +283,11 @@ def fuse_routed_fast(
 
     B, T = z[recipe.small].shape[0], len(recipe.experts)
     w, active = check_weights(weights, B, T)  # top-k routing leaves most columns empty: only the active ones
-    names = recipe.model_names()
-    maxes = {n: z[n].amax(-1) for n in names}  # [B] each
-    if not bool(torch.isfinite(torch.stack([*maxes.values(), *(z[n].amin(-1) for n in names)])).all()):
-        return None  # a masked token, NaN or +inf
+    names = [recipe.anchor, recipe.small, *(recipe.experts[t] for t in active)]
+    maxes = {n: z[n].amax(-1) for n in names}  # [B] each; amax propagates NaN, +inf shows in it
+    mins = [z[n].amin(-1) for n in names]  # -inf (a masked token) shows in the min
+    if not all(bool(torch.isfinite(m).all()) for m in [*maxes.values(), *mins]):
+        return None
     w = w.to(device=z[recipe.small].device, dtype=z[recipe.small].dtype)  # [B, T]
     c_s = z[recipe.small] - maxes[recipe.small].unsqueeze(-1)  # [B, V]
     if recipe.solver is None:

@@ -353,7 +353,7 @@ def test_greedy_decode_is_token_identical_to_the_dense_reference(models, kind, m
     prompt = [5, 17, 33, 2, 60]
     runs = {}
     for support in ("dense", "candidates", "auto"):
-        monkeypatch.setattr(reference, "fuse", lambda lg, r, s=support, **_: fuse(lg, r, support=s))
+        monkeypatch.setattr(reference, "fuse", lambda lg, r, w=None, s=support, **_: fuse(lg, r, w, support=s))
         runs[support] = reference.naive_decode(models, prompt, recipe, vocab_size=TINY_VOCAB_SIZE, max_new_tokens=8)
     for support in ("candidates", "auto"):
         assert runs[support].token_ids == runs["dense"].token_ids, support

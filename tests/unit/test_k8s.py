@@ -23,6 +23,7 @@ EXPECTED_MANIFESTS = {
     "rayjob-eval.yaml": {"RayJob"},
     "raycluster.yaml": {"RayCluster"},
     "volumes.yaml": {"PersistentVolumeClaim"},
+    "networkpolicy.yaml": {"NetworkPolicy"},
 }
 
 pytestmark = pytest.mark.timeout(120)
@@ -714,3 +715,62 @@ def test_main_prints_one_line_per_problem_and_fails_on_any(monkeypatch, capsys):
     assert capsys.readouterr().out.splitlines() == ["a.yaml: ok", "b.yaml: one", "b.yaml: two"]
     monkeypatch.setattr(ck, "check_all", lambda *a, **k: {"a.yaml": []})
     assert ck.main([]) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Network policies
+
+
+def _with_policies(edit) -> dict[str, list[dict]]:
+    manifests = copy.deepcopy(_all_manifests())
+    edit({d["metadata"]["name"]: d for d in manifests["networkpolicy.yaml"]})
+    return manifests
+
+
+def test_network_policies_cover_every_serving_pod_and_the_redis():
+    assert ck.network_policy_errors(_all_manifests()) == []
+
+
+def test_label_selector_matching():
+    labels = {"app": "lf", "tier": "head"}
+    assert ck.selects({}, labels) and ck.selects({"matchLabels": {"app": "lf"}}, labels)
+    assert not ck.selects({"matchLabels": {"app": "other"}}, labels)
+    expr = {"key": "tier", "operator": "In", "values": ["head", "worker"]}
+    assert ck.selects({"matchExpressions": [expr]}, labels)
+    assert not ck.selects({"matchExpressions": [dict(expr, operator="NotIn")]}, labels)
+    assert ck.selects({"matchExpressions": [{"key": "gpu", "operator": "DoesNotExist"}]}, labels)
+    assert not ck.selects({"matchExpressions": [{"key": "gpu", "operator": "Exists"}]}, labels)
+
+
+def test_network_policy_check_needs_the_ray_pods_admitted_from_each_other():
+    broken = _with_policies(lambda p: p["logitfusion-ray"]["spec"]["ingress"].pop(0))
+    assert any("every Ray pod of the cluster on every port" in e for e in ck.network_policy_errors(broken))
+
+
+def test_network_policy_check_needs_clients_admitted_to_the_grpc_port():
+    def edit(p):
+        p["logitfusion-ray"]["spec"]["ingress"][1]["ports"] = [{"protocol": "TCP", "port": "serve"}]
+    assert any("gRPC ingress port 'serve-grpc'" in e for e in ck.network_policy_errors(_with_policies(edit)))
+
+
+def test_network_policy_check_catches_a_misspelled_named_port():
+    def edit(p):
+        p["logitfusion-ray"]["spec"]["ingress"][1]["ports"][0]["port"] = "serve-grcp"
+    errors = ck.network_policy_errors(_with_policies(edit))
+    assert any("named port 'serve-grcp' is declared by no pod" in e for e in errors)
+
+
+def test_network_policy_check_catches_an_unselected_worker_group():
+    def edit(p):
+        p["logitfusion-ray"]["spec"]["podSelector"]["matchExpressions"][0]["values"] = ["ray-head", "ray-worker-small"]
+    errors = ck.network_policy_errors(_with_policies(edit))
+    assert any("ray-worker-large" in e and "no NetworkPolicy in k8s/ selects this pod" in e for e in errors), errors
+
+
+def test_network_policy_check_catches_a_redis_open_to_the_namespace_and_an_open_rule():
+    def edit(p):
+        p["logitfusion-redis"]["spec"]["ingress"][0]["from"].append({"podSelector": {}})
+        p["logitfusion-ray"]["spec"]["ingress"].append({"ports": [{"protocol": "TCP", "port": 8265}]})
+    errors = ck.network_policy_errors(_with_policies(edit))
+    assert any("Redis admits peers other than the Ray pods" in e for e in errors)
+    assert any("without `from` admits anyone" in e for e in errors)
