@@ -49,6 +49,7 @@ from logitfusion.engine.decoder import (
     StepEvent,
     StepFailed,
 )
+from logitfusion.engine.routing import split_features
 from logitfusion.engine.runner import ExtendOp, ModelRunner, RunnerError, RunnerInfo, RunnerUnavailable, StepPlan
 from logitfusion.engine.scoring import score_tokens
 from logitfusion.errors import (
@@ -536,15 +537,23 @@ class Coordinator:
             return
         ops: dict[str, list[tuple[_ScoreJob, ExtendOp]]] = {}
         for job in jobs:
+            route = job.recipe.route  # a routed recipe is routed on the scored sequence itself
             for m in job.recipe.model_names():
-                ops.setdefault(m, []).append((job, ExtendOp(job.seq_id, job.token_ids, "all")))
+                feats = len(job.token_ids) if route is not None and m == route.model else 0
+                ops.setdefault(m, []).append((job, ExtendOp(job.seq_id, job.token_ids, "all", features_tokens=feats)))
         logits: dict[tuple[str, str], torch.Tensor] = {}
+        features: dict[str, torch.Tensor] = {}  # seq_id -> the routing model's representation of the sequence
         failed: dict[str, BaseException] = {}
         futures = {m: self._submit_plan(m, StepPlan(extends=tuple(op for _, op in pairs))) for m, pairs in ops.items()}
         for m, fut in futures.items():
             try:
-                for (job, _), rows in zip(ops[m], fut.result()):
+                out = fut.result()
+                for (job, _), rows in zip(ops[m], out):
                     logits[(job.seq_id, m)] = rows  # [n, V]
+                featured = [job for job, op in ops[m] if op.features_tokens]
+                if featured:
+                    feats = split_features(m, out, len(ops[m]), len(featured))
+                    features.update({job.seq_id: f for job, f in zip(featured, feats)})
             except BaseException as exc:  # noqa: BLE001 - fails the jobs of that model below
                 logger.warning("%s: scoring on %s failed: %s", self.name, m, exc)
                 failed[m] = exc
@@ -563,7 +572,12 @@ class Coordinator:
             try:
                 with torch.inference_mode():
                     dev = self.decoder.fusion_device  # where decoding fuses (a GPU when the replica has one)
-                    result = fuse({m: logits[(job.seq_id, m)].to(dev) for m in job.recipe.model_names()}, job.recipe)
+                    weights = None
+                    if job.recipe.route is not None:
+                        w = self.decoder.route_prompts(job.recipe.route, [features[job.seq_id]])  # [1, T]
+                        weights = w.expand(len(job.token_ids), -1).to(dev)
+                    inputs = {m: logits[(job.seq_id, m)].to(dev) for m in job.recipe.model_names()}
+                    result = fuse(inputs, job.recipe, route_weights=weights)
                     scores = score_tokens(result.logprobs.cpu(), job.token_ids, job.top_n, result.alphas.cpu())
                     job.future.set_result(scores)
             except BaseException as exc:  # noqa: BLE001 - reported to the caller

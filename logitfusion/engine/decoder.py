@@ -34,7 +34,7 @@ import torch
 from logitfusion.engine.routing import RouteTables, split_features
 from logitfusion.engine.runner import ExtendOp, ModelRunner, RunnerInfo, StepPlan, Want, concat_rows, failed
 from logitfusion.fusion import Recipe, SamplingParams, fuse, make_generator, sample, speculative_accept, to_probs
-from logitfusion.fusion.routing import route
+from logitfusion.fusion.routing import Routing, route
 
 logger = logging.getLogger(__name__)
 
@@ -726,6 +726,12 @@ class Decoder:
                     self._route_tables.get(routing, self._runners[routing.model])
                 except Exception as exc:  # noqa: BLE001 - a runner failure like any other
                     raise StepFailed(routing.model, exc) from exc
+
+    def route_prompts(self, routing: Routing, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """[R, T] expert weights of R prompt representations under ``routing`` (the example table is computed
+        through the routing model's runner on first use: call from the thread that drives step(), between steps)."""
+        table = self._route_tables.get(routing, self._runners[routing.model])
+        return route(torch.stack(list(features)), table, routing)[0]
 
     def _set_routes(self, prompt_features: Sequence[tuple[_Live, torch.Tensor]]) -> None:
         """The routing model's prefills came back: weight each request's experts by its prompt representation

@@ -189,3 +189,25 @@ def test_an_example_longer_than_the_routing_model_is_refused_at_add_request(zoo,
     recipe = presets.routed("large", "small", EXPERTS, long)
     with pytest.raises(ValueError, match=rf"route.examples: an example prompt of {limit + 1} tokens exceeds 'small'"):
         _decoder(runners).add_request(_req("x", items[0][1], recipe))
+
+
+def test_scoring_a_sequence_under_a_routed_recipe_routes_it_on_the_sequence(zoo, examples, items) -> None:
+    from logitfusion.actors.coordinator import Coordinator, TextCodec
+    from logitfusion.cluster.topology import Limits
+
+    paths, _ = zoo
+    runners = {n: LocalRunner.from_pretrained(paths.model(n), n) for n in MODELS}
+    tok = runners["large"].tokenizer
+    coord = Coordinator(runners, codec=TextCodec.from_tokenizer(tok), limits=Limits())
+    try:
+        _, ids, ref = items[1]  # the colour question
+        seq = list(ids) + tok.encode(" " + ref, add_special_tokens=False)
+        routed = coord.score(seq, presets.routed("large", "small", EXPERTS, examples)).result(timeout=60)
+        alone = coord.score(seq, presets.dlf("large", "small", ["expert_colour"])).result(timeout=60)
+    finally:
+        coord.close()
+    assert all(a[0] == a[2] == a[3] == 0.0 for a in routed.alphas)  # only the colour expert, at every position
+    torch.testing.assert_close(torch.tensor([a[1] for a in routed.alphas]), torch.tensor([a[0] for a in alone.alphas]),
+                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(routed.token_logprobs), torch.tensor(alone.token_logprobs), atol=1e-4,
+                               rtol=0)
