@@ -292,6 +292,7 @@ class TPShard:
             vocab_size=vocab_size,
             vocab_fingerprint=fingerprint,
             max_length_tokens=cfg.max_length_tokens or max_length,
+            backend="hf",  # the shard's forward is DeepSpeed's sharded one (its all-reduces), never the lean one
             threaded=False,
         )
         info = dataclasses.replace(self._runner.describe(), num_parameters=num_parameters)

@@ -55,6 +55,8 @@ def unsupported_reason(model: Any) -> str | None:
     layers = getattr(inner, "layers", None)
     if layers is None or getattr(inner, "rotary_emb", None) is None or getattr(model, "lm_head", None) is None:
         return "the module tree is not model.layers / model.rotary_emb / lm_head"
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    kv_heads = int(getattr(config, "num_key_value_heads", 0) or heads)
     for i, layer in enumerate(layers):
         attn = getattr(layer, "self_attn", None)
         if attn is None or not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
@@ -63,6 +65,15 @@ def unsupported_reason(model: Any) -> str | None:
             return f"layer {i} normalises queries/keys (not Llama attention)"
         if not all(hasattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
             return f"layer {i} has no gated MLP"
+        projections = {n: getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        projections.update({n: getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")})
+        for n, m in projections.items():
+            if type(m) is not torch.nn.Linear:  # a sharded (tensor-parallel) or quantized layer computes otherwise
+                return f"layer {i} {n} is {type(m).__name__}, not torch.nn.Linear (sharded or quantized)"
+        head_dim = int(getattr(attn, "head_dim", 0) or 0)
+        if (projections["q_proj"].weight.shape[0] != heads * head_dim
+                or projections["k_proj"].weight.shape[0] != kv_heads * head_dim):
+            return f"layer {i} q/k projections do not match {heads}/{kv_heads} heads of {head_dim} (sharded?)"
     param = next(model.parameters())
     if param.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {param.dtype} is not a float type the cache supports"

@@ -379,3 +379,22 @@ def test_real_checkpoint_smollm2_batched_matches_unbatched() -> None:
     assert diff < TOL, diff
     assert "Paris" in tok.decode(seqs[0])
     runner.close()
+
+
+def test_lean_refuses_layers_that_are_not_plain_linears() -> None:
+    """A sharded (tensor-parallel) or quantized projection computes something else than x @ W: auto keeps the model's
+    own forward, and lean names the layer."""
+    model = tiny_llama(TINY_FAMILY["small"])
+
+    class Sharded(torch.nn.Module):  # stands for DeepSpeed's LinearAllreduce: holds a weight, adds an all-reduce
+        def __init__(self, inner: torch.nn.Linear) -> None:
+            super().__init__()
+            self.weight, self.bias = inner.weight, inner.bias
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+
+    model.model.layers[0].self_attn.o_proj = Sharded(model.model.layers[0].self_attn.o_proj)
+    assert LocalRunner(model, name="s", vocab_size=V, vocab_fingerprint="x").backend == "hf"
+    with pytest.raises(ValueError, match=r"layer 0 o_proj is Sharded, not torch.nn.Linear"):
+        LocalRunner(model, name="s", vocab_size=V, vocab_fingerprint="x", backend="lean")
