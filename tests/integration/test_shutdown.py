@@ -240,7 +240,9 @@ def test_interrupted_demo_stops_the_service_and_leaves_nothing():
     server = Server("demo")
     try:
         server.wait_for_line("serving on", START_TIMEOUT_S)
-        server.proc.send_signal(signal.SIGINT)  # the demo is asking its first questions now
+        # Ctrl-C in a terminal: SIGINT to the whole foreground process group (the demo and the Ray processes that
+        # share its group: GCS, raylet, dashboard, agents), while the demo asks its first questions
+        os.killpg(server.proc.pid, signal.SIGINT)
         assert_nothing_left(server, exit_timeout_s=180, expect_rc=0)
         assert "interrupted (received SIGINT): draining and stopping the service" in server.text()
         assert "stopped" in server.text().splitlines()[-1]
