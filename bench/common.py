@@ -6,12 +6,16 @@ the repeats. The machine's load average is recorded before and after every secti
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +46,8 @@ class SuiteConfig:
     rtt_repeats: int = 200  # worker stream round trips timed
     pack_batches: tuple[int, ...] = (1, 4, 16)  # LocalRunner pack section
     pack_steps: int = 24
+    vocab_sizes: tuple[int, ...] = (32000, 128256, 262144)  # V of section h (the Decoder step at real vocabularies)
+    vocab_batches: tuple[int, ...] = (1, 16)
     distributed: bool = True  # run the Ray rows (skipped with a note when Ray cannot start)
     zoo: bool = True  # run the zoo rows (skipped with a note when no zoo is built)
     zoo_cache: str | None = None  # where to look for a built zoo besides the committed one (default: the cache)
@@ -72,6 +78,8 @@ class SuiteConfig:
             rtt_repeats=20,
             pack_batches=(1, 4),
             pack_steps=4,
+            vocab_sizes=(32000,),
+            vocab_batches=(1, 4),
             quick=True,
         )
 
@@ -218,3 +226,23 @@ def render(section: Section) -> str:
     for skip in section.skipped:
         out.append(f"- skipped: {skip}")
     return "\n".join(out) + "\n"
+
+
+def section_cli(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The command line of a section run on its own: --quick and --json (add more before parsing)."""
+    ap = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes and fewer rounds")
+    ap.add_argument("--json", type=Path, help="write the section's JSON here (parents created)")
+    return ap
+
+
+def run_section_cli(args: argparse.Namespace, make: Callable[[], Section]) -> int:
+    """Logging and 1 torch thread, then build the section, print its table and write its JSON if asked."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(1)
+    sec = make()
+    print(render(sec))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(sec.to_json(), indent=1) + "\n")
+    return 0

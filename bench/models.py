@@ -113,7 +113,7 @@ def flat_head_copy(model: Any) -> Any:
     return clone
 
 
-def random_runner(name: str, size: LlamaSize, *, threaded: bool = True, dtype: str = "float32",
+def random_runner(name: str, size: LlamaSize, *, threaded: bool = False, dtype: str = "float32",
                   device: str = "cpu", model: Any = None):
     """A LocalRunner over a random Llama (module-level, so a functools.partial of it is a picklable worker factory)."""
     from logitfusion.engine.local import LocalRunner
@@ -156,7 +156,7 @@ class Zoo:
             self._loaded[name] = load_model(self.paths.model(name), name=name)
         return self._loaded[name]
 
-    def runner(self, name: str, *, threaded: bool = True):
+    def runner(self, name: str, *, threaded: bool = False):
         """A fresh LocalRunner (empty caches) over the zoo model ``name``."""
         from logitfusion.engine.local import LocalRunner, tokenizer_fingerprint
 
@@ -166,7 +166,7 @@ class Zoo:
         return LocalRunner(m.model, name=name, vocab_size=m.vocab_size, vocab_fingerprint=self._fingerprint,
                            max_length_tokens=m.max_length_tokens, threaded=threaded)
 
-    def runners(self, names: list[str] | tuple[str, ...], *, threaded: bool = True) -> dict[str, Any]:
+    def runners(self, names: list[str] | tuple[str, ...], *, threaded: bool = False) -> dict[str, Any]:
         return {n: self.runner(n, threaded=threaded) for n in names}
 
     @property
@@ -197,7 +197,7 @@ class RandomFamily:
         self.vocab_size = large.vocab_size
         self.experts = [n for n in self.sizes if n.startswith("expert_")]
 
-    def runners(self, names: list[str] | tuple[str, ...], *, threaded: bool = True) -> dict[str, Any]:
+    def runners(self, names: list[str] | tuple[str, ...], *, threaded: bool = False) -> dict[str, Any]:
         """Fresh LocalRunners (empty caches) over the family's models."""
         return {n: random_runner(n, self.sizes[n], threaded=threaded, model=self.models[n]) for n in names}
 

@@ -1,7 +1,8 @@
 """Sections b and f: what orchestration costs on top of the models' own forwards.
 
 b. efficiency = the slowest model's pure forward (alone, same batch, same cache length) / the fused step, in process
-   (threaded LocalRunners) and distributed (one ModelWorker actor per model, RemoteRunners over gRPC streams).
+   (LocalRunners with their defaults) and distributed (one ModelWorker actor per model, RemoteRunners over gRPC
+   streams).
 f. the distributed step against the in-process step on the same (zoo) models, and the worker stream's round trip.
 
 The machine is shared, so its load drifts during a section. Every repeat therefore measures the things it compares
@@ -118,7 +119,8 @@ def orchestration_section(cfg: SuiteConfig, fam: RandomFamily, ray: LocalRay | N
         "threads; distributed: the Decoder's process + the 3 worker processes from /proc, 10 ms ticks averaged); "
         "extra_cpu_ms = step_cpu_ms - the models' own forward CPU: the work orchestration adds, robust to load, but a "
         "difference of two separate measurements (a few ms of noise)",
-        "in-process: one thread per LocalRunner in one Python process (the GIL serialises their Python work); "
+        "in-process: every LocalRunner in the Decoder's thread, one model after another (the default; threads on "
+        "the GIL overlapped less than they cost); "
         "distributed: one Ray actor process per model with one torch thread, on the same 2 shared cores",
     ]
     return sec
@@ -174,8 +176,9 @@ def distributed_section(cfg: SuiteConfig, fam: RandomFamily, zoo: Zoo | None, zo
     rtt = {n: median(stream_round_trip_s(r, warmup=10, repeats=cfg.rtt_repeats)) for n, r in pipe.runners.items()}
     sec.extra["stream_round_trip_ms (empty plan, median)"] = {n: ms(v, 3) for n, v in rtt.items()}
     sec.notes += [
-        "same models, prompts and recipe (DLF newton, one expert); in-process = threaded LocalRunners in the "
-        "Decoder's process, distributed = ModelWorker actors on local Ray, one gRPC bidi stream each; each of "
+        "same models, prompts and recipe (DLF newton, one expert); in-process = LocalRunners (defaults: unthreaded, "
+        "lean forward) in the Decoder's process, distributed = ModelWorker actors on local Ray, one gRPC bidi "
+        "stream each; each of "
         f"{cfg.repeats} rounds runs both back to back; ratio = median of per-round step ratios",
         "cpu_ms: mean CPU per steady step of every process involved (distributed: Decoder + 3 workers, from /proc)",
         "stream round trip: an empty StepPlan through RemoteRunner -> worker -> back (no model work), after 10 "

@@ -12,6 +12,9 @@ Sections:
   e  the Decoder against the naive sequential three-model loop (proxy-tuning reference), batch 1 and 16
   f  distributed (Ray workers + gRPC streams) vs in-process step on the zoo models, and the stream round trip
   g  LocalRunner alone: decode pack kept vs re-padded (bench.engine_local)
+  h  the whole Decoder step at V = 32k / 128k / 262k per recipe, and distributed vs in-process (bench.vocab_step)
+  i  the Decoder against the proxy-tuning reference code on the zoo (bench.peer; needs LOGITFUSION_PEER_DIR)
+  j  fuse() alone at real vocabularies: dense path vs one pass + certified candidate support (bench.fusion_vocab)
 
 Every number carries the machine's load average: the 2 cores are shared with other work, so timings are noisy.
 """
@@ -42,6 +45,9 @@ SECTION_KEYS = {
     "e": "e_baseline",
     "f": "f_distributed",
     "g": "g_local_pack",
+    "h": "h_vocab_step",
+    "i": "i_peer",
+    "j": "j_fusion_vocab",
 }
 
 
@@ -58,6 +64,8 @@ def build_sections(cfg: SuiteConfig, letters: list[str]) -> tuple[list[tuple[str
     """The selected sections as (key, thunk), and a cleanup to call at the end. Models are built once, here."""
     from bench.distributed import LocalRay
     from bench.engine_local import pack_section
+    from bench.peer import peer_section
+    from bench.vocab_step import vocab_section
     from bench.models import RandomFamily, find_zoo
     from bench.orchestration import distributed_section, orchestration_section, start_pipelines
     from bench.solver_share import solver_section
@@ -87,6 +95,9 @@ def build_sections(cfg: SuiteConfig, letters: list[str]) -> tuple[list[tuple[str
         "e": lambda: baseline_section(cfg, fam),
         "f": lambda: (distributed_first(), distributed_section(cfg, fam, zoo, zoo_why, ray))[1],
         "g": lambda: pack_section(cfg),
+        "h": lambda: vocab_section(cfg),
+        "i": lambda: peer_section(cfg),
+        "j": lambda: fusion_vocab_section(cfg),
     }
 
     def cleanup() -> None:
@@ -94,6 +105,18 @@ def build_sections(cfg: SuiteConfig, letters: list[str]) -> tuple[list[tuple[str
             ray.shutdown()
 
     return [(SECTION_KEYS[s], table[s]) for s in letters], cleanup
+
+
+def fusion_vocab_section(cfg: SuiteConfig) -> Section:
+    """bench.fusion_vocab's dict as a Section: its per-recipe rows as the table, its ratio rows in ``extra``."""
+    from bench.common import markdown_table
+    from bench.fusion_vocab import vocab_section as fuse_alone
+
+    doc = fuse_alone(cfg.quick)
+    rows = [{c: r.get(c) for c in doc["columns"]} | r for r in doc["rows"]]  # static rows have no DLF columns
+    sec = Section(key="", title=doc["title"], columns=doc["columns"], rows=rows, notes=list(doc["notes"]))
+    sec.extra["ratios"] = "\n\n" + markdown_table(doc["ratio_columns"], doc["ratios"])
+    return sec
 
 
 def run_suite(cfg: SuiteConfig, letters: list[str], out: TextIO | None = None) -> dict[str, Any]:

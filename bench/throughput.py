@@ -92,7 +92,7 @@ def baseline_section(cfg: SuiteConfig, fam: RandomFamily) -> Section:
         f"end to end (prefill included): {n_new} new tokens per prompt of {cfg.prompt_tokens} tokens, greedy, "
         f"proxy-tuning over large + small + 1 expert; batch 1: median of {cfg.repeats}, batch > 1: one run each",
         "the loop serves batch B as B prompts one after another; the Decoder runs them as one batch with every "
-        "model's forward concurrent (threaded LocalRunners)",
+        "model's forward in turn (LocalRunner's default: unthreaded; lean forward)",
         "identical: the Decoder's greedy tokens equal the loop's, prompt by prompt",
         "cpu_s: CPU time of the process over the whole run (all threads): the work each approach does",
     ]

@@ -16,12 +16,10 @@ are medians of per-round ratios:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,7 +71,7 @@ def vocab_rows(vocabs: tuple[int, ...], batches: tuple[int, ...], *, warmup: int
             decoder = make_decoder(runners, batch)
             prompts = random_prompts(batch, 8, vocab, seed=batch)
             # the arms' "CPU clock" is the runners' time inside plans: step_cpu_s then holds each step's forward time
-            busy = lambda: sum(r.stats["busy_s"] for r in runners.values())  # noqa: E731
+            busy = lambda rs=runners: sum(r.stats.get("busy_s", 0.0) for r in rs.values())  # noqa: E731
             arms = {label: Arm(decoder, recipe, busy) for label, recipe in recipes.items()}
             _, runs = paired_rounds(arms, prompts, warmup_steps=warmup, measure_steps=steps, repeats=repeats)
             step = {label: [r.steady_step_s(warmup) for r in rs] for label, rs in runs.items()}
@@ -149,14 +147,17 @@ def vocab_section(cfg: Any, vocabs: tuple[int, ...] | None = None, batches: tupl
     sec = Section(key="h_vocab_step", title="in-process Decoder step at real vocabularies (5 random 1-layer Llamas, "
                   "hidden 32), ms", columns=COLUMNS)
     quick = getattr(cfg, "quick", False)
+    vocabs = vocabs or getattr(cfg, "vocab_sizes", None) or ((32000,) if quick else (32000, 128256, 262144))
+    batches = batches or getattr(cfg, "vocab_batches", None) or ((1, 4) if quick else (1, 16))
     if quick:
-        sec.rows = vocab_rows(vocabs or (32000,), batches or (1, 4), warmup=1, steps=3, repeats=2)
+        sec.rows = vocab_rows(vocabs, batches, warmup=1, steps=3, repeats=2)
     else:
-        sec.rows = vocab_rows(vocabs or (32000, 128256, 262144), batches or (1, 16), warmup=2, steps=6, repeats=3)
+        sec.rows = vocab_rows(vocabs, batches, warmup=2, steps=6, repeats=3)
     if getattr(cfg, "distributed", True):
-        v, b = (32000, 4) if quick else (128256, 16)
+        v, b = (vocabs[0], max(batches)) if quick else (128256, 16)
         dist, why = distributed_rows(v, b, warmup=1 if quick else 2, steps=3 if quick else 6, repeats=2 if quick else 3)
-        sec.extra["distributed (workers over gRPC streams) vs in-process"] = "\n\n" + markdown_table(DIST_COLUMNS, dist) if dist else why
+        table = "\n\n" + markdown_table(DIST_COLUMNS, dist) if dist else why
+        sec.extra["distributed (workers over gRPC streams) vs in-process"] = table
         if why:
             sec.skipped.append(f"distributed rows: {why}")
     sec.notes += [
@@ -172,24 +173,17 @@ def vocab_section(cfg: Any, vocabs: tuple[int, ...] | None = None, batches: tupl
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.vocab_step", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
+    from bench.common import run_section_cli, section_cli
+
+    ap = section_cli("python -m bench.vocab_step", __doc__)
     ap.add_argument("--vocab", type=int, nargs="*", help="vocabulary sizes (default: the section's)")
     ap.add_argument("--batch", type=int, nargs="*", help="batch sizes (default: the section's)")
-    ap.add_argument("--json", type=Path)
     ap.add_argument("--no-distributed", action="store_true", help="skip the Ray rows")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(1)
-    from bench.common import render
-
-    sec = vocab_section(argparse.Namespace(quick=args.quick, distributed=not args.no_distributed), tuple(args.vocab or ()) or None,
-                        tuple(args.batch or ()) or None)
-    print(render(sec))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(sec.to_json(), indent=1) + "\n")
-    return 0
+    cfg = argparse.Namespace(quick=args.quick, distributed=not args.no_distributed)
+    return run_section_cli(
+        args, lambda: vocab_section(cfg, tuple(args.vocab or ()) or None, tuple(args.batch or ()) or None)
+    )
 
 
 if __name__ == "__main__":

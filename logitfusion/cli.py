@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--config", required=True, help="topology YAML")
     sv.add_argument("--address", default=None, help="join this Ray cluster (default: embedded local Ray)")
     sv.add_argument("--port", type=int, default=None, help="gRPC port (default: the topology's serve.grpc_port)")
+    sv.add_argument("--http-port", type=int, default=None,
+                    help="HTTP port of the OpenAI-style API (default: the topology's serve.http_port)")
     sv.set_defaults(func=_cmd_serve)
 
     ge = sub.add_parser("generate", help="stream a fused generation from a running service")
@@ -98,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-k", type=int, default=0)
     ge.add_argument("--seed", type=int, default=None)
     ge.add_argument("--solver", default=None, choices=["grid", "newton", "joint"], help="override the DLF solver")
+    ge.add_argument("--route-inner", default=None, choices=["dlf", "static"], help="routed recipes: inner method")
+    ge.add_argument("--route-tau", type=float, default=None, help="routed recipes: softmax temperature")
+    ge.add_argument("--route-top-k", type=int, default=None, help="routed recipes: experts kept (0: all)")
     ge.add_argument("--draft", default=None, metavar="MODEL",
                     help="speculative decoding: the model that drafts (e.g. the recipe's expert)")
     ge.add_argument("--draft-tokens", type=int, default=None, metavar="K", help="tokens drafted per step (default 4)")

@@ -109,6 +109,10 @@ def build_request(
     interp_lambda: float | None = None,
     max_alpha: float | None = None,
     model: str | None = None,
+    route_inner: str | None = None,
+    route_tau: float | None = None,
+    route_top_k: int | None = None,
+    route_min_similarity: float | None = None,
     stop: Sequence[str] = (),
     stop_at_eos: bool | None = None,
     request_id: str = "",
@@ -119,6 +123,8 @@ def build_request(
     """Keyword arguments -> GenerateRequest. Unset (None) fields stay unset so the server's defaults apply.
 
     draft_model turns on speculative fused decoding (same output, fewer decoding steps when the draft agrees).
+    route_*: a routed recipe's inner method, temperature, experts kept and "none" threshold (RecipeSelection
+    inner / tau / top_k / min_similarity; ``top_k`` alone is the sampling's).
     """
     req = pb.GenerateRequest(request_id=request_id, stop=list(stop))
     if isinstance(prompt, str):
@@ -143,6 +149,10 @@ def build_request(
         ("interp_lambda", interp_lambda),
         ("max_alpha", max_alpha),
         ("model", model),
+        ("inner", route_inner),
+        ("tau", route_tau),
+        ("top_k", route_top_k),
+        ("min_similarity", route_min_similarity),
     ):
         if value is not None:
             setattr(rec, name, value)
@@ -362,6 +372,9 @@ def generate_main(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "preset": args.preset or "",
         "solver": args.solver,
+        "route_inner": getattr(args, "route_inner", None),
+        "route_tau": getattr(args, "route_tau", None),
+        "route_top_k": getattr(args, "route_top_k", None),
         "draft_model": getattr(args, "draft", None),
         "num_draft_tokens": getattr(args, "draft_tokens", None),
         "adaptive_draft": bool(getattr(args, "adaptive_draft", False)),

@@ -3,8 +3,9 @@
 By default it goes the whole way: an embedded local Ray on loopback, Ray Serve's gRPC ingress, the coordinator and
 one worker actor per zoo model; then, for one held-out question per task, it asks the large base alone, the task's
 small expert alone, and the DLF fusion of the two (streamed token by token, with the expert weight solved at every
-step), and finally the multi-expert fusion with no task label. `--local` runs the same questions through the
-in-process Decoder instead (no Ray, no gRPC).
+step), and finally the multi-expert fusion with no task label: DLF over all four experts (`dlf_multi`), and the
+deployment's default preset `routed_multi`, which routes the question to an expert by its prompt first. `--local`
+runs the same questions through the in-process Decoder instead (no Ray, no gRPC).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def run_service_demo(config: Path) -> int:
     print(f"starting the service: embedded Ray on 127.0.0.1, Serve gRPC ingress, one worker per model ({config})",
           flush=True)
     try:
-        service = run_service(config, grpc_port=free_port(), blocking=False, access_log=False, guard=guard)
+        service = run_service(config, grpc_port=free_port(), http_port=free_port(), blocking=False, access_log=False,
+                              guard=guard)
     except (KeyboardInterrupt, ShutdownRequested) as exc:  # run_service stopped what it had started
         print(f"\ninterrupted ({exc or 'Ctrl-C'}) while starting: stopped", flush=True)
         return 0
@@ -86,12 +88,15 @@ def _ask(address: str) -> None:
             print(f"   {_mark(text, ref)}  ({len(steps)} tokens, {1000 * dt / max(1, len(steps)):.0f} ms/token)")
             print(f"  {'':<16}    weights per step: {_weights(steps)}")
             multi = client.generate(prompt, preset="dlf_multi", max_new_tokens=8)
-            print(f"  {'dlf_multi':<16} -> {multi.text.strip()!r:<24} {_mark(multi.text, ref)}   (no task label)\n")
+            print(f"  {'dlf_multi':<16} -> {multi.text.strip()!r:<24} {_mark(multi.text, ref)}   (no task label)")
+            routed = client.generate(prompt, max_new_tokens=8)  # no preset: the default, routed_multi
+            print(f"  {routed.recipe:<16} -> {routed.text.strip()!r:<24} {_mark(routed.text, ref)}   "
+                  f"(no task label; first step {_weights(routed.weights[:1])})\n")
 
 
 def run_local_demo() -> int:
     from logitfusion.engine.decoder import Decoder, GenerationRequest
-    from logitfusion.eval.run import load_zoo_runners
+    from logitfusion.eval.run import load_zoo_runners, zoo_route_examples
     from logitfusion.fusion import presets
     from logitfusion.models.zoo.build import load_zoo
     from logitfusion.models.zoo.tasks import expert_tasks
@@ -102,6 +107,7 @@ def run_local_demo() -> int:
     tok = runners["large"].tokenizer
     dec = Decoder(runners, eos_token_ids=[tok.eos_token_id], decode_fn=lambda ids: tok.decode(list(ids), skip_special_tokens=True))
     experts = [f"expert_{t}" for t in expert_tasks()]
+    examples = zoo_route_examples(zoo.model("small"), expert_tasks())
     for task, prompt, ref in _questions():
         ids = tok(prompt)["input_ids"]
         recipes = {
@@ -109,12 +115,13 @@ def run_local_demo() -> int:
             f"expert_{task}": presets.single(f"expert_{task}"),
             f"dlf_{task}": presets.dlf("large", "small", [f"expert_{task}"], "newton"),
             "dlf_multi": presets.dlf("large", "small", experts, "joint"),
+            "routed_multi": presets.routed("large", "small", experts, examples),
         }
         reqs = [GenerationRequest(n, ids, r, max_new_tokens=8, stop_strings=("\n",)) for n, r in recipes.items()]
         print(f"[{task}] {prompt}   (reference: {ref})")
         for res in dec.generate(reqs):
             print(f"  {res.request_id:<16} -> {res.text.strip()!r:<24} {_mark(res.text, ref)}")
-            if res.experts and res.request_id.startswith("dlf"):
+            if res.experts and res.request_id.startswith(("dlf", "routed")):
                 steps = [dict(zip(res.experts, w, strict=True)) for w in res.weights]
                 print(f"  {'':<16}    weights per step: {_weights(steps)}")
         print()

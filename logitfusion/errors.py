@@ -15,6 +15,10 @@ calls :func:`to_status` to turn any exception into ``(grpc.StatusCode, details)`
     Unauthenticated   -> UNAUTHENTICATED      missing or wrong token
     NotFound          -> NOT_FOUND            e.g. an unknown service name in a health check
     InternalError     -> INTERNAL             a bug: the details never carry a stack trace
+
+The HTTP ingress maps the same classes to HTTP status codes, here beside the gRPC mapping (:func:`to_http`):
+400 invalid, 413 too large, 429 overloaded, 504 deadline, 499 cancelled, 503 unavailable, 401 unauthenticated,
+404 not found, 500 internal. The message is the same text gRPC clients get.
 """
 
 from __future__ import annotations
@@ -156,6 +160,31 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(err, InternalError) and err is not exc:
         logger.error("unexpected error mapped to INTERNAL", exc_info=exc)
     return err.code, _clip(err.message)
+
+
+_HTTP_BY_CLASS: tuple[tuple[type[FusionError], int, str], ...] = (  # first match wins: subclasses first
+    (MessageTooLarge, 413, "invalid_request_error"),
+    (InvalidRequest, 400, "invalid_request_error"),
+    (Overloaded, 429, "rate_limit_error"),
+    (DeadlineExceeded, 504, "timeout_error"),
+    (Cancelled, 499, "cancelled"),
+    (ModelUnavailable, 503, "service_unavailable"),
+    (Unauthenticated, 401, "authentication_error"),
+    (NotFound, 404, "not_found_error"),
+    (InternalError, 500, "internal_error"),
+)
+
+
+def to_http(exc: BaseException) -> tuple[int, str, FusionError]:
+    """Any exception -> (HTTP status, OpenAI error type, the FusionError) for the HTTP ingress; the same
+    classification (and logging of unexpected errors) as :func:`to_status`."""
+    err = classify(exc)
+    if isinstance(err, InternalError) and err is not exc:
+        logger.error("unexpected error mapped to HTTP 500", exc_info=exc)
+    for cls, status, kind in _HTTP_BY_CLASS:
+        if isinstance(err, cls):
+            return status, kind, err
+    return 500, "internal_error", err
 
 
 def from_status(code: grpc.StatusCode, details: str) -> FusionError:

@@ -114,7 +114,10 @@ def plan_to_request(plan: StepPlan, step_id: int, logits_dtype: str = "float32")
     """The StepRequest for one plan (no validation: the worker validates what it receives)."""
     return pb.StepRequest(
         step_id=step_id,
-        extends=[pb.Extend(seq_id=e.seq_id, token_ids=e.token_ids, want_all=e.want == "all") for e in plan.extends],
+        extends=[
+            pb.Extend(seq_id=e.seq_id, token_ids=e.token_ids, want_all=e.want == "all", features_tokens=e.features_tokens)
+            for e in plan.extends
+        ],
         truncates=[pb.Truncate(seq_id=s, length_tokens=n) for s, n in plan.truncates],
         releases=list(plan.releases),
         logits_dtype=logits_dtype_code(logits_dtype),
@@ -148,7 +151,12 @@ def request_to_plan(req: pb.StepRequest) -> tuple[StepPlan, torch.dtype]:
         tokens = tuple(e.token_ids)
         if min(tokens) < 0:
             raise WireError(f"{field}.token_ids: negative token id {min(tokens)}")
-        extends.append(ExtendOp(seq_id=seq_id, token_ids=tokens, want="all" if e.want_all else "last"))
+        if e.features_tokens > len(tokens):
+            raise WireError(
+                f"{field}.features_tokens: {e.features_tokens} exceeds the {len(tokens)} appended tokens"
+            )
+        want = "all" if e.want_all else "last"
+        extends.append(ExtendOp(seq_id=seq_id, token_ids=tokens, want=want, features_tokens=int(e.features_tokens)))
     truncates = []
     for i, t in enumerate(req.truncates):
         field = f"StepRequest.truncates[{i}]"
@@ -174,17 +182,22 @@ def check_plan_limits(plan: StepPlan, vocab_size: int) -> None:
 
 
 def logits_response(
-    step_id: int, logits: Sequence[torch.Tensor], dtype: torch.dtype, vocab_size: int
+    step_id: int, logits: Sequence[torch.Tensor], dtype: torch.dtype, vocab_size: int, n_extends: int | None = None
 ) -> pb.StepResponse:
-    """One StepResponse carrying every extend's [n_i, V] logits as one [sum n_i, V] tensor."""
+    """One StepResponse carrying every extend's [n_i, V] logits as one [sum n_i, V] tensor. With ``n_extends``,
+    ``logits`` is a runner's whole result: the entries after the first n_extends are [H] feature vectors, sent
+    fp32 as StepLogits.features [n, H]."""
+    feats: Sequence[torch.Tensor] = ()
+    if n_extends is not None:
+        logits, feats = logits[:n_extends], logits[n_extends:]
     if logits:
         joined = concat_rows([t.reshape(t.shape[0], vocab_size) for t in logits])  # [sum n_i, V], no copy if in order
     else:
         joined = torch.empty(0, vocab_size)  # [0, V]
-    return pb.StepResponse(
-        step_id=step_id,
-        logits=pb.StepLogits(logits=encode_tensor(joined, dtype), rows_per_extend=[int(t.shape[0]) for t in logits]),
-    )
+    msg = pb.StepLogits(logits=encode_tensor(joined, dtype), rows_per_extend=[int(t.shape[0]) for t in logits])
+    if feats:
+        msg.features.CopyFrom(encode_tensor(torch.stack([f.reshape(-1) for f in feats]), torch.float32))  # [n, H]
+    return pb.StepResponse(step_id=step_id, logits=msg)
 
 
 def error_response(step_id: int, code: int, message: str, *, sequences_changed: bool = False) -> pb.StepResponse:
@@ -194,8 +207,11 @@ def error_response(step_id: int, code: int, message: str, *, sequences_changed: 
     )
 
 
-def split_logits(msg: pb.StepLogits, expected_rows: Sequence[int], vocab_size: int) -> list[torch.Tensor]:
-    """The per-extend fp32 [n_i, V] tensors of a response, checked against the rows the request asked for."""
+def split_logits(
+    msg: pb.StepLogits, expected_rows: Sequence[int], vocab_size: int, expected_features: int = 0
+) -> list[torch.Tensor]:
+    """The per-extend fp32 [n_i, V] tensors of a response, checked against the rows the request asked for, then
+    the ``expected_features`` fp32 [H] feature vectors (runner contract)."""
     rows = [int(r) for r in msg.rows_per_extend]
     if rows != list(expected_rows):
         raise WireError(f"StepLogits.rows_per_extend: got {rows}, the request asked for {list(expected_rows)}")
@@ -210,7 +226,23 @@ def split_logits(msg: pb.StepLogits, expected_rows: Sequence[int], vocab_size: i
     # fp32: a read-only view of the message's bytes (the runner contract's logits are read-only; at V = 128k and 16
     # rows a copy is 8 MB per model per step); bf16: the upcast is the one copy.
     joined = decode_tensor(msg.logits, copy=False, field="StepLogits.logits").float()  # [sum n, V]
-    return list(torch.split(joined, rows, dim=0)) if rows else []
+    out = list(torch.split(joined, rows, dim=0)) if rows else []
+    return out + _split_features(msg, expected_features)
+
+
+def _split_features(msg: pb.StepLogits, expected: int) -> list[torch.Tensor]:
+    """StepLogits.features as ``expected`` fp32 [H] vectors; WireError when its shape disagrees."""
+    if not msg.HasField("features"):
+        if expected:
+            raise WireError(f"StepLogits.features: missing, the request asked for {expected} feature rows")
+        return []
+    dtype, shape = _check_tensor_header(msg.features, "StepLogits.features")
+    if dtype != torch.float32 or len(shape) != 2 or shape[0] != expected:
+        raise WireError(
+            f"StepLogits.features: expected float32 of shape [{expected}, H], got {dtype_name(msg.features.dtype)} "
+            f"{list(shape)}"
+        )
+    return list(decode_tensor(msg.features, field="StepLogits.features"))
 
 
 # --------------------------------------------------------------------------------------------------------- info

@@ -4,6 +4,7 @@
     stream = coordinator.submit(request)             # Overloaded at once when max_concurrent_requests are running
     for chunk in stream: ...                         # or `async for` in an event loop; one StreamChunk per step
     coordinator.abort(request.request_id)            # client went away: its sequences are freed on every model
+    future = coordinator.score(token_ids, recipe, top_n=5)   # fused log-prob of every token (echo / logprobs)
 
 One loop thread owns the Decoder's step: while there is work it admits new requests (they join the running batch at
 the next step), runs one batched step over every runner at once (RemoteRunners: one gRPC stream per worker, all
@@ -11,6 +12,11 @@ called concurrently; the token chosen at step n travels in the plan of step n + 
 to that request's own bounded stream. Submitting, aborting and consuming happen on any other thread (the Serve
 replica's event loop); none of them waits for a step. A request's deadline (limits.request_timeout_s) is enforced
 by the loop: the request is aborted and its stream ends with DeadlineExceeded.
+
+Scoring (``score``) also runs on the loop thread, between two steps: every model of the recipe extends the whole
+sequence with want="all" under a reserved sequence id, the sequence is released at once, and each position is fused
+(DLF solved per position). An optional ``observer`` (logitfusion.metrics.ServiceMetrics) is told about steps, first
+tokens and tokens; the coordinator works the same without one.
 
 A runner that fails a step is retried (RemoteRunner has already reconnected to a restarted worker and replayed
 every sequence if it could); a runner that stays unavailable fails only the requests that read its model.
@@ -20,6 +26,7 @@ No Ray and no protobuf here: the Serve deployment (cluster.serve_app) converts a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import threading
@@ -42,7 +49,9 @@ from logitfusion.engine.decoder import (
     StepEvent,
     StepFailed,
 )
-from logitfusion.engine.runner import ModelRunner, RunnerError, RunnerInfo, RunnerUnavailable
+from logitfusion.engine.routing import split_features
+from logitfusion.engine.runner import ExtendOp, ModelRunner, RunnerError, RunnerInfo, RunnerUnavailable, StepPlan
+from logitfusion.engine.scoring import score_tokens
 from logitfusion.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -57,6 +66,7 @@ from logitfusion.errors import (
 logger = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 1.0  # longest sleep of an idle loop between deadline checks (it also wakes on every submit/abort)
+SCORE_SEQ_PREFIX = "~score/"  # sequence ids of scoring jobs; refused as a request id
 
 
 # ------------------------------------------------------------------------------------------------ logits guard
@@ -278,6 +288,18 @@ class _Entry:
     token_ids: list[int] = field(default_factory=list)  # the completion so far
     text: str = ""  # its text so far
     error: FusionError | None = None  # set when the coordinator aborts it on purpose
+    submitted_at: float = field(default_factory=time.monotonic)  # for the time to first token
+
+
+@dataclass
+class _ScoreJob:
+    """One sequence to score under a recipe (see ``Coordinator.score``)."""
+
+    seq_id: str
+    token_ids: tuple[int, ...]
+    recipe: Any  # fusion.Recipe
+    top_n: int
+    future: concurrent.futures.Future
 
 
 class Coordinator:
@@ -321,6 +343,9 @@ class Coordinator:
         self._failures: dict[str, int] = {}  # model -> consecutive failed steps
         self._closed = False
         self._ids = itertools.count(1)
+        self._score_ids = itertools.count(1)
+        self._score_jobs: list[_ScoreJob] = []
+        self.observer: Any = None  # e.g. metrics.ServiceMetrics: on_step, on_first_token, on_token
         self.steps_run = 0
         self._thread = threading.Thread(target=self._run, name=f"{name}-loop", daemon=True)
         self._thread.start()
@@ -353,6 +378,8 @@ class Coordinator:
         names the field and the limit) for a bad request, ModelUnavailable after close()."""
         timeout = self.limits.request_timeout_s if timeout_s is None else min(timeout_s, self.limits.request_timeout_s)
         rid = request.request_id
+        if rid.startswith(SCORE_SEQ_PREFIX):
+            raise InvalidRequest(f"request_id: the prefix {SCORE_SEQ_PREFIX!r} is reserved", field="request_id")
         with self._cv:
             if self._closed:
                 raise ModelUnavailable("the pipeline is shutting down")
@@ -380,6 +407,33 @@ class Coordinator:
             self._cv.notify_all()
         logger.debug("request %s admitted (%d running)", rid, len(self._entries))
         return stream
+
+    def score(self, token_ids: Sequence[int], recipe: Any, *, top_n: int = 1) -> concurrent.futures.Future:
+        """Score ``token_ids`` under ``recipe``'s fused distribution; the future resolves to SequenceScores (or
+        fails with ModelUnavailable when a model fails). Raises Overloaded at once when max_concurrent_requests
+        requests and scoring jobs are pending, ModelUnavailable after close()."""
+        if len(token_ids) < 1:
+            raise InvalidRequest("prompt: nothing to score (no tokens)", field="prompt")
+        longest = min(self.decoder._info[m].max_length_tokens for m in recipe.model_names())
+        if len(token_ids) > longest:
+            raise InvalidRequest(
+                f"prompt: {len(token_ids)} tokens to score exceed the models' max length ({longest} tokens)",
+                field="prompt",
+            )
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            if self._closed:
+                raise ModelUnavailable("the pipeline is shutting down")
+            busy = len(self._entries) + len(self._score_jobs)
+            if busy >= self.limits.max_concurrent_requests:
+                raise Overloaded(
+                    f"{busy} requests are running, the limit max_concurrent_requests is "
+                    f"{self.limits.max_concurrent_requests}; retry later"
+                )
+            seq = f"{SCORE_SEQ_PREFIX}{self.name}/{next(self._score_ids)}"
+            self._score_jobs.append(_ScoreJob(seq, tuple(int(t) for t in token_ids), recipe, top_n, fut))
+            self._cv.notify_all()
+        return fut
 
     def abort(self, request_id: str, error: FusionError | None = None) -> bool:
         """Stop a request and free its sequences on every runner (done by the loop thread, never blocking the
@@ -410,7 +464,10 @@ class Coordinator:
                 return
             for rid in self._entries:
                 self._aborts.setdefault(rid, ModelUnavailable("the pipeline is shutting down"))
+            jobs, self._score_jobs = self._score_jobs, []
             self._cv.notify_all()
+        for job in jobs:
+            job.future.set_exception(ModelUnavailable("the pipeline is shutting down"))
         deadline = time.monotonic() + timeout_s
         with self._cv:  # let the loop retire the aborts (frees the sequences) before it stops
             self._cv.wait_for(lambda: not self._entries, timeout=max(0.0, deadline - time.monotonic()))
@@ -428,7 +485,7 @@ class Coordinator:
     def _wait_for_work(self) -> bool:
         """Sleep until there is something to do; False when the coordinator is closed."""
         with self._cv:
-            while not self._closed and not self._aborts and not self.decoder.has_work():
+            while not self._closed and not self._aborts and not self._score_jobs and not self.decoder.has_work():
                 self._expire_locked()
                 if self._aborts:
                     break
@@ -448,8 +505,13 @@ class Coordinator:
         logger.info("%s: loop started over models %s", self.name, sorted(self.runners))
         while self._wait_for_work():
             try:
+                self._run_scores()
                 self._retire_aborts()
+                t0, fused0 = time.perf_counter(), getattr(self.decoder, "fusion_time_s", 0.0)
                 events = self.decoder.step()
+                if events and self.observer is not None:
+                    fused_s = getattr(self.decoder, "fusion_time_s", 0.0) - fused0
+                    self.observer.on_step(time.perf_counter() - t0, fused_s)
             except StepFailed as exc:
                 self._on_step_failed(exc)
                 continue
@@ -461,6 +523,73 @@ class Coordinator:
             self._failures.clear()
             self._dispatch(events)
         logger.info("%s: loop stopped", self.name)
+
+    def _run_scores(self) -> None:
+        """Run the pending scoring jobs: one all-positions extend per model, then one release per model, then fuse
+        each job's rows. A failing model fails the jobs that read it; releases are sent wherever extends were."""
+        import torch
+
+        from logitfusion.fusion import fuse
+
+        with self._cv:
+            jobs, self._score_jobs = self._score_jobs, []
+        if not jobs:
+            return
+        ops: dict[str, list[tuple[_ScoreJob, ExtendOp]]] = {}
+        for job in jobs:
+            route = job.recipe.route  # a routed recipe is routed on the scored sequence itself
+            for m in job.recipe.model_names():
+                feats = len(job.token_ids) if route is not None and m == route.model else 0
+                ops.setdefault(m, []).append((job, ExtendOp(job.seq_id, job.token_ids, "all", features_tokens=feats)))
+        logits: dict[tuple[str, str], torch.Tensor] = {}
+        features: dict[str, torch.Tensor] = {}  # seq_id -> the routing model's representation of the sequence
+        failed: dict[str, BaseException] = {}
+        futures = {m: self._submit_plan(m, StepPlan(extends=tuple(op for _, op in pairs))) for m, pairs in ops.items()}
+        for m, fut in futures.items():
+            try:
+                out = fut.result()
+                for (job, _), rows in zip(ops[m], out):
+                    logits[(job.seq_id, m)] = rows  # [n, V]
+                featured = [job for job, op in ops[m] if op.features_tokens]
+                if featured:
+                    feats = split_features(m, out, len(ops[m]), len(featured))
+                    features.update({job.seq_id: f for job, f in zip(featured, feats)})
+            except BaseException as exc:  # noqa: BLE001 - fails the jobs of that model below
+                logger.warning("%s: scoring on %s failed: %s", self.name, m, exc)
+                failed[m] = exc
+        releases = {m: self._submit_plan(m, StepPlan(releases=tuple(op.seq_id for _, op in pairs)))
+                    for m, pairs in ops.items()}
+        for m, fut in releases.items():
+            try:
+                fut.result()
+            except BaseException as exc:  # noqa: BLE001 - a dead worker holds nothing
+                logger.warning("%s: releasing scored sequences on %s failed: %s", self.name, m, exc)
+        for job in jobs:
+            bad = [m for m in job.recipe.model_names() if m in failed]
+            if bad:
+                job.future.set_exception(classify(failed[bad[0]]))
+                continue
+            try:
+                with torch.inference_mode():
+                    dev = self.decoder.fusion_device  # where decoding fuses (a GPU when the replica has one)
+                    weights = None
+                    if job.recipe.route is not None:
+                        w = self.decoder.route_prompts(job.recipe.route, [features[job.seq_id]])  # [1, T]
+                        weights = w.expand(len(job.token_ids), -1).to(dev)
+                    inputs = {m: logits[(job.seq_id, m)].to(dev) for m in job.recipe.model_names()}
+                    result = fuse(inputs, job.recipe, route_weights=weights)
+                    scores = score_tokens(result.logprobs.cpu(), job.token_ids, job.top_n, result.alphas.cpu())
+                    job.future.set_result(scores)
+            except BaseException as exc:  # noqa: BLE001 - reported to the caller
+                job.future.set_exception(classify(exc))
+
+    def _submit_plan(self, model: str, plan: StepPlan) -> concurrent.futures.Future:
+        try:
+            return self.runners[model].submit(plan)
+        except Exception as exc:  # noqa: BLE001 - reported through the future
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            fut.set_exception(exc)
+            return fut
 
     def _retire_aborts(self) -> None:
         with self._cv:
@@ -536,6 +665,10 @@ class Coordinator:
         for ev in evs:
             if ev.token_id is None:
                 continue
+            if self.observer is not None:
+                if not entry.token_ids:
+                    self.observer.on_first_token(entry.request.recipe.name, time.monotonic() - entry.submitted_at)
+                self.observer.on_token(entry.request.recipe.name, experts, ev.alphas)
             token = TokenOut(ev.token_id, ev.text_delta, len(entry.token_ids))
             entry.token_ids.append(ev.token_id)
             entry.text += ev.text_delta

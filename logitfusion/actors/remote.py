@@ -467,7 +467,8 @@ class RemoteRunner(ModelRunner):
         with self._cond:
             apply_plan(self._histories, pending.plan)  # the worker has applied it
         try:
-            out = wire.split_logits(resp.logits, pending.rows, self.describe().vocab_size)
+            n_features = sum(1 for e in pending.plan.extends if e.features_tokens)
+            out = wire.split_logits(resp.logits, pending.rows, self.describe().vocab_size, n_features)
         except wire.WireError as exc:
             pending.future.set_exception(RunnerError(f"{self.name}: bad response from {conn.address}: {exc}"))
             return

@@ -65,7 +65,7 @@ def grpc_channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 def scope_plan(plan: StepPlan, prefix: str) -> StepPlan:
     """The plan with every seq_id prefixed by its stream's scope."""
     return StepPlan(
-        extends=tuple(ExtendOp(prefix + e.seq_id, e.token_ids, e.want) for e in plan.extends),
+        extends=tuple(ExtendOp(prefix + e.seq_id, e.token_ids, e.want, e.features_tokens) for e in plan.extends),
         truncates=tuple((prefix + s, n) for s, n in plan.truncates),
         releases=tuple(prefix + s for s in plan.releases),
     )
@@ -238,7 +238,8 @@ class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
             apply_lengths(stream.lengths, scoped)
         self.steps_served += 1
         try:
-            return wire.logits_response(step_id, logits, dtype, vocab)  # encoding runs outside the runner lock
+            # encoding runs outside the runner lock; entries past the extends are feature vectors
+            return wire.logits_response(step_id, logits, dtype, vocab, n_extends=len(plan.extends))
         except Exception as exc:  # noqa: BLE001 - a runner answered the wrong shape: the step ran, its logits are lost
             return self._failure(stream, step_id, exc, changed=True)
 

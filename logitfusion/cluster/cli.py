@@ -1,6 +1,7 @@
 """`logitfusion serve` and `logitfusion generate`: start the service (embedded local Ray by default), call it.
 
-    logitfusion serve --config configs/zoo.yaml              # embedded Ray on loopback, gRPC on serve.grpc_port
+    logitfusion serve --config configs/zoo.yaml              # embedded Ray on loopback, gRPC on serve.grpc_port,
+                                                             # HTTP (OpenAI-style API, /metrics) on serve.http_port
     logitfusion serve --config FILE --address HOST:6379      # join a running Ray cluster instead
     logitfusion generate --address 127.0.0.1:9000 "prompt" --preset dlf_capital
 
@@ -104,6 +105,28 @@ def wait_until_serving(address: str, timeout_s: float, poll_s: float = 0.5) -> N
     raise TimeoutError(f"{address} did not report SERVING within {timeout_s} s (last: {last})")
 
 
+def wait_until_http_serving(base_url: str, timeout_s: float, poll_s: float = 0.5) -> None:
+    """Poll GET {base_url}/health until 200 (Serve's HTTP proxy routes once the application runs); TimeoutError."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    stop = threading.Event()
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base_url}/health", timeout=5.0) as resp:
+                if resp.status == 200:
+                    return
+                last = f"HTTP {resp.status}"
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except OSError as exc:
+            last = str(exc)
+        stop.wait(poll_s)  # a poll interval, not a synchronisation
+    raise TimeoutError(f"{base_url}/health did not answer 200 within {timeout_s} s (last: {last})")
+
+
 @dataclass
 class RunningService:
     """A started service: where it listens and how long it took to start."""
@@ -114,6 +137,12 @@ class RunningService:
     started_ray: bool  # this process started (or joined) Ray and shuts it down
     replicas: int = 1  # serve.replicas: how many pipelines a drain must reach
     drain_timeout_s: float = 30.0  # serve.drain_timeout_s
+    http_address: str = ""  # host:port of the HTTP ingress (OpenAI-style API, /health, /metrics)
+
+    @property
+    def base_url(self) -> str:
+        """http://host:port of the HTTP ingress (the OpenAI client's base_url is this plus /v1)."""
+        return f"http://{self.http_address}"
 
     def drain(self, timeout_s: float | None = None) -> list[dict]:
         """Every replica at once: health NOT_SERVING, new requests UNAVAILABLE (retry pushback); requests in flight
@@ -177,6 +206,7 @@ def run_service(
     *,
     address: str | None = None,
     grpc_port: int | None = None,
+    http_port: int | None = None,
     blocking: bool = True,
     num_cpus: int | None = None,
     access_log: bool = True,
@@ -185,7 +215,7 @@ def run_service(
     """Start Serve with gRPC ingress and the topology's application; return once it reports SERVING.
 
     address None: embedded local Ray on serve.host (loopback by default); else join that Ray cluster.
-    grpc_port: overrides serve.grpc_port. blocking: serve until Ctrl-C, then shut down.
+    grpc_port: overrides serve.grpc_port; http_port: overrides serve.http_port. blocking: serve until Ctrl-C, then shut down.
     access_log: False keeps Serve's per-call access log lines (and its INFO chatter) off the console, as the demo
     wants; warnings and errors still show. guard: the process's SignalGuard (re-installed once Ray has started; the
     blocking wait ends on its first signal, with a drain).
@@ -218,26 +248,29 @@ def run_service(
         started = True
     if guard is not None:
         guard.install()  # ray.init installed Ray's own SIGTERM handler; ours stays in charge
+    hport = http_port or topology.serve.http_port
     service = RunningService(f"{host}:{port}", topology.serve.app_name, 0.0, started, topology.serve.replicas,
-                             topology.serve.drain_timeout_s)
+                             topology.serve.drain_timeout_s, f"{host}:{hport}")
     log_config = None if access_log else LoggingConfig(log_level="WARNING", enable_access_log=False)
     try:
         serve.start(
-            http_options=HTTPOptions(host=host, port=free_port(host)),
+            http_options=HTTPOptions(host=host, port=hport),
             grpc_options=gRPCOptions(port=port, grpc_servicer_functions=list(SERVICER_FUNCTIONS)),
             logging_config=log_config,
         )
         serve.run(build_app({"config": str(config)}), name=topology.serve.app_name, route_prefix="/",
                   logging_config=log_config)
         wait_until_serving(service.address, timeout_s=topology.serve.startup_timeout_s)
+        wait_until_http_serving(service.base_url, timeout_s=topology.serve.startup_timeout_s)
     except BaseException:
         service.shutdown()
         raise
     service.startup_s = time.monotonic() - t0
     logger.info("serving %s on %s (started in %.1f s)", SERVICE_NAME, service.address, service.startup_s)
     if blocking:
-        print(f"logitfusion: serving {SERVICE_NAME} on {service.address} (started in {service.startup_s:.1f} s); "
-              "Ctrl-C or SIGTERM drains and stops", flush=True)
+        print(f"logitfusion: serving {SERVICE_NAME} on {service.address} and the OpenAI-style HTTP API on "
+              f"{service.base_url}/v1 (started in {service.startup_s:.1f} s); Ctrl-C or SIGTERM drains and stops",
+              flush=True)
         reason = "stop"
         try:
             threading.Event().wait()
@@ -256,7 +289,8 @@ def serve_main(args: argparse.Namespace) -> int:
     (a second signal: at once, 128 + its number)."""
     guard = SignalGuard().install()
     try:
-        run_service(args.config, address=args.address, grpc_port=args.port, blocking=True, guard=guard)
+        run_service(args.config, address=args.address, grpc_port=args.port,
+                    http_port=getattr(args, "http_port", None), blocking=True, guard=guard)
     except ConfigError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2

@@ -166,10 +166,11 @@ def make_units(cfg: EvalConfig) -> list[Unit]:
 
     unseen = set(zt.unseen_tasks())
     experts = [f"expert_{t}" for t in zt.expert_tasks()]
+    examples = _route_examples(cfg) if any(name.startswith("routed") for name in cfg.methods) else None
     units, seen = [], set()
     for ds in cfg.datasets:
         task = ds.model_task
-        known = {m.name: m for m in methods_for_task(task, experts, task in unseen)}
+        known = {m.name: m for m in methods_for_task(task, experts, task in unseen, route_examples=examples)}
         for name in cfg.methods:
             if name not in known:
                 raise ValueError(f"methods: {name!r} does not apply to task {task!r}; choose from {', '.join(known)}")
@@ -184,6 +185,16 @@ def make_units(cfg: EvalConfig) -> list[Unit]:
                 fewshot = {m.fewshot_model: zt.few_shot_prompt(task, prompt, cfg.fewshot_k)} if m.fewshot_model else {}
                 units.append(Unit(key, ds.label, name, m.setting, item_id, prompt, ref, m.recipe, fewshot, budget))
     return units
+
+
+def _route_examples(cfg: EvalConfig) -> tuple:
+    """The routed methods' expert examples: 8 training prompts per zoo expert task, in the small base's tokens."""
+    from logitfusion.eval.run import zoo_route_examples
+    from logitfusion.models.zoo import tasks as zt
+    from logitfusion.models.zoo.build import load_zoo
+
+    small = cfg.models.get("small") or load_zoo().model("small")  # the tokenizer the pipelines encode prompts with
+    return zoo_route_examples(small, zt.expert_tasks())
 
 
 # ---------------------------------------------------------------------------------------------------- results file

@@ -1,4 +1,5 @@
-"""The Ray Serve application: FusionService and grpc.health.v1 behind Serve's native gRPC ingress.
+"""The Ray Serve application: FusionService and grpc.health.v1 behind Serve's native gRPC ingress, and the
+OpenAI-compatible HTTP API with /metrics behind Serve's HTTP proxy (cluster.http_app), on the same pipeline.
 
 One Serve replica = one fusion pipeline: the replica process runs the Coordinator (the Decoder over RemoteRunners)
 in the first bundle of its placement group; each model gets a ModelWorker actor in a bundle of its own. A client's
@@ -179,7 +180,8 @@ def check_message(msg: Any, limits: Limits) -> None:
 def recipe_overrides(sel: pb.RecipeSelection) -> dict[str, Any]:
     """The fields a request set on its recipe, as topology.RecipeSpec fields."""
     out: dict[str, Any] = {}
-    for name in ("method", "solver", "beta", "interp_lambda", "max_alpha", "model"):
+    for name in ("method", "solver", "beta", "interp_lambda", "max_alpha", "model", "inner", "tau", "top_k",
+                 "min_similarity"):
         if sel.HasField(name):
             out[name] = getattr(sel, name)
     if sel.experts:
@@ -358,11 +360,26 @@ def recipes_to_pb(topology: Topology) -> list[pb.RecipeInfo]:
                 experts=list(recipe.experts),
                 solver=recipe.solver or "",
                 alphas=list(recipe.alphas),
-                description=spec.description,
+                description=_describe_recipe(spec.description, recipe),
                 is_default=name == topology.default_preset,
             )
         )
     return out
+
+
+def _describe_recipe(description: str, recipe: Any) -> str:
+    """The preset's own line; a routed preset also says how it routes (its parameters are no RecipeInfo field)."""
+    r = recipe.route
+    if r is None:
+        return description
+    inner = f"dlf ({recipe.solver})" if recipe.solver else f"static alphas {list(recipe.alphas)}"
+    k = "every expert" if r.top_k == 0 else f"top {r.top_k}"
+    how = (
+        f"routed on the prompt ({r.model}'s mean last hidden state, {'centred ' if r.centre else ''}cosine to "
+        f"{sum(len(e) for e in r.examples)} example prompts): softmax(sim / {r.tau}) over {k}, the large base alone "
+        f"below similarity {r.min_similarity}; inner {inner}"
+    )
+    return f"{description} [{how}]" if description else how
 
 
 def limits_to_pb(limits: Limits) -> pb.Limits:
@@ -671,8 +688,10 @@ def _apply_error(grpc_context: Any, exc: BaseException) -> FusionError:
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress()  # the HTTP app is built per replica, after __init__, by __serve_build_asgi_app__
 class FusionDeployment:
-    """One replica = one pipeline. Methods are named like the rpcs; Serve's gRPC proxy routes to them."""
+    """One replica = one pipeline. Methods are named like the rpcs; Serve's gRPC proxy routes to them. HTTP requests
+    go to the Starlette app of cluster.http_app over the same Coordinator, limits and token."""
 
     def __init__(self, topology: dict[str, Any]) -> None:
         import torch
@@ -686,29 +705,47 @@ class FusionDeployment:
         t0 = time.monotonic()
         self.pipeline = Pipeline.launch(self.topology, name_prefix=prefix)
         self.frontend = FusionFrontend(self.topology, self.pipeline.coordinator)
+        self.metrics, self.http = http_frontend(self.topology, self.pipeline.coordinator, self.frontend, prefix)
         logger.info("pipeline %s ready in %.1f s: models %s", prefix, time.monotonic() - t0,
                     [m.name for m in self.topology.models])
 
     # FusionService ------------------------------------------------------------------------------------------
 
+    def __serve_build_asgi_app__(self) -> Any:  # noqa: N807 - Serve's hook name
+        from logitfusion.cluster.http_app import build_http_app
+
+        return build_http_app(self.http)
+
     async def Generate(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 - rpc name
+        status = "ok"
         try:
             self.frontend.authenticate(grpc_context.invocation_metadata() if grpc_context else ())
             return await self.frontend.generate(request, self._request_id(grpc_context))
         except asyncio.CancelledError:
+            status = "cancelled"
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a status
-            raise _apply_error(grpc_context, exc) from None
+            err = _apply_error(grpc_context, exc)
+            status = err.code.name.lower()
+            raise err from None
+        finally:
+            self.metrics.request_done(_preset_of(request, self.topology.default_preset), status, "grpc")
 
     async def GenerateStream(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:  # noqa: N802
+        status = "ok"
         try:
             self.frontend.authenticate(grpc_context.invocation_metadata() if grpc_context else ())
             async for msg in self.frontend.generate_stream(request, self._request_id(grpc_context)):
                 yield msg
         except asyncio.CancelledError:
+            status = "cancelled"
             raise
         except BaseException as exc:  # noqa: BLE001
-            raise _apply_error(grpc_context, exc) from None
+            err = _apply_error(grpc_context, exc)
+            status = err.code.name.lower()
+            raise err from None
+        finally:
+            self.metrics.request_done(_preset_of(request, self.topology.default_preset), status, "grpc")
 
     async def ListRecipes(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         try:
@@ -809,7 +846,7 @@ class FusionDeployment:
         finished = len(set(running) - set(cancelled))
         return {"replica": self._replica_id, "finished": finished, "cancelled": len(cancelled)}
 
-    def __del__(self) -> None:
+    async def __del__(self) -> None:  # async: Serve's ingress wrapper awaits only a coroutine __del__
         pipeline = getattr(self, "pipeline", None)
         if pipeline is not None:
             self.frontend.serving = False
@@ -818,6 +855,24 @@ class FusionDeployment:
     @staticmethod
     def _request_id(grpc_context: Any) -> str | None:
         return grpc_context.request_id() if grpc_context is not None else None
+
+
+def http_frontend(topology: Topology, coordinator: Coordinator, frontend: FusionFrontend, name: str) -> tuple:
+    """The pipeline's metrics (also the coordinator's observer) and the HTTP frontend over the same coordinator."""
+    from logitfusion.cluster.http_app import HttpFrontend
+    from logitfusion.metrics import ServiceMetrics
+
+    metrics = ServiceMetrics(name, coordinator, presets=list(topology.presets))
+    coordinator.observer = metrics
+    tokenizer = load_tokenizer(topology.model_path(topology.models[0].name))
+    return metrics, HttpFrontend(topology, coordinator, frontend, tokenizer, metrics)
+
+
+def _preset_of(msg: Any, default: str) -> str | None:
+    """The preset a gRPC request named (``default`` when none); None for an undecodable message."""
+    if isinstance(msg, Undecodable) or not hasattr(msg, "recipe"):
+        return None
+    return msg.recipe.preset or default
 
 
 def deployment_options(topology: Topology, gpus_available: float) -> dict[str, Any]:

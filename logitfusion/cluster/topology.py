@@ -16,6 +16,7 @@ change and quotes the values. Per-request recipe overrides go through the very s
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
     from logitfusion.fusion import Recipe
 
 Role = Literal["large", "small", "expert", "large_ft"]
-Method = Literal["single", "proxy_tuning", "static", "eft_up", "eft_down", "lambda_interp", "dlf"]
+Method = Literal["single", "proxy_tuning", "static", "eft_up", "eft_down", "lambda_interp", "dlf", "routed"]
+Inner = Literal["dlf", "static"]
 Solver = Literal["grid", "newton", "joint"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -39,8 +41,8 @@ MAX_BETA = 10.0  # EFT amplification bound
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
 
 # Which methods read which base roles. The large base is read by every method except "single"/"eft_down" variants.
-_NEEDS_LARGE = {"proxy_tuning", "static", "eft_up", "eft_down", "lambda_interp", "dlf"}
-_NEEDS_SMALL = {"proxy_tuning", "static", "eft_up", "eft_down", "lambda_interp", "dlf"}
+_NEEDS_LARGE = {"proxy_tuning", "static", "eft_up", "eft_down", "lambda_interp", "dlf", "routed"}
+_NEEDS_SMALL = {"proxy_tuning", "static", "eft_up", "eft_down", "lambda_interp", "dlf", "routed"}
 _EXPERT_COUNT: dict[str, tuple[int, int]] = {  # method -> (min, max) experts
     "single": (0, 0),
     "proxy_tuning": (1, 1),
@@ -49,7 +51,10 @@ _EXPERT_COUNT: dict[str, tuple[int, int]] = {  # method -> (min, max) experts
     "eft_down": (0, 0),
     "lambda_interp": (2, 2),
     "dlf": (1, 64),
+    "routed": (1, 64),
 }
+ROUTE_FIELDS = ("inner", "tau", "top_k", "min_similarity")  # RecipeSpec fields only a routed recipe takes
+MAX_ROUTE_EXAMPLE_CHARS = 2000
 
 
 class _Strict(BaseModel):
@@ -72,6 +77,28 @@ class ModelSpec(_Strict):
     driver_num_cpus: float = Field(
         0.5, gt=0, le=64, description="CPUs of the actor that drives a tensor-parallel group (tp_size > 1 only)"
     )
+    route_examples: tuple[str, ...] = Field(
+        (),
+        max_length=64,
+        description="experts: example prompts of the expert's task, for routed recipes; 'zoo:<task>' stands for 8 "
+        "training prompts of that zoo task",
+    )
+
+    @model_validator(mode="after")
+    def _examples(self) -> ModelSpec:
+        if self.route_examples and self.role != "expert":
+            raise ValueError(f"route_examples: only experts are routed to, {self.name!r} has role {self.role!r}")
+        for i, text in enumerate(self.route_examples):
+            if not text.strip() or len(text) > MAX_ROUTE_EXAMPLE_CHARS:
+                raise ValueError(f"route_examples[{i}]: must be non-empty and at most {MAX_ROUTE_EXAMPLE_CHARS} chars")
+            if text.startswith(ZOO_PREFIX):
+                from logitfusion.models.zoo import tasks as zt
+
+                if text[len(ZOO_PREFIX) :] not in zt.task_names():
+                    raise ValueError(
+                        f"route_examples[{i}]: {text!r} names no zoo task; zoo tasks: {', '.join(zt.task_names())}"
+                    )
+        return self
 
 
 class RecipeSpec(_Strict):
@@ -83,7 +110,13 @@ class RecipeSpec(_Strict):
     alphas: tuple[float, ...] = Field((), description="fixed weight per expert (static methods)")
     beta: float | None = Field(None, ge=0, le=MAX_BETA, description="EFT amplification of (large - small)")
     interp_lambda: float | None = Field(None, ge=0, le=1, description="lambda_interp weight of the first expert")
-    solver: Solver | None = Field(None, description="DLF solver; only with method dlf (default newton)")
+    solver: Solver | None = Field(None, description="DLF solver; method dlf, or routed with inner dlf (default newton)")
+    inner: Inner | None = Field(None, description="routed: how the routed experts are fused, dlf (default) or static")
+    tau: float | None = Field(None, gt=0, le=10, description="routed: softmax temperature over similarities (0.05)")
+    top_k: int | None = Field(None, ge=0, le=64, description="routed: experts kept per request, 0 = all (default 1)")
+    min_similarity: float | None = Field(
+        None, ge=-1, le=1, description="routed: best similarity below this routes to none, the large base alone (0.5)"
+    )
     max_alpha: float = Field(2.0, gt=0, le=MAX_ALPHA_LIMIT, description="upper bound of every alpha")
     description: str = Field("", max_length=200, description="one line for humans (ListRecipes)")
 
@@ -96,9 +129,13 @@ class RecipeSpec(_Strict):
             raise ValueError(f"experts: method {self.method!r} takes {want} experts, got {n} ({list(self.experts)})")
         if len(set(self.experts)) != n:
             raise ValueError(f"experts: each expert may appear once, got {list(self.experts)}")
+        routed_static = self.method == "routed" and self.inner == "static"
         if self.alphas:
-            if self.method not in ("proxy_tuning", "static"):
-                raise ValueError(f"alphas: only methods proxy_tuning and static take fixed alphas, not {self.method!r}")
+            if self.method not in ("proxy_tuning", "static") and not routed_static:
+                raise ValueError(
+                    f"alphas: only methods proxy_tuning, static and routed with inner static take fixed alphas, "
+                    f"not {self.method!r}" + (f" with inner {self.inner or 'dlf'!r}" if self.method == "routed" else "")
+                )
             if len(self.alphas) != n:
                 raise ValueError(f"alphas: one per expert: got {len(self.alphas)} alphas for {n} experts")
             for i, a in enumerate(self.alphas):
@@ -114,8 +151,14 @@ class RecipeSpec(_Strict):
             raise ValueError(f"interp_lambda: only method lambda_interp takes it, not {self.method!r}")
         if self.method == "lambda_interp" and self.interp_lambda is None:
             raise ValueError("interp_lambda: method lambda_interp needs interp_lambda in [0, 1]")
-        if self.solver is not None and self.method != "dlf":
-            raise ValueError(f"solver: only method dlf solves weights, not {self.method!r}")
+        if self.solver is not None and self.method != "dlf" and not (self.method == "routed" and not routed_static):
+            raise ValueError(f"solver: only method dlf (or routed with inner dlf) solves weights, not {self.method!r}")
+        if self.method != "routed":
+            for name in ROUTE_FIELDS:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: only method routed takes it, not {self.method!r}")
+        elif self.top_k is not None and self.top_k > n:
+            raise ValueError(f"top_k: {self.top_k} exceeds the {n} experts (0 keeps every expert)")
         return self
 
     def merged(self, overrides: dict[str, Any]) -> RecipeSpec:
@@ -126,6 +169,10 @@ class RecipeSpec(_Strict):
             base = self.model_dump(exclude={"description"})
             if "experts" in overrides and "alphas" not in overrides:
                 base.pop("alphas")  # the preset's alphas belong to the preset's experts
+            if overrides.get("inner") == "static" and "solver" not in overrides:
+                base.pop("solver")  # a routed recipe switched to static alphas solves nothing
+            if overrides.get("inner") == "dlf" and "alphas" not in overrides:
+                base.pop("alphas", None)
         return RecipeSpec.model_validate({**base, **overrides})
 
 
@@ -188,6 +235,7 @@ class ServeSpec(_Strict):
 
     host: str = Field("127.0.0.1", min_length=1, description="address the embedded Ray node binds and clients use")
     grpc_port: int = Field(9000, ge=1, le=65535, description="port of Ray Serve's gRPC ingress")
+    http_port: int = Field(8000, ge=1, le=65535, description="port of Ray Serve's HTTP ingress (OpenAI-style API)")
     replicas: int = Field(1, ge=1, le=256, description="pipelines (each: coordinator + its workers)")
     app_name: str = Field("logitfusion", pattern=NAME_PATTERN, description="Ray Serve application name")
     coordinator_num_cpus: float = Field(0.5, gt=0, le=64, description="CPUs of the replica running the coordinator")
@@ -313,7 +361,11 @@ class Topology(_Strict):
         if not overrides:
             return name, self.recipe(name)
         overrides = dict(overrides)
-        if overrides.get("solver") == "static":  # "static" turns solving off: fixed alphas over the same experts
+        routed = overrides.get("method", self.presets[name].method) == "routed"
+        if overrides.get("solver") == "static" and routed:  # routed: static alphas over the routed experts
+            overrides.pop("solver")
+            overrides.setdefault("inner", "static")
+        elif overrides.get("solver") == "static":  # "static" turns solving off: fixed alphas over the same experts
             overrides.pop("solver")
             overrides.setdefault("method", "static")
             overrides.setdefault("experts", self.presets[name].experts)
@@ -404,11 +456,18 @@ def check_recipe_models(spec: RecipeSpec, models: tuple[ModelSpec, ...], where: 
     """Every model the spec names exists with the right role. Raises ValueError naming `where.<field>`."""
     roles = {m.name: m.role for m in models}
     have = {r: [m.name for m in models if m.role == r] for r in ("large", "small", "expert", "large_ft")}
+    examples = {m.name: m.route_examples for m in models}
     for i, e in enumerate(spec.experts):
         if e not in roles:
             raise ValueError(f"{where}.experts[{i}]: unknown expert {e!r}; experts served here: {have['expert']}")
         if roles[e] != "expert":
             raise ValueError(f"{where}.experts[{i}]: {e!r} has role {roles[e]!r}, not 'expert'")
+        if spec.method == "routed" and not examples[e]:
+            routable = [m for m in have["expert"] if examples[m]]
+            raise ValueError(
+                f"{where}.experts[{i}]: {e!r} has no route_examples, so it cannot be routed to; "
+                f"experts with examples: {routable}"
+            )
     if spec.model is not None:
         if spec.model not in roles:
             raise ValueError(f"{where}.model: unknown model {spec.model!r}; models served here: {sorted(roles)}")
@@ -442,9 +501,54 @@ def build_recipe(spec: RecipeSpec, topo: Topology, name: str) -> Recipe:
         recipe = presets.eft_down(small, large, spec.model)
     elif spec.method == "lambda_interp":
         recipe = presets.lambda_interp(large, small, experts[0], experts[1], spec.interp_lambda)
+    elif spec.method == "routed":
+        recipe = presets.routed(
+            large,
+            small,
+            experts,
+            [route_example_ids(topo, e) for e in experts],
+            inner=spec.inner or "dlf",
+            solver=spec.solver or "newton",
+            alphas=list(spec.alphas) if spec.alphas else None,
+            tau=0.05 if spec.tau is None else spec.tau,
+            top_k=1 if spec.top_k is None else spec.top_k,
+            min_similarity=0.5 if spec.min_similarity is None else spec.min_similarity,
+            centre=len(experts) >= 2,  # one expert's examples have no common centre to subtract
+            max_alpha=spec.max_alpha,
+        )
     else:  # dlf
         recipe = presets.dlf(large, small, experts, solver=spec.solver or "newton", max_alpha=spec.max_alpha)
     return replace(recipe, name=name)
+
+
+def route_example_ids(topo: Topology, expert: str) -> tuple[tuple[int, ...], ...]:
+    """An expert's route_examples as token ids of the small base's tokenizer ('zoo:<task>' expanded)."""
+    texts: list[str] = []
+    for text in topo.model(expert).route_examples:
+        if text.startswith(ZOO_PREFIX):
+            from logitfusion.models.zoo import tasks as zt
+
+            texts += zt.route_example_prompts(text[len(ZOO_PREFIX) :])
+        else:
+            texts.append(text)
+    small = topo.role_model("small")
+    return _encode_examples(str(topo.model_path(small)), tuple(texts))  # type: ignore[arg-type]
+
+
+@lru_cache(maxsize=256)
+def _encode_examples(tokenizer_dir: str, texts: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(int(t) for t in _tokenizer(tokenizer_dir).encode(text)) for text in texts)
+
+
+@lru_cache(maxsize=8)
+def _tokenizer(tokenizer_dir: str) -> Any:
+    """The small base's tokenizer (every model of a pipeline shares it), loaded once per process."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"route_examples: cannot load the small base's tokenizer from {tokenizer_dir}: {exc}") from None
 
 
 def resolve_model_path(path: str, base_dir: Path) -> Path:

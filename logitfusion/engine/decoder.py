@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
@@ -30,8 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from logitfusion.engine.routing import RouteTables, split_features
 from logitfusion.engine.runner import ExtendOp, ModelRunner, RunnerInfo, StepPlan, Want, concat_rows, failed
 from logitfusion.fusion import Recipe, SamplingParams, fuse, make_generator, sample, speculative_accept, to_probs
+from logitfusion.fusion.routing import Routing, route
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +112,7 @@ class GenerationResult:
     num_steps: int  # Decoder steps the request took part in
     num_drafted_tokens: int = 0
     num_accepted_tokens: int = 0
+    route: tuple[float, ...] = ()  # routed recipes: the weight w_t of each expert from the prompt (all 0: "none")
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -155,6 +159,7 @@ class _Live:
     num_steps: int = 0
     drafted: int = 0
     accepted: int = 0
+    route: torch.Tensor | None = None  # routed recipes: [T] expert weights, set by the prefill of the routing model
 
     @property
     def rid(self) -> str:
@@ -175,6 +180,7 @@ class _Live:
             num_steps=self.num_steps,
             num_drafted_tokens=self.drafted,
             num_accepted_tokens=self.accepted,
+            route=tuple(float(w) for w in self.route) if self.route is not None else (),
         )
 
 
@@ -196,6 +202,7 @@ class _Round:
     truncates: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     releases: dict[str, list[str]] = field(default_factory=dict)
     owners: dict[str, list[tuple[_Live, int, int]]] = field(default_factory=dict)  # (request, new held, rows kept)
+    featured: dict[str, list[_Live]] = field(default_factory=dict)  # per model, whose extends carry features_tokens
 
     def plans(self) -> dict[str, StepPlan]:
         names = set(self.extends) | set(self.truncates) | set(self.releases)
@@ -358,6 +365,8 @@ class Decoder:
         self._releases: dict[str, set[str]] = {m: set() for m in self._runners}  # model -> seq ids to free
         self._results: dict[str, GenerationResult] = {}
         self._step = 0
+        self.fusion_time_s = 0.0  # total seconds spent fusing and solving the weights (metrics read the deltas)
+        self._route_tables = RouteTables()  # routed recipes' example tables, computed on first use
 
     @staticmethod
     def _check_vocabularies(info: Mapping[str, RunnerInfo]) -> int:
@@ -485,6 +494,13 @@ class Decoder:
                     f"known: {sorted(self._runners)}"
                 )
             models.add(req.speculative.draft_model)
+        routing = req.recipe.route
+        if routing is not None:
+            limit = self._info[routing.model].max_length_tokens
+            longest = routing.longest_example()
+            if longest > limit:
+                raise ValueError(f"route.examples: an example prompt of {longest} tokens exceeds {routing.model!r} "
+                                 f"max_length_tokens={limit}")
         if not isinstance(req.max_new_tokens, int) or not 1 <= req.max_new_tokens <= self.max_new_tokens_limit:
             raise ValueError(f"max_new_tokens={req.max_new_tokens} must be in 1..{self.max_new_tokens_limit}")
         self._check_ids("prompt_ids", req.prompt_ids)
@@ -529,6 +545,7 @@ class Decoder:
             self._retire_aborted()
             self._admit()
             try:
+                self._prepare_routes()  # routed requests: their experts' example tables (once per example set)
                 drafts = self._draft()  # speculative requests: the draft model proposes k tokens
                 logits = self._execute(self._plan(drafts))  # every model, one plan each, concurrently
             except StepFailed:
@@ -614,7 +631,12 @@ class Decoder:
         if live.held[model] > start:
             rnd.truncates.setdefault(model, []).append((live.rid, start))
         tokens = tuple(seq[start:])
-        rnd.extends.setdefault(model, []).append(ExtendOp(live.rid, tokens, want))
+        routing = live.request.recipe.route
+        feats = 0
+        if routing is not None and live.route is None and model == routing.model and start == 0:
+            feats = len(live.prompts[model])  # the routed request's prefill: its prompt representation comes along
+            rnd.featured.setdefault(model, []).append(live)
+        rnd.extends.setdefault(model, []).append(ExtendOp(live.rid, tokens, want, features_tokens=feats))
         rnd.owners.setdefault(model, []).append((live, start + len(tokens), rows))
 
     def _plan(self, drafts: Mapping[str, _Draft]) -> _Round:
@@ -649,7 +671,9 @@ class Decoder:
         futures: dict[str, Future] = {m: self._submit(m, plan) for m, plan in plans.items()}
         out: dict[tuple[str, str], torch.Tensor] = {}
         failure: StepFailed | None = None
-        for m, fut in futures.items():
+        # the routing model first: its prompts are routed while the larger models still compute
+        for m in sorted(futures, key=lambda name: name not in rnd.featured):
+            fut = futures[m]
             try:
                 logits = fut.result()
             except BaseException as exc:  # noqa: BLE001 - reported as StepFailed below
@@ -660,6 +684,16 @@ class Decoder:
             for (live, held, rows), rows_out in zip(rnd.owners.get(m, ()), logits):
                 live.held[m] = live.valid[m] = held
                 out[(live.rid, m)] = rows_out[-rows:]
+            featured = rnd.featured.get(m, ())
+            try:
+                feats = split_features(m, logits, len(plans[m].extends), len(featured)) if featured else []
+            except Exception as exc:  # noqa: BLE001 - a runner without features: reported like any failure
+                failure = failure or StepFailed(m, exc)
+                for live in featured:
+                    live.valid[m] = 0  # the retry prefills again and asks again
+                continue
+            if featured:
+                self._set_routes(list(zip(featured, feats)))
         if failure is not None:
             raise failure
         return out
@@ -679,6 +713,39 @@ class Decoder:
                 rnd.releases[model] = sorted(ids)
         if rnd.releases:
             self._execute(rnd)
+
+    # ------------------------------------------------------------------------------------------------ routing
+
+    def _prepare_routes(self) -> None:
+        """Make sure every routed request that still needs its weights has its example table (one runner call per
+        new example set, on this step thread, so no other plan is in flight)."""
+        for live in self._live.values():
+            routing = live.request.recipe.route
+            if routing is not None and live.route is None:
+                try:
+                    self._route_tables.get(routing, self._runners[routing.model])
+                except Exception as exc:  # noqa: BLE001 - a runner failure like any other
+                    raise StepFailed(routing.model, exc) from exc
+
+    def route_prompts(self, routing: Routing, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """[R, T] expert weights of R prompt representations under ``routing`` (the example table is computed
+        through the routing model's runner on first use: call from the thread that drives step(), between steps)."""
+        table = self._route_tables.get(routing, self._runners[routing.model])
+        return route(torch.stack(list(features)), table, routing)[0]
+
+    def _set_routes(self, prompt_features: Sequence[tuple[_Live, torch.Tensor]]) -> None:
+        """The routing model's prefills came back: weight each request's experts by its prompt representation
+        (rows that share a routing are routed at once)."""
+        groups: dict = {}
+        for live, f in prompt_features:
+            groups.setdefault(live.request.recipe.route, []).append((live, f))
+        for routing, rows in groups.items():
+            table = self._route_tables.get(routing, self._runners[routing.model])
+            weights, sims = route(torch.stack([f for _, f in rows]), table, routing)  # [R, T] each
+            for (live, _), w, s in zip(rows, weights, sims):
+                live.route = w  # [T]
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("request %s routed: similarities %s weights %s", live.rid, s.tolist(), w.tolist())
 
     # ------------------------------------------------------------------------------------------------ speculative
 
@@ -730,7 +797,12 @@ class Decoder:
                     per_model[m].append(rows)
                 sizes.append(per_model[next(iter(per_model))][-1].shape[0])
             inputs = {m: concat_rows(rows).to(self.fusion_device) for m, rows in per_model.items()}  # no-op on CPU
-            result = fuse(inputs, recipe, validated=True)  # add_request validated the recipe; fuse checks the logits
+            weights = None
+            if recipe.route is not None:  # each row routed on its own request's prompt: [rows, T]
+                weights = torch.cat([live.route.expand(n, -1) for live, n in zip(lives, sizes)]).to(self.fusion_device)
+            t0 = time.perf_counter()
+            result = fuse(inputs, recipe, weights, validated=True)  # add_request validated it; fuse checks the logits
+            self.fusion_time_s += time.perf_counter() - t0
             logprobs, alphas = result.logprobs.cpu(), result.alphas.cpu()  # sampling uses per-request CPU generators
             for live, lp, al in zip(lives, logprobs.split(sizes), alphas.split(sizes)):
                 fused[live.rid] = (lp, al)

@@ -221,10 +221,19 @@ class LeanLlama:
     # ------------------------------------------------------------------------------------------------ forward
 
     def forward(
-        self, slots: Sequence[int], starts: Sequence[int], tokens: Sequence[Sequence[int]], keep: Sequence[int]
+        self,
+        slots: Sequence[int],
+        starts: Sequence[int],
+        tokens: Sequence[Sequence[int]],
+        keep: Sequence[int],
+        pool: Sequence[int] | None = None,
+        pooled_out: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Append tokens[b] to the sequence in slots[b] (which already holds starts[b] tokens) and return the logits
         of each row's last keep[b] new positions, stacked row after row: [sum(keep), V_cfg] in the model dtype.
+        pool (routed prompts, runner contract ExtendOp.features_tokens): for each row b with pool[b] = k > 0, the
+        mean of the final (normed) hidden state over its first k new positions goes into pooled_out, fp32 [h] per
+        row in row order (rows with k = 0 get an empty tensor).
 
         Rows may append different numbers of tokens: shorter rows are padded on the right. That is exact, because
         under the causal mask no real position attends to a later one; the padding's keys land past the row's length,
@@ -305,6 +314,9 @@ class LeanLlama:
             h = _rms_norm(x, layer.ln2, layer.eps2)
             gate, up = _mm(h, *layer.gate_up).split((layer.inter, layer.inter), dim=-1)
             x = x + _mm(F.silu(gate) * up, *layer.down)
+        if pool is not None and pooled_out is not None:
+            final = _rms_norm(x, self._norm, self._norm_eps)  # [B, n, h]: what HF returns as the last hidden state
+            pooled_out += [final[b, :k].float().mean(0).cpu() if k else final.new_empty(0) for b, k in enumerate(pool)]
         if not ragged and min(keep) == max(keep):
             x = x[:, n - keep[0] :].reshape(-1, x.shape[-1])  # [B * keep, h]
         else:
@@ -329,5 +341,7 @@ class LeanLlama:
         )
         scale = max(1.0, float(ref.abs().max()))
         if diff > SELF_CHECK_ATOL * scale:
-            raise ValueError(f"lean forward differs from the model's own by {diff:.3g} (limit {SELF_CHECK_ATOL * scale:.3g})")
+            raise ValueError(
+                f"lean forward differs from the model's own by {diff:.3g} (limit {SELF_CHECK_ATOL * scale:.3g})"
+            )
         return diff

@@ -121,6 +121,14 @@ def _layers_of(cache) -> list[KV]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def _pool_features(ops: Sequence[ExtendOp], hidden: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+    """hidden: [B, n, H] last hidden state of the group's new positions -> out[seq_id] = fp32 [H] mean, for the
+    ops that ask for features (the prompt representation a routed recipe compares, ALGORITHMS.md s.8)."""
+    for b, op in enumerate(ops):
+        if op.features_tokens:
+            out[op.seq_id] = hidden[b, : op.features_tokens].float().mean(dim=0).cpu()
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """The vocabulary fingerprint of a tokenizer (logitfusion.models.vocab)."""
     from logitfusion.models import vocab
@@ -313,13 +321,17 @@ class LocalRunner(ModelRunner):
                 self._truncate(seq_id, length)
         out: list[torch.Tensor | None] = [None] * len(plan.extends)
         groups = self._groups(plan.extends)
+        features: dict[str, torch.Tensor] = {}  # seq_id -> [H], for the extends that ask (runner contract)
         with torch.inference_mode():
             for n_new, idx in groups.items():
                 ops = [plan.extends[i] for i in idx]
-                logits = self._extend_group_lean(ops) if self._lean is not None else self._extend_group(ops, n_new)
+                if self._lean is not None:
+                    logits = self._extend_group_lean(ops, features)
+                else:
+                    logits = self._extend_group(ops, n_new, features)
                 for i in idx:
                     out[i] = logits[plan.extends[i].seq_id]
-        return out  # type: ignore[return-value]
+        return out + [features[op.seq_id] for op in plan.extends if op.features_tokens]  # type: ignore[return-value]
 
     def _groups(self, extends: Sequence[ExtendOp]) -> dict[int, list[int]]:
         """Extend indices per forward. hf: one group per number of new tokens n. lean: the decode rows (n = 1) and
@@ -364,6 +376,11 @@ class LocalRunner(ModelRunner):
                 raise RunnerError(f"{name}: extend of {op.seq_id!r} has no token_ids")
             if op.want not in ("last", "all"):
                 raise RunnerError(f"{name}: extend of {op.seq_id!r} has want={op.want!r}, expected 'last' or 'all'")
+            if not 0 <= op.features_tokens <= len(op.token_ids):
+                raise RunnerError(
+                    f"{name}: extend of {op.seq_id!r} has features_tokens={op.features_tokens} outside "
+                    f"0..{len(op.token_ids)} (its new tokens)"
+                )
             bad = [t for t in op.token_ids if not 0 <= t < vocab]
             if bad:
                 raise RunnerError(f"{name}: extend of {op.seq_id!r} has token id {bad[0]} outside 0..{vocab - 1}")
@@ -418,13 +435,19 @@ class LocalRunner(ModelRunner):
             self._slot_of[seq_id] = slot
         return slot
 
-    def _extend_group_lean(self, ops: list[ExtendOp]) -> dict[str, torch.Tensor]:
-        """The lean backend's forward for a group: rows in slot order, so a steady batch reads its cache in place."""
+    def _extend_group_lean(
+        self, ops: list[ExtendOp], features: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The lean backend's forward for a group: rows in slot order, so a steady batch reads its cache in place.
+        The ops with ``features_tokens`` also put their prompt features, fp32 [H], into ``features``."""
         with self._lock:
             rows = sorted(((self._slot(op.seq_id), op) for op in ops), key=lambda r: r[0])
             starts = [self._lengths.get(op.seq_id, 0) for _, op in rows]
         keep = [len(op.token_ids) if op.want == "all" else 1 for _, op in rows]
-        out = self._lean.forward([s for s, _ in rows], starts, [op.token_ids for _, op in rows], keep)
+        pool = [op.features_tokens for _, op in rows] if features is not None else None
+        pooled: list[torch.Tensor] = []
+        out = self._lean.forward([s for s, _ in rows], starts, [op.token_ids for _, op in rows], keep,
+                                 pool=pool if pool and any(pool) else None, pooled_out=pooled)
         self.stats["forwards"] += 1
         logits = out[..., : self._info.vocab_size].float().cpu().split(keep)  # per row [keep_b, V]
         results: dict[str, torch.Tensor] = {}
@@ -432,10 +455,17 @@ class LocalRunner(ModelRunner):
             for b, (_, op) in enumerate(rows):
                 self._lengths[op.seq_id] = starts[b] + len(op.token_ids)
                 results[op.seq_id] = logits[b]
+        for (_, op), f in zip(rows, pooled):
+            if op.features_tokens:
+                features[op.seq_id] = f  # type: ignore[index]
         return results
 
-    def _extend_group(self, ops: list[ExtendOp], n_new: int) -> dict[str, torch.Tensor]:
-        """One forward for every op of the group; returns seq_id -> fp32 [n or 1, V] CPU logits."""
+    def _extend_group(
+        self, ops: list[ExtendOp], n_new: int, features: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One forward for every op of the group; returns seq_id -> fp32 [n or 1, V] CPU logits. The ops with
+        ``features_tokens`` also put the mean of their first new positions' last hidden state, fp32 [H], into
+        ``features``."""
         seq_ids = tuple(op.seq_id for op in ops)
         pack = self._pack
         reuse = pack is not None and set(pack.seq_ids) == set(seq_ids)
@@ -457,6 +487,7 @@ class LocalRunner(ModelRunner):
         if mask is not None:
             full_mask = torch.cat([mask, mask.new_ones((batch, n_new))], dim=1).to(self._device)  # [B, L_pad + n]
         cache = _cache_of(past)
+        want_features = features is not None and any(op.features_tokens for op in ops)
         out = self._model(
             input_ids=input_ids,
             attention_mask=full_mask,
@@ -464,8 +495,11 @@ class LocalRunner(ModelRunner):
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=keep,
+            output_hidden_states=want_features,
         )
         self.stats["forwards"] += 1
+        if want_features:
+            _pool_features(ops, out.hidden_states[-1], features)  # type: ignore[arg-type]
         new_layers = _layers_of(out.past_key_values)
         new_lengths = [n + n_new for n in lengths]
         self._store(seq_ids, new_layers, new_lengths, full_mask, n_new)

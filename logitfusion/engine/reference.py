@@ -5,8 +5,9 @@
 - ``sequential_decode``: what the proxy-tuning reference code does: batch 1, each model called in turn with its
   own Hugging Face ``past_key_values``. The benchmarks' baseline.
 
-Both fuse and sample with logitfusion.fusion exactly as the Decoder does, with a generator seeded by
-``SamplingParams.seed``, so a sampled run is reproducible and comparable token for token.
+Both fuse and sample with logitfusion.fusion as the Decoder does, but on the dense path (every token, never the
+certified candidate support) and with the Hugging Face forward, with a generator seeded by ``SamplingParams.seed``,
+so a sampled run is reproducible and comparable token for token.
 """
 
 from __future__ import annotations
@@ -34,10 +35,14 @@ def _prompts(recipe: Recipe, prompt_ids: Sequence[int], model_prompts: Mapping[s
 
 
 def _pick(
-    logits: Mapping[str, torch.Tensor], recipe: Recipe, sampling: SamplingParams, gen: torch.Generator | None
+    logits: Mapping[str, torch.Tensor],
+    recipe: Recipe,
+    sampling: SamplingParams,
+    gen: torch.Generator | None,
+    route_weights: torch.Tensor | None = None,
 ) -> tuple[int, list[float], torch.Tensor]:
     """Fuse one row per model ([1, V] each) and sample: (token, alphas, fused log-probs [V])."""
-    res = fuse(logits, recipe)
+    res = fuse(logits, recipe, route_weights, support="dense")  # the reference arithmetic on every token
     token = int(sample(res.logprobs, [sampling], [gen])[0])
     return token, [float(a) for a in res.alphas[0]], res.logprobs[0]
 
@@ -53,8 +58,10 @@ def naive_decode(
     max_new_tokens: int = 16,
     stop_token_ids: Sequence[int] = (),
     model_prompts: Mapping[str, Sequence[int]] | None = None,
+    route_weights: torch.Tensor | None = None,
 ) -> ReferenceOutput:
-    """Fused decoding by full recomputation: models[name] is a transformers causal LM; logits sliced to vocab_size."""
+    """Fused decoding by full recomputation: models[name] is a transformers causal LM; logits sliced to vocab_size.
+    route_weights: [1, T], the expert weights of a routed recipe (computed by the caller from the prompt)."""
     sampling = sampling or SamplingParams()
     prompts = _prompts(recipe, prompt_ids, model_prompts)
     gen = make_generator(sampling)
@@ -64,7 +71,7 @@ def naive_decode(
             m: models[m](input_ids=torch.tensor([p + out.token_ids])).logits[:, -1, :vocab_size].float()  # [1, V]
             for m, p in prompts.items()
         }
-        token, alphas, lp = _pick(logits, recipe, sampling, gen)
+        token, alphas, lp = _pick(logits, recipe, sampling, gen, route_weights)
         out.token_ids.append(token)
         out.weights.append(alphas)
         out.step_logprobs.append(lp)

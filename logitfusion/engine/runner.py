@@ -17,6 +17,10 @@ Decoder never submits a second plan before the future of the first has resolved.
 What the Decoder may assume: each extend returns fp32 logits ``[n, V]`` on the CPU, sliced to the tokenizer's real
 vocabulary size V (never config padding rows); n = 1 for ``want="last"``, n = len(token_ids) for ``want="all"``.
 The logits are read-only for the Decoder: they may be views of one batched output or of a received message.
+An extend with ``features_tokens = k > 0`` (the prefill of a routed request, ALGORITHMS.md s.8) also asks for the
+mean of the model's last hidden state over its first k appended positions (the prompt): those fp32 ``[H]`` vectors
+follow every extend's logits in the result list, one per such extend, in plan order. A runner that cannot give them
+returns the logits alone; the Decoder then fails the step with a clear error.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class ExtendOp:
     seq_id: str
     token_ids: tuple[int, ...]
     want: Want = "last"
+    features_tokens: int = 0  # k > 0: also return the mean last hidden state of the first k new positions, fp32 [H]
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,8 @@ class ModelRunner(abc.ABC):
 
     @abc.abstractmethod
     def submit(self, plan: StepPlan) -> Future:
-        """Start one step; the future resolves to a list with one fp32 ``[n, V]`` tensor per extend, in order."""
+        """Start one step; the future resolves to a list with one fp32 ``[n, V]`` tensor per extend, in order, then
+        one fp32 ``[H]`` feature vector per extend with ``features_tokens > 0`` (see the module docstring)."""
 
     def step(self, plan: StepPlan) -> list[torch.Tensor]:
         """Run one step synchronously."""

@@ -3,7 +3,8 @@
 Per task: large base, small expert, large fine-tuned (the upper bound), static proxy-tuning (alpha = 1), DLF with
 each solver; then the variants: several experts fused with no task label ("multi"), the relation no expert was
 tuned on ("unseen"), few-shot examples given to the large model only ("fewshot"), and a task-arithmetic merged
-expert ("merged"). Every (task, method, item) becomes one request; all of them run through ONE Decoder over
+expert ("merged"). The routed methods ("routed_*_multi") pick each request's experts from its prompt, with every
+expert registered by 8 prompts of its TRAINING items (``zoo_route_examples``); the held-out items are never seen. Every (task, method, item) becomes one request; all of them run through ONE Decoder over
 in-process LocalRunners, batched, so the methods share each model's forward.
 """
 
@@ -48,8 +49,19 @@ class EvalItemResult:
     weights: list[list[float]] = field(default_factory=list)
 
 
-def methods_for_task(task: str, experts: Sequence[str], unseen: bool, *, merged: bool = True) -> list[Method]:
-    """Every method evaluated on ``task``; ``experts`` are the expert model names of the whole zoo."""
+ROUTED = ("routed_multi", "routed_soft_multi", "routed_static_multi")
+
+
+def methods_for_task(
+    task: str,
+    experts: Sequence[str],
+    unseen: bool,
+    *,
+    merged: bool = True,
+    route_examples: Sequence[Sequence[Sequence[int]]] | None = None,
+) -> list[Method]:
+    """Every method evaluated on ``task``; ``experts`` are the expert model names of the whole zoo.
+    ``route_examples`` (one list of example prompt ids per expert) adds the routed methods."""
     large, small, large_ft = "large", "small", f"large_ft_{task}"
     ms = [Method("large_base", presets.single(large)), Method("large_finetuned", presets.single(large_ft))]
     if not unseen:
@@ -68,6 +80,13 @@ def methods_for_task(task: str, experts: Sequence[str], unseen: bool, *, merged:
         Method("dlf_newton_multi", presets.dlf(large, small, list(experts), solver="newton"), multi),
         Method("dlf_joint_multi", presets.dlf(large, small, list(experts), solver="joint"), multi),
     ]
+    if route_examples is not None:
+        ex, names = route_examples, list(experts)
+        ms += [
+            Method("routed_multi", presets.routed(large, small, names, ex), multi),  # top-1, inner DLF
+            Method("routed_soft_multi", presets.routed(large, small, names, ex, top_k=0), multi),
+            Method("routed_static_multi", presets.routed(large, small, names, ex, inner="static"), multi),
+        ]
     if merged:
         ms += [
             Method("merged_expert", presets.single(MERGED), "merged"),
@@ -84,6 +103,19 @@ def merge_all_experts(zoo, out_dir: Path, lam: float = 0.5) -> Path:
         return out_dir
     tasks = sorted(zoo.experts)
     return merge_experts(zoo.small, [zoo.experts[t] for t in tasks], [lam] * len(tasks), out_dir)
+
+
+def zoo_route_examples(
+    tokenizer_dir: str | Path, tasks: Sequence[str], k: int = 8
+) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """Per expert task: ``k`` of its TRAINING prompts as token ids (the tokenizer in ``tokenizer_dir``, BOS
+    included, exactly as the requests' prompts are encoded)."""
+    from transformers import AutoTokenizer
+
+    from logitfusion.models.zoo import tasks as zt
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    return tuple(tuple(tuple(tok(p)["input_ids"]) for p in zt.route_example_prompts(t, k)) for t in tasks)
 
 
 def load_zoo_runners(zoo, names: Iterable[str], extra: dict[str, Path] | None = None) -> dict:
@@ -141,7 +173,8 @@ def evaluate_zoo(
 
     with tempfile.TemporaryDirectory(prefix="logitfusion-merge-") as tmp:
         merged_dir = merge_all_experts(zoo, Path(tmp) / MERGED)
-        plan = {t: methods_for_task(t, expert_names, t in unseen) for t in chosen}
+        examples = zoo_route_examples(zoo.model("small"), zt.expert_tasks())
+        plan = {t: methods_for_task(t, expert_names, t in unseen, route_examples=examples) for t in chosen}
         needed = sorted({m for ms in plan.values() for meth in ms for m in meth.recipe.model_names()})
         runners = load_zoo_runners(zoo, needed, extra={MERGED: merged_dir})
         tok = next(r.tokenizer for r in runners.values())

@@ -11,11 +11,12 @@ probability below exp(-tau) too (alpha = 0 is in the box). With tau = ln(V / eps
 at most eps of the mass of P and of every Pt the solver can visit. The DLF problem is solved on the kept tokens only
 (P renormalised on them, deltas centred under that P), in float64; the targets KL(Q_t || Q), KL(Q || Q_t) involve
 only the small models and come from the one dense pass. Rows whose bound does not separate (more than
-max_fraction * V candidates: flat distributions) are solved densely, exactly as before.
+max_fraction * V candidates: flat distributions, and the bulk of trained models) take the dense reference
+arithmetic, bit for bit.
 
-The fast path needs finite logits everywhere (no masked token): one amax and one amin per model decide that, and
-double as the NaN guard. Anything else (a -inf mask, NaN, +inf) returns None and fuse() takes the dense path, which
-handles masks and raises the precise error naming the model.
+The fast path needs finite logits everywhere (no masked token): one amax and one amin per model and row decide that
+(taken chunk by chunk with the other passes), and double as the NaN guard. Anything else (a -inf mask, NaN, +inf)
+returns None and fuse() takes the dense path, which handles masks and raises the precise error naming the model.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .dlf import Problem, _softmax_parts, solve_problem
+from .dlf import Problem, _softmax_parts, prepare, solve_problem
 
 logger = logging.getLogger(__name__)
 
@@ -55,18 +56,6 @@ def tau_for(vocab: int, eps: float) -> float:
     return math.log(vocab / eps)
 
 
-def finite_row_maxes(z: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """{name: row max [B]} when every logit of every model is finite; None otherwise (a mask, NaN or +inf).
-
-    amax and amin propagate NaN, so two cheap reductions per model are the whole guard: one host sync per step.
-    """
-    maxes = {n: x.amax(-1) for n, x in z.items()}  # [B] each
-    mins = [x.amin(-1) for x in z.values()]
-    if not bool(torch.isfinite(torch.stack([*maxes.values(), *mins])).all()):
-        return None
-    return maxes
-
-
 def row_chunks(rows: int, vocab: int, itemsize: int) -> list[slice]:
     """Row slices of about _CHUNK_BYTES per [rows, V] buffer (at least one row each)."""
     step = max(1, _CHUNK_BYTES // max(1, vocab * itemsize))
@@ -87,25 +76,46 @@ def log_softmax_(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     return x.sub_(top + sums.log())
 
 
-def static_log_probs(
-    z: Mapping[str, torch.Tensor], maxes: Mapping[str, torch.Tensor], weights: Mapping[str, float]
-) -> torch.Tensor:
-    """log_softmax(sum_m w_m z_m): every per-model normalisation is a per-row constant that no softmax sees.
+def _row_extremes(
+    z: Sequence[torch.Tensor], rows: slice, maxes: torch.Tensor, mins: torch.Tensor
+) -> None:
+    """Each model's max and min over the chunk's rows, into maxes[m, rows] and mins[m, rows] ([M, B] each). Done
+    chunk by chunk, just before the chunk's other passes, so the guard costs no extra trip to memory."""
+    for m, x in enumerate(z):
+        torch.amax(x[rows], -1, out=maxes[m, rows])
+        torch.amin(x[rows], -1, out=mins[m, rows])
 
-    Each z_m is centred on its row max first (exact near the top, where the mass is) so the sum keeps the
-    precision of log-probs. z: finite logits [B, V] per model; weights: the recipe's total coefficient per model.
+
+def _all_finite(maxes: torch.Tensor, mins: torch.Tensor) -> bool:
+    """The guard: every logit finite (amax and amin propagate NaN; +inf shows in the max, -inf in the min)."""
+    return bool(torch.isfinite(maxes).all() and torch.isfinite(mins).all())
+
+
+def static_log_probs(z: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor | None:
+    """log_softmax(sum_m w_m z_m), or None when a logit is not finite (then the dense path decides).
+
+    Every per-model normalisation is a per-row constant that no softmax sees, so the raw logits suffice. Each z_m
+    is centred on its row max first (exact near the top, where the mass is) so the sum keeps the precision of
+    log-probs. z: logits [B, V] per model (every model the recipe reads, weight 0 included: all are guarded);
+    weights: the recipe's total coefficient per model.
     """
-    first = next(iter(z.values()))
+    names = list(z)
+    first = z[names[0]]
+    B, V = first.shape
+    maxes = torch.empty(len(names), B, dtype=first.dtype, device=first.device)
+    mins = torch.empty_like(maxes)
     scores = torch.zeros_like(first)  # [B, V]  the result (every weight 0 gives the uniform distribution)
     (scratch,) = _scratch(first, 1)
-    for rows in row_chunks(first.shape[0], first.shape[1], first.element_size()):
+    for rows in row_chunks(B, V, first.element_size()):
+        _row_extremes([z[n] for n in names], rows, maxes, mins)
         out = scores[rows]
         buf = scratch[: out.shape[0]]
-        for name, w in weights.items():
+        for m, name in enumerate(names):
+            w = weights[name]
             if w != 0.0:  # finite logits times 0 add exactly nothing
-                out.add_(torch.sub(z[name][rows], maxes[name][rows].unsqueeze(-1), out=buf), alpha=w)
+                out.add_(torch.sub(z[name][rows], maxes[m, rows].unsqueeze(-1), out=buf), alpha=w)
         log_softmax_(out, buf)
-    return scores
+    return scores if _all_finite(maxes, mins) else None
 
 
 @dataclass(frozen=True)
@@ -142,11 +152,10 @@ def dlf_dense_pass(
     return torch.stack(a, -1).clamp_min(0.0).to(dtype), torch.stack(b, -1).clamp_min(0.0).to(dtype)  # [B, T] each
 
 
-def candidate_mask(
+def _bound(
     z_large: torch.Tensor, d: torch.Tensor, max_alpha: float, tau: float, scratch: Sequence[torch.Tensor]
-) -> torch.Tensor:
-    """The certified support: True where U_v >= L - tau. z_large [B, V], d [T, B, V] -> [B, V] bool.
-    scratch: three [B, V] buffers, overwritten."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U [B, V], L - tau - margin [B, 1]): keep token v iff U_v >= the threshold. Overwrites scratch."""
     up, down, tmp = scratch
     torch.clamp(d[0], min=0.0, out=up)  # sum_t max(d_t, 0)
     torch.clamp(d[0], max=0.0, out=down)  # sum_t min(d_t, 0)
@@ -154,8 +163,17 @@ def candidate_mask(
         up.add_(torch.clamp(d[t], min=0.0, out=tmp))
         down.add_(torch.clamp(d[t], max=0.0, out=tmp))
     upper = torch.add(z_large, up, alpha=max_alpha, out=up)  # [B, V]  U_v (up to the row constant shared with L)
-    lower = torch.add(z_large, down, alpha=max_alpha, out=down).amax(-1)  # [B]  L
-    return upper >= (lower - (tau + _ROUNDING_MARGIN)).unsqueeze(-1)
+    lower = torch.add(z_large, down, alpha=max_alpha, out=down).amax(-1, keepdim=True)  # [B, 1]  L
+    return upper, lower - (tau + _ROUNDING_MARGIN)
+
+
+def candidate_mask(
+    z_large: torch.Tensor, d: torch.Tensor, max_alpha: float, tau: float, scratch: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """The certified support: True where U_v >= L - tau. z_large [B, V], d [T, B, V] -> [B, V] bool.
+    scratch: three [B, V] buffers, overwritten."""
+    upper, threshold = _bound(z_large, d, max_alpha, tau, scratch)
+    return upper >= threshold
 
 
 def _padded_indices(keep: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,27 +210,32 @@ def candidate_problem(z_large: torch.Tensor, part: DensePart, rows: torch.Tensor
     return _problem(torch.log_softmax(z, dim=-1), d, part.a[rows].double(), part.b[rows].double())
 
 
-def dense_problem(z_large: torch.Tensor, part: DensePart, rows: torch.Tensor) -> Problem:
-    """The DLF problem of `rows` on the whole vocabulary (the rows whose bound does not separate)."""
-    if rows.numel() == z_large.shape[0]:  # every row: no copies
-        return _problem(torch.log_softmax(z_large, dim=-1), part.d, part.a, part.b)
-    return _problem(torch.log_softmax(z_large[rows], dim=-1), part.d[:, rows], part.a[rows], part.b[rows])
-
-
-def solve_dense_rows(
-    z_large: torch.Tensor, part: DensePart, rows: torch.Tensor, solver: str, max_alpha: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Solve `rows` on the whole vocabulary, a few rows at a time: the solver's [points, T, rows, V] temporaries
-    then stay in cache (3-4x less time than the whole batch at once at V = 128k). Rows are independent, so the
-    result is the batch's. -> alphas [R, T], loss [R]"""
-    T, _, V = part.d.shape
+def dense_rows(
+    z_large: torch.Tensor, z_small: torch.Tensor, z_experts: Sequence[torch.Tensor], solver: str, max_alpha: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows whose bound does not separate: exactly the dense reference path's arithmetic (fuse_dense on finite
+    logits: log_softmax per model, dlf.prepare, the solver on all V tokens, the fused scores), so these rows come
+    out bit for bit as the reference gives them. A few rows at a time: the solver's [points, T, rows, V]
+    temporaries then stay in cache (1.5-4x less time than the whole batch at once at V = 128k); rows are
+    independent, so the result is the batch's. z_*: finite raw logits [R, V]. -> alphas [R, T], loss [R], [R, V]"""
+    R, V = z_large.shape
+    T = len(z_experts)
     step = max(1, _DENSE_SOLVE_BYTES // (T * V * z_large.element_size()))
-    alphas, losses = [], []
-    for i in range(0, rows.numel(), step):
-        al, lo = solve_problem(dense_problem(z_large, part, rows[i : i + step]), solver, max_alpha)
+    alphas, losses, fused = [], [], []
+    for i in range(0, R, step):
+        rows = slice(i, min(i + step, R))
+        l_large = torch.log_softmax(z_large[rows], dim=-1)
+        l_small = torch.log_softmax(z_small[rows], dim=-1)
+        l_experts = torch.stack([torch.log_softmax(x[rows], dim=-1) for x in z_experts])  # [T, r, V]
+        no_mask = torch.zeros_like(l_large, dtype=torch.bool)
+        al, lo = solve_problem(prepare(l_large, l_small, l_experts, no_mask), solver, max_alpha)
+        scores = torch.zeros_like(l_large) + 1.0 * l_large  # the reference's order of operations, op for op
+        for t in range(T):
+            scores = scores + al[:, t : t + 1] * (l_experts[t] - l_small)
         alphas.append(al)
         losses.append(lo)
-    return torch.cat(alphas), torch.cat(losses)
+        fused.append(torch.log_softmax(scores, dim=-1))
+    return torch.cat(alphas), torch.cat(losses), torch.cat(fused)
 
 
 @dataclass(frozen=True)
@@ -222,68 +245,72 @@ class DlfStep:
     support_size: torch.Tensor  # [B] tokens the solve ran on (V for a dense row)
 
 
-def solve_on_support(
-    z_large: torch.Tensor, part: DensePart, keep: torch.Tensor, solver: str, max_alpha: float, support: str,
-    max_fraction: float = MAX_FRACTION,
-) -> DlfStep:
-    """Solve every row: on its certified candidates (keep [B, V]) where they are few enough (or always,
-    support="candidates"), densely otherwise. z_large: finite raw logits [B, V]."""
-    T, B, V = part.d.shape
-    dtype, device = z_large.dtype, z_large.device
-    counts = keep.sum(-1)  # [B]
-    if support == "candidates":
-        small = torch.ones(B, dtype=torch.bool, device=device)
-    else:
-        small = counts <= max(1, int(max_fraction * V))
-    size = torch.where(small, counts, torch.full_like(counts, V))
-    n_small = int(small.sum())
-    if n_small == B:  # the common case: every row on its candidates
-        al, lo = solve_problem(candidate_problem(z_large, part, torch.arange(B, device=device), keep, counts),
-                               solver, max_alpha)
-        return DlfStep(al.to(dtype), lo.to(dtype), size)
-    if n_small == 0:
-        al, lo = solve_dense_rows(z_large, part, torch.arange(B, device=device), solver, max_alpha)
-        return DlfStep(al, lo, size)
-    alphas = torch.zeros(B, T, dtype=dtype, device=device)
-    loss = torch.zeros(B, dtype=dtype, device=device)
-    cand_rows, dense_rows = small.nonzero().squeeze(-1), (~small).nonzero().squeeze(-1)
-    al, lo = solve_problem(candidate_problem(z_large, part, cand_rows, keep, counts), solver, max_alpha)
-    alphas[cand_rows], loss[cand_rows] = al.to(dtype), lo.to(dtype)
-    al, lo = solve_dense_rows(z_large, part, dense_rows, solver, max_alpha)
-    alphas[dense_rows], loss[dense_rows] = al, lo
-    return DlfStep(alphas, loss, size)
-
-
 def fuse_dlf_fast(
-    z: Mapping[str, torch.Tensor], maxes: Mapping[str, torch.Tensor], large: str, small: str,
-    experts: Sequence[str], solver: str, max_alpha: float, support: str, eps: float,
-) -> tuple[torch.Tensor, DlfStep]:
-    """One DLF step from finite raw logits: (fused log-probs [B, V], the solve).
+    z: Mapping[str, torch.Tensor], large: str, small: str, experts: Sequence[str], solver: str, max_alpha: float,
+    support: str, eps: float, max_fraction: float = MAX_FRACTION,
+) -> tuple[torch.Tensor, DlfStep] | None:
+    """One DLF step from raw logits: (fused log-probs [B, V], the solve), or None when a logit is not finite (then
+    the dense path decides).
 
-    Two passes over row chunks that fit in cache: (1) deltas, targets and the candidate mask; (2) after the solve,
-    the fused scores and their log-softmax. A step allocates only its deltas, its mask and its result.
+    Pass 1, over row chunks that fit in cache: the guard (row max and min), deltas, targets and the candidate mask.
+    Then every row whose candidates are at most max_fraction * V (every row, support="candidates") is solved on
+    them; the others take the dense reference arithmetic (dense_rows). Pass 2: the fused log-probs of the
+    candidate rows.
     """
     z_l, z_s, z_e = z[large], z[small], [z[e] for e in experts]
-    m_l, m_s, m_e = maxes[large], maxes[small], [maxes[e] for e in experts]
     B, V = z_l.shape
+    T = len(experts)
+    dtype, device = z_l.dtype, z_l.device
     tau = tau_for(V, eps)
-    d = torch.empty((len(experts), B, V), dtype=z_l.dtype, device=z_l.device)  # [T, B, V]
-    keep = torch.empty(B, V, dtype=torch.bool, device=z_l.device)
+    maxes = torch.empty(T + 2, B, dtype=dtype, device=device)  # rows: large, small, experts
+    mins = torch.empty_like(maxes)
+    m_l, m_s, m_e = maxes[0], maxes[1], list(maxes[2:])
+    d = torch.empty((T, B, V), dtype=dtype, device=device)  # [T, B, V]
+    keep = torch.empty(B, V, dtype=torch.bool, device=device)
     scratch = _scratch(z_l, 3)
     chunks = row_chunks(B, V, z_l.element_size())
     targets = []
     for rows in chunks:
         n = rows.stop - rows.start
         bufs = [x[:n] for x in scratch]
+        _row_extremes([z_l, z_s, *z_e], rows, maxes, mins)
         targets.append(dlf_dense_pass(z_s[rows], [x[rows] for x in z_e], m_s[rows], [x[rows] for x in m_e],
                                       d[:, rows], bufs))
-        keep[rows] = candidate_mask(z_l[rows], d[:, rows], max_alpha, tau, bufs)
+        torch.ge(*_bound(z_l[rows], d[:, rows], max_alpha, tau, bufs), out=keep[rows])
+    if not _all_finite(maxes, mins):
+        return None
     part = DensePart(d, torch.cat([a for a, _ in targets]), torch.cat([b for _, b in targets]))
-    step = solve_on_support(z_l, part, keep, solver, max_alpha, support)
-    fused = torch.empty_like(z_l)  # [B, V]  log_softmax(z_L + sum_t alpha_t d_t), d_t = Delta_t up to a constant
-    for rows in chunks:
-        out = torch.sub(z_l[rows], m_l[rows].unsqueeze(-1), out=fused[rows])
-        for t in range(d.shape[0]):
-            out.addcmul_(d[t, rows], step.alphas[rows, t : t + 1])
+    counts = keep.sum(-1)  # [B]
+    if support == "candidates":
+        on_cand = torch.ones(B, dtype=torch.bool, device=device)
+    else:
+        on_cand = counts <= max(1, int(max_fraction * V))
+    size = torch.where(on_cand, counts, torch.full_like(counts, V))
+    n_cand = int(on_cand.sum())
+    alphas = torch.zeros(B, T, dtype=dtype, device=device)
+    loss = torch.zeros(B, dtype=dtype, device=device)
+    fused = torch.empty_like(z_l)  # [B, V]
+    if n_cand < B:
+        rows = (~on_cand).nonzero().squeeze(-1)
+        every = n_cand == 0
+        al, lo, lp = dense_rows(z_l if every else z_l[rows], z_s if every else z_s[rows],
+                                [x if every else x[rows] for x in z_e], solver, max_alpha)
+        alphas[rows], loss[rows], fused[rows] = al, lo, lp
+        if every:
+            return fused, DlfStep(alphas, loss, size)
+    rows = torch.arange(B, device=device) if n_cand == B else on_cand.nonzero().squeeze(-1)
+    al, lo = solve_problem(candidate_problem(z_l, part, rows, keep, counts), solver, max_alpha)
+    alphas[rows], loss[rows] = al.to(dtype), lo.to(dtype)
+    for chunk in chunks:  # log_softmax(z_L + sum_t alpha_t d_t), d_t = Delta_t up to a row constant
+        mine = on_cand[chunk]
+        whole = n_cand == B or bool(mine.all())
+        if not whole and not bool(mine.any()):
+            continue
+        target = fused[chunk] if whole else torch.empty_like(z_l[chunk])  # dense rows of the chunk are done
+        out = torch.sub(z_l[chunk], m_l[chunk].unsqueeze(-1), out=target)
+        for t in range(T):
+            out.addcmul_(d[t, chunk], alphas[chunk, t : t + 1])
         log_softmax_(out, scratch[0][: out.shape[0]])
-    return fused, step
+        if not whole:
+            fused[chunk] = torch.where(mine.unsqueeze(-1), out, fused[chunk])
+    return fused, DlfStep(alphas, loss, size)

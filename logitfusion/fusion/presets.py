@@ -7,6 +7,7 @@
     eft_down       l_S + (l_Lft - l_L)
     lambda_interp  l_L + lam (l_Ea - l_S) + (1 - lam) (l_Eb - l_S)
     dlf            l_L + sum_t alpha_t (l_{E_t} - l_S), alphas solved per row and step
+    routed         l_L + alpha sum_t w_t (l_{E_t} - l_S), w from the prompt (routing.py), alpha solved (DLF) or fixed
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 from .dlf import SOLVERS
 from .recipe import Recipe
+from .routing import Routing
 
 MAX_BETA = 10.0  # the largest EFT amplification a preset accepts
 
@@ -125,6 +127,52 @@ def dlf(large: str, small: str, experts: str | Sequence[str], solver: str = "new
     )
 
 
+def routed(
+    large: str,
+    small: str,
+    experts: str | Sequence[str],
+    examples: Sequence[Sequence[Sequence[int]]],
+    *,
+    inner: str = "dlf",
+    solver: str = "newton",
+    alphas: Sequence[float] | None = None,
+    tau: float = 0.05,
+    top_k: int = 1,
+    min_similarity: float = 0.5,
+    centre: bool = True,
+    max_alpha: float = 2.0,
+) -> Recipe:
+    """Routed fusion: each request weights the experts by its prompt's similarity to their ``examples`` (token
+    ids, one list of prompts per expert), then fuses the routed mixture with the ``inner`` recipe: "dlf" (one alpha
+    solved per step by ``solver``) or "static" (``alphas``, default 1.0 each, scaled by the weights)."""
+    names = _names("experts", experts)
+    if inner not in ("dlf", "static"):
+        raise ValueError(f"inner={inner!r}: must be 'dlf' or 'static'")
+    route = Routing(
+        model=small,
+        examples=tuple(tuple(tuple(int(x) for x in p) for p in e) for e in examples),
+        tau=tau,
+        top_k=top_k,
+        min_similarity=min_similarity,
+        centre=centre,
+    )
+    static_alphas = (1.0,) * len(names) if alphas is None else tuple(alphas)
+    return _done(
+        Recipe(
+            name="routed",
+            method="routed",
+            coeffs=((large, 1.0),),
+            experts=names,
+            small=small,
+            alphas=() if inner == "dlf" else static_alphas,
+            solver=solver if inner == "dlf" else None,
+            anchor=large,
+            max_alpha=max_alpha,
+            route=route,
+        )
+    )
+
+
 PRESETS: dict[str, Callable[..., Recipe]] = {
     "single": single,
     "proxy_tuning": proxy_tuning,
@@ -133,6 +181,7 @@ PRESETS: dict[str, Callable[..., Recipe]] = {
     "eft_down": eft_down,
     "lambda_interp": lambda_interp,
     "dlf": dlf,
+    "routed": routed,
 }
 METHODS = tuple(PRESETS)
 DESCRIPTIONS: dict[str, str] = {
@@ -145,6 +194,9 @@ DESCRIPTIONS: dict[str, str] = {
     "dlf": "l_L + sum_t alpha_t (l_Et - l_S), alphas solved at every step (Dynamic Logit Fusion; solvers: "
     + ", ".join(SOLVERS)
     + ")",
+    "routed": "l_L + alpha sum_t w_t (l_Et - l_S): no task label; w from the prompt's similarity to each expert's "
+    "example prompts (small base's mean last hidden state, centred cosine; softmax(sim / tau) over the top-k; none "
+    "below min_similarity: the large base alone), alpha solved per step for the mixture (inner dlf) or fixed",
 }
 
 

@@ -20,11 +20,11 @@ import torch
 from .candidates import (
     DEFAULT_EPS,
     check_support,
-    finite_row_maxes,
     fuse_dlf_fast,
     static_log_probs,
 )
 from .dlf import SOLVERS, check_max_alpha, check_solver, prepare, solve_problem
+from .routing import Routing, check_routing, fuse_routed_fast, routed_alphas
 from .support import check_logits, compute_dtype, joint_log_probs, zero_filled
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ class Recipe:
     anchor: str | None = None  # DLF: the large base whose distribution is P (coeffs must be exactly ((anchor, 1.0),))
     max_alpha: float = 2.0  # upper bound of every alpha, static or solved; in (0, 10]
     method: str = "custom"  # recipe family (presets.METHODS), for listings; does not change the math
+    route: Routing | None = None  # routed: per-row expert weights from the prompt (fusion.routing); the solver, if
+    # any, solves ONE alpha per row for the routed mixture delta, and static alphas are scaled by the weights
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and stored as tuples so a recipe stays hashable.
@@ -82,6 +84,8 @@ class Recipe:
         _check_experts(self.experts, self.small)
         _check_alphas(self.alphas, self.experts, self.solver, self.max_alpha)
         _check_solver_fields(self)
+        if self.route is not None:
+            check_routing(self.route, self.experts, self.model_names())
 
     def with_overrides(
         self, *, solver=_UNSET, alphas=_UNSET, experts=_UNSET, max_alpha=_UNSET
@@ -188,6 +192,7 @@ class FusionResult:
 def fuse(
     logits: Mapping[str, torch.Tensor],
     recipe: Recipe,
+    route_weights: torch.Tensor | None = None,
     *,
     validated: bool = False,
     support: str = "auto",
@@ -195,19 +200,21 @@ def fuse(
 ) -> FusionResult:
     """Fuse one step. logits[name]: [B, V] raw logits or log-probs of every model the recipe reads.
 
-    validated=True skips recipe.validate() (the caller validated the recipe once, at its edge: the Decoder does at
-    add_request); the logits are always checked. support: "auto" solves DLF on the certified candidate support
-    where it pays (docs/algorithms.md, at most eps of the mass dropped), "candidates" always does, "dense" is the
-    reference path on the whole vocabulary. Logits with a masked (-inf) token always take the dense path.
+    route_weights: [B, T] expert weights of each row, required by (and only used for) a routed recipe.
+    validated=True skips recipe.validate() (the caller validated the recipe once, at
+    its edge: the Decoder does at add_request); the logits are always checked. support: "auto" solves DLF on the
+    certified candidate support where it pays (docs/algorithms.md, at most eps of the mass dropped), "candidates"
+    always does, "dense" is the reference path on the whole vocabulary. Logits with a masked (-inf) token always take
+    the dense path.
     """
     if not validated:
         recipe.validate()
     support, eps = check_support(support, eps)
     if support != "dense":
-        fast = _fuse_fast(logits, recipe, support, eps)
+        fast = _fuse_fast(logits, recipe, support, eps, route_weights)
         if fast is not None:
             return fast
-    return fuse_dense(logits, recipe)
+    return fuse_dense(logits, recipe, route_weights)
 
 
 def _static_weights(recipe: Recipe) -> dict[str, float]:
@@ -221,28 +228,45 @@ def _static_weights(recipe: Recipe) -> dict[str, float]:
     return weights
 
 
-def _fuse_fast(logits: Mapping[str, torch.Tensor], recipe: Recipe, support: str, eps: float) -> FusionResult | None:
+def _fuse_fast(
+    logits: Mapping[str, torch.Tensor],
+    recipe: Recipe,
+    support: str,
+    eps: float,
+    route_weights: torch.Tensor | None = None,
+) -> FusionResult | None:
     """One pass over the logits (static), plus the DLF solve on the candidate support. None: take the dense path
     (a masked token, NaN or +inf somewhere)."""
     names = recipe.model_names()
     mats = check_logits(logits, names)
     dtype = compute_dtype(*mats.values())
     z = {n: x.to(dtype) for n, x in mats.items()}  # no copy when already fp32 / fp64
-    maxes = finite_row_maxes(z)
-    if maxes is None:
-        return None
     B, T = z[names[0]].shape[0], len(recipe.experts)
+    if B == 0:
+        return None  # an empty batch: the dense path returns the empty result
+    if recipe.route is not None:
+        routed = fuse_routed_fast(z, recipe, route_weights, support, eps)
+        return None if routed is None else FusionResult(*routed)
     if not (T and recipe.solver is not None):
-        alphas = torch.tensor(recipe.alphas, dtype=dtype, device=z[names[0]].device).expand(B, T)  # [B, T]
-        return FusionResult(static_log_probs(z, maxes, _static_weights(recipe)), alphas.contiguous(), None)
-    fused, step = fuse_dlf_fast(z, maxes, recipe.anchor, recipe.small, recipe.experts, recipe.solver,  # type: ignore[arg-type]
-                                recipe.max_alpha, support, eps)
+        fused = static_log_probs(z, _static_weights(recipe))
+        if fused is None:
+            return None
+        alphas = torch.tensor(recipe.alphas, dtype=dtype, device=fused.device).expand(B, T)  # [B, T]
+        return FusionResult(fused, alphas.contiguous(), None)
+    out = fuse_dlf_fast(z, recipe.anchor, recipe.small, recipe.experts, recipe.solver,  # type: ignore[arg-type]
+                        recipe.max_alpha, support, eps)
+    if out is None:
+        return None
+    fused, step = out
     return FusionResult(fused, step.alphas, step.loss, step.support_size)
 
 
-def fuse_dense(logits: Mapping[str, torch.Tensor], recipe: Recipe) -> FusionResult:
+def fuse_dense(
+    logits: Mapping[str, torch.Tensor], recipe: Recipe, route_weights: torch.Tensor | None = None
+) -> FusionResult:
     """The reference path: every model normalised on the joint support, DLF solved on the whole vocabulary.
-    Handles masked tokens and raises the precise error for bad logits. The recipe must be valid."""
+    Handles masked tokens and raises the precise error for bad logits. The recipe must be valid. route_weights: as
+    for fuse (routed recipes only)."""
     lp, mask = joint_log_probs(logits, recipe.model_names())  # {name: [B, V]}, [B, V]
     B = mask.shape[0]
     T = len(recipe.experts)
@@ -250,7 +274,11 @@ def fuse_dense(logits: Mapping[str, torch.Tensor], recipe: Recipe) -> FusionResu
     zero = {n: zero_filled(x, mask) if any_masked else x for n, x in lp.items()}  # masked entries 0: no inf - inf
     loss = None
     support_size = None
-    if T and recipe.solver is not None:
+    if recipe.route is not None:
+        alphas, loss = routed_alphas(lp, zero, mask, recipe, route_weights)  # [B, T], [B] or None
+        if loss is not None:
+            support_size = (~mask).sum(-1)
+    elif T and recipe.solver is not None:
         experts = torch.stack([lp[e] for e in recipe.experts])  # [T, B, V]
         pb = prepare(lp[recipe.anchor], lp[recipe.small], experts, mask)
         alphas, loss = solve_problem(pb, recipe.solver, recipe.max_alpha)  # [B, T], [B]

@@ -37,7 +37,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class RecipeSelection(_message.Message):
-    __slots__ = ("preset", "method", "solver", "experts", "alphas", "beta", "interp_lambda", "max_alpha", "model")
+    __slots__ = ("preset", "method", "solver", "experts", "alphas", "beta", "interp_lambda", "max_alpha", "model", "inner", "tau", "top_k", "min_similarity")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     SOLVER_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,10 @@ class RecipeSelection(_message.Message):
     INTERP_LAMBDA_FIELD_NUMBER: _ClassVar[int]
     MAX_ALPHA_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    INNER_FIELD_NUMBER: _ClassVar[int]
+    TAU_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     preset: str
     method: str
     solver: str
@@ -56,7 +60,11 @@ class RecipeSelection(_message.Message):
     interp_lambda: float
     max_alpha: float
     model: str
-    def __init__(self, preset: _Optional[str] = ..., method: _Optional[str] = ..., solver: _Optional[str] = ..., experts: _Optional[_Iterable[str]] = ..., alphas: _Optional[_Iterable[float]] = ..., beta: _Optional[float] = ..., interp_lambda: _Optional[float] = ..., max_alpha: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
+    inner: str
+    tau: float
+    top_k: int
+    min_similarity: float
+    def __init__(self, preset: _Optional[str] = ..., method: _Optional[str] = ..., solver: _Optional[str] = ..., experts: _Optional[_Iterable[str]] = ..., alphas: _Optional[_Iterable[float]] = ..., beta: _Optional[float] = ..., interp_lambda: _Optional[float] = ..., max_alpha: _Optional[float] = ..., model: _Optional[str] = ..., inner: _Optional[str] = ..., tau: _Optional[float] = ..., top_k: _Optional[int] = ..., min_similarity: _Optional[float] = ...) -> None: ...
 
 class SpeculativeOptions(_message.Message):
     __slots__ = ("draft_model", "num_draft_tokens", "adaptive")

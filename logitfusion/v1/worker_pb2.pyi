@@ -28,14 +28,16 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[Tensor.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Extend(_message.Message):
-    __slots__ = ("seq_id", "token_ids", "want_all")
+    __slots__ = ("seq_id", "token_ids", "want_all", "features_tokens")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     WANT_ALL_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_TOKENS_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     want_all: bool
-    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., want_all: _Optional[bool] = ...) -> None: ...
+    features_tokens: int
+    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., want_all: _Optional[bool] = ..., features_tokens: _Optional[int] = ...) -> None: ...
 
 class Truncate(_message.Message):
     __slots__ = ("seq_id", "length_tokens")
@@ -60,12 +62,14 @@ class StepRequest(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., extends: _Optional[_Iterable[_Union[Extend, _Mapping]]] = ..., truncates: _Optional[_Iterable[_Union[Truncate, _Mapping]]] = ..., releases: _Optional[_Iterable[str]] = ..., logits_dtype: _Optional[_Union[Tensor.DType, str]] = ...) -> None: ...
 
 class StepLogits(_message.Message):
-    __slots__ = ("logits", "rows_per_extend")
+    __slots__ = ("logits", "rows_per_extend", "features")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     ROWS_PER_EXTEND_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     logits: Tensor
     rows_per_extend: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., rows_per_extend: _Optional[_Iterable[int]] = ...) -> None: ...
+    features: Tensor
+    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., rows_per_extend: _Optional[_Iterable[int]] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SequenceLength(_message.Message):
     __slots__ = ("seq_id", "length_tokens")

@@ -111,6 +111,25 @@ def test_killed_job_resumes_to_the_uninterrupted_result(tmp_path):
     assert (resumed / "weights.png").stat().st_size > 1000
 
 
+@pytest.mark.timeout(600)
+def test_a_job_evaluates_routed_multi_without_a_task_label(tmp_path):
+    config = _config(tmp_path, datasets=[{"zoo_task": "colour", "limit": 4}, {"zoo_task": "animal", "limit": 3}],
+                     methods=["large_base", "large_finetuned", "routed_multi"], pipelines=1)
+    out = tmp_path / "out"
+    assert _run(config, out).wait(timeout=300) == 0
+    done = read_done(out / "results.jsonl")
+    routed = {k: r for k, r in done.items() if r["method"] == "routed_multi"}
+    assert len(routed) == 7 and all(r["status"] == STATUS_OK for r in routed.values())
+    colour = [r for r in routed.values() if r["dataset"] == "colour"]
+    assert all(r["correct"] == 1.0 for r in colour)  # each routed to the colour expert by its prompt alone
+    assert all(w[1] > 0 and w[0] == w[2] == w[3] == 0 for r in colour for w in r["weights"][:1])
+    for r in (r for r in routed.values() if r["dataset"] == "animal"):
+        base = done[r["key"].replace("/routed_multi/", "/large_base/")]
+        assert r["output"] == base["output"] and all(x == 0 for w in r["weights"] for x in w)  # routed to none
+    rows = {(r["task"], r["method"]): r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    assert rows[("colour", "routed_multi")]["accuracy"] == 1.0
+
+
 def test_failing_and_slow_items_are_recorded_not_fatal(tmp_path):
     cfg = EvalConfig.load(_config(tmp_path, methods=["large_base", "dlf_newton_multi"]))
     units = make_units(cfg)[:4]

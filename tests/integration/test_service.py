@@ -54,7 +54,7 @@ def service(family):
     )
     started_ray = not ray.is_initialized()
     t0 = time.monotonic()
-    svc = run_service(config, grpc_port=free_port(), blocking=False, num_cpus=4)
+    svc = run_service(config, grpc_port=free_port(), http_port=free_port(), blocking=False, num_cpus=4)
     print(f"\nservice started in {time.monotonic() - t0:.1f} s on {svc.address}")
     try:
         yield svc
@@ -179,9 +179,13 @@ def test_speculative_request_is_token_identical_and_reports_acceptance(client, i
     assert spec.acceptance_rate == spec.accepted_tokens / spec.drafted_tokens and plain.acceptance_rate is None
     assert spec.completion_tokens == 16 and len(spec.weights) == 16  # one weight entry per token, as plain
     assert spec.steps <= 16 and spec.steps + spec.accepted_tokens >= 16
-    for w_spec, w_plain in zip(spec.weights, plain.weights):  # the same weights at every position
+    # the same weights at every position; dlf_multi solves jointly, whose objective is flat near its minimum, so the
+    # verify's batch of k + 1 rows (another candidate support per row than plain decoding's) may move an alpha by
+    # ~1e-3 at equal loss (test_engine_decoder allows a few hundredths for joint)
+    tol = 2e-2 if preset == "dlf_multi" else 1e-3
+    for w_spec, w_plain in zip(spec.weights, plain.weights):
         assert w_spec.keys() == w_plain.keys()
-        assert all(abs(w_spec[e] - w_plain[e]) < 1e-3 for e in w_spec), (w_spec, w_plain)
+        assert all(abs(w_spec[e] - w_plain[e]) < tol for e in w_spec), (w_spec, w_plain)
     stream = client.generate_stream("speculate on this", draft_model=draft, num_draft_tokens=k, **kw)
     events = list(stream)
     assert [e.token_id for e in events] == plain.token_ids and [e.index for e in events] == list(range(16))

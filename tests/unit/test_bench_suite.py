@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(300)
 def tiny_config(**changes) -> SuiteConfig:
     base = SuiteConfig.quick_config().with_(
         distributed=False, zoo=False, main_batches=(1, 2), throughput_batches=(1, 2), solver_vocab=1024,
-        pack_batches=(2,), pack_steps=2,
+        pack_batches=(2,), pack_steps=2, vocab_sizes=(2048,), vocab_batches=(1, 2),
     )
     return base.with_(**changes)
 
@@ -29,7 +29,7 @@ def tiny_config(**changes) -> SuiteConfig:
 @pytest.fixture(scope="module")
 def doc():
     out = io.StringIO()
-    d = run_suite(tiny_config(), parse_sections("a,b,c,d,e,f,g"), out=out)
+    d = run_suite(tiny_config(), parse_sections("a,b,c,d,e,f,g,h,i,j"), out=out)
     d["_printed"] = out.getvalue()
     return d
 
@@ -81,6 +81,28 @@ def test_throughput_rows_cover_the_batches(doc):
     rows = doc["sections"]["d_throughput"]["rows"]
     assert [r["batch"] for r in rows] == [1, 2]
     assert all(r["fused_tok_s"] > 0 and r["large_alone_tok_s"] > 0 for r in rows)
+
+
+def test_vocab_step_rows_cover_every_recipe_and_ratio(doc):
+    rows = doc["sections"]["h_vocab_step"]["rows"]
+    assert [(r["V"], r["batch"]) for r in rows] == [(2048, 1), (2048, 2)]
+    for r in rows:
+        assert all(r[f"{k}_ms"] > 0 for k in ("large_alone", "proxy_1e", "static_3e", "newton_1e", "grid_3e",
+                                              "joint_3e", "floor"))
+        assert r["newton1e_over_proxy"] > 0 and r["static_fusion_over_floor"] is not None
+
+
+def test_peer_section_is_skipped_with_the_reason_without_its_env(doc, monkeypatch):
+    sec = doc["sections"]["i_peer"]
+    if sec["rows"]:  # LOGITFUSION_PEER_DIR was set for this run: then the outputs must match
+        assert all(r["identical"] != "NO" for r in sec["rows"])
+    else:
+        assert any("LOGITFUSION_PEER_DIR" in s for s in sec["skipped"])
+
+
+def test_fusion_vocab_section_has_rows_and_ratios(doc):
+    sec = doc["sections"]["j_fusion_vocab"]
+    assert sec["rows"] and "ratios" in sec["extra"]
 
 
 def test_parse_sections_orders_and_refuses_unknown_letters():

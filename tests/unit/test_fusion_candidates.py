@@ -60,7 +60,7 @@ def test_dropped_tokens_carry_at_most_exp_minus_tau_under_every_alpha(seed, B, V
     # A loose eps so that tokens really are dropped at these small V; the claim is checked at random alphas in the
     # box and at all its corners (where the linear fused logits take their extremes).
     z = peaked_logits(seed, B, V, T, top=8.0, bulk=bulk, spread=spread)
-    maxes = C.finite_row_maxes(z)
+    maxes = {n: x.amax(-1) for n, x in z.items()}
     d = torch.empty(T, B, V, dtype=torch.float64)
     scratch = [torch.empty(B, V, dtype=torch.float64) for _ in range(3)]
     C.dlf_dense_pass(z["small"], [z[f"e{t}"] for t in range(T)], maxes["small"],
@@ -166,9 +166,26 @@ def test_flat_rows_fall_back_to_the_dense_solve_row_by_row():
     assert res.support_size[1] < V // 4 and res.support_size[3] < V // 4
     torch.testing.assert_close(res.alphas, dense.alphas, atol=1e-6, rtol=0)
     torch.testing.assert_close(res.logprobs.exp(), dense.logprobs.exp(), atol=1e-9, rtol=1e-6)
+    for row in (0, 2):  # a row that falls back is the reference's arithmetic: bit for bit
+        assert torch.equal(res.alphas[row], dense.alphas[row]) and torch.equal(res.loss[row], dense.loss[row])
+        assert torch.equal(res.logprobs[row], dense.logprobs[row])
     whole = fuse({n: x[[0, 2]] for n, x in z.items()}, recipe)  # every row flat: the whole batch dense
     assert (whole.support_size == V).all()
-    torch.testing.assert_close(whole.alphas, dense.alphas[[0, 2]], atol=1e-6, rtol=0)
+    assert torch.equal(whole.alphas, dense.alphas[[0, 2]]) and torch.equal(whole.logprobs, dense.logprobs[[0, 2]])
+
+
+@pytest.mark.parametrize("solver", ["grid", "newton", "joint"])
+def test_fp32_rows_that_fall_back_equal_the_reference_bit_for_bit(solver, monkeypatch):
+    # Near-flat fp32 logits (every token within tau: what randomly initialised models give); the dense rows are
+    # solved two at a time here, so the chunking itself is checked too.
+    monkeypatch.setattr(C, "_DENSE_SOLVE_BYTES", 2 * 3000 * 4 * 2)
+    g = torch.Generator().manual_seed(15)
+    z = {n: 0.3 * torch.randn(5, 3000, generator=g) for n in ("large", "small", "e0", "e1")}
+    res = fuse(z, dlf(2, solver))
+    ref = fuse(z, dlf(2, solver), support="dense")
+    assert (res.support_size == 3000).all()
+    assert torch.equal(res.alphas, ref.alphas) and torch.equal(res.loss, ref.loss)
+    assert torch.equal(res.logprobs, ref.logprobs)
 
 
 @pytest.mark.parametrize("solver", ["grid", "newton", "joint"])
@@ -189,6 +206,13 @@ def test_experts_equal_to_small_give_alpha_zero_on_the_candidates():
     res = fuse(z, dlf(1, "joint"), support="candidates")
     assert torch.equal(res.alphas, torch.zeros(3, 1, dtype=torch.float64))
     assert (res.loss.abs() < 1e-20).all()
+
+
+def test_an_empty_batch_gives_empty_results():
+    z = {n: torch.zeros(0, 9) for n in ("large", "small", "e0")}
+    for recipe in (presets.proxy_tuning("large", "small", "e0"), dlf(1, "joint")):
+        res = fuse(z, recipe)
+        assert res.logprobs.shape == (0, 9) and res.alphas.shape == (0, 1)
 
 
 def test_a_single_token_vocabulary_and_a_single_candidate():
@@ -270,14 +294,18 @@ def test_nan_or_inf_anywhere_names_the_model_and_row(V, recipe):
         fuse({**z, "small": dead}, recipe, validated=True)
 
 
-def test_row_maxes_guard_flags_every_non_finite_case():
-    x = torch.zeros(2, 50)
-    assert C.finite_row_maxes({"m": x}) is not None
+def test_the_guard_flags_every_non_finite_case_in_every_chunk(monkeypatch):
+    monkeypatch.setattr(C, "_CHUNK_BYTES", 2 * 50 * 4)  # two rows per chunk: the guard is taken chunk by chunk
+    x = torch.zeros(5, 50)
+    assert C.static_log_probs({"m": x, "n": x}, {"m": 1.0, "n": 0.0}) is not None
     for value in (float("nan"), float("inf"), NEG_INF):
-        for pos in (0, 17, 49):
-            y = x.clone()
-            y[1, pos] = value
-            assert C.finite_row_maxes({"m": x, "n": y}) is None, (value, pos)
+        for row in (0, 3, 4):
+            for pos in (0, 17, 49):
+                y = x.clone()
+                y[row, pos] = value
+                assert C.static_log_probs({"m": x, "n": y}, {"m": 1.0, "n": 0.0}) is None, (value, row, pos)
+                out = C.fuse_dlf_fast({"l": x, "s": x, "e": y}, "l", "s", ["e"], "grid", 2.0, "auto", 1e-9)
+                assert out is None, (value, row, pos)
 
 
 def test_validated_skips_only_the_recipe_check(monkeypatch):
@@ -325,7 +353,7 @@ def test_greedy_decode_is_token_identical_to_the_dense_reference(models, kind, m
     prompt = [5, 17, 33, 2, 60]
     runs = {}
     for support in ("dense", "candidates", "auto"):
-        monkeypatch.setattr(reference, "fuse", lambda lg, r, s=support: fuse(lg, r, support=s))
+        monkeypatch.setattr(reference, "fuse", lambda lg, r, w=None, s=support, **_: fuse(lg, r, w, support=s))
         runs[support] = reference.naive_decode(models, prompt, recipe, vocab_size=TINY_VOCAB_SIZE, max_new_tokens=8)
     for support in ("candidates", "auto"):
         assert runs[support].token_ids == runs["dense"].token_ids, support

@@ -312,6 +312,7 @@ def test_every_preset_is_registered_and_builds():
         "eft_down": {"small": "small", "large": "large", "large_ft": "large_ft"},
         "lambda_interp": {"large": "large", "small": "small", "expert_a": "ea", "expert_b": "eb", "lam": 0.5},
         "dlf": {"large": "large", "small": "small", "experts": ["ea"], "solver": "grid"},
+        "routed": {"large": "large", "small": "small", "experts": ["ea", "eb"], "examples": [[[1, 2]], [[3]]]},
     }
     assert set(presets.PRESETS) == set(args) == set(presets.DESCRIPTIONS)
     z = make_logits(5, 2, 9)
@@ -319,14 +320,15 @@ def test_every_preset_is_registered_and_builds():
         recipe = presets.build(name, **kwargs)
         assert recipe == presets.PRESETS[name](**kwargs)
         assert recipe.method == name and recipe.name == name
-        assert torch.isfinite(fuse(z, recipe).logprobs).all()
+        routed = torch.tensor([[1.0, 0.0], [0.0, 0.0]]) if recipe.route is not None else None  # row 2: "none"
+        assert torch.isfinite(fuse(z, recipe, routed).logprobs).all()
 
 
 @pytest.mark.parametrize(
     ("call", "message"),
     [
         (lambda: presets.build("dexperts"), "method='dexperts': must be one of single, proxy_tuning, static, eft_up, "
-         "eft_down, lambda_interp, dlf"),
+         "eft_down, lambda_interp, dlf, routed"),
         (lambda: presets.build("single", model="large", alpha=1.0), "alpha: not an argument of preset 'single'"),
         (lambda: presets.build("eft_down", small="s", large="l"), "large_ft: required by preset 'eft_down'"),
         (lambda: presets.eft_up("l", "s", "e", beta=-1.0), "beta=-1.0: must be finite and in [0.0, 10.0]"),

@@ -314,10 +314,13 @@ def test_the_committed_zoo_topology_parses_and_builds_every_preset():
     topo = load_topology(cfg)  # zoo: paths are resolved only when a worker starts
     assert topo.role_model("large") == "large" and topo.role_model("small") == "small"
     experts = [m.name for m in topo.models if m.role == "expert"]
-    assert len(experts) >= 3 and topo.default_preset == "dlf_multi"
+    assert len(experts) >= 3 and topo.default_preset == "routed_multi"  # no task label: routed, then DLF
     for name in topo.presets:
         assert topo.recipe(name).name == name
     assert topo.recipe("dlf_multi").experts == tuple(experts)
+    routed = topo.recipe("routed_multi")
+    assert routed.experts == tuple(experts) and routed.solver == "newton" and routed.route.model == "small"
+    assert [len(e) for e in routed.route.examples] == [8] * len(experts)  # 8 training prompts per expert
 
 
 def test_the_coordinator_replica_asks_for_its_gpu_share():

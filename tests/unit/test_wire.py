@@ -202,3 +202,26 @@ def test_info_round_trip_and_validation():
     msg.vocab_size = 0
     with pytest.raises(wire.WireError, match=r"RunnerInfo.vocab_size: 0 is not positive"):
         wire.info_from_proto(msg)
+
+
+def test_features_travel_with_the_plan_and_the_response():
+    plan = StepPlan(extends=(ExtendOp("a", (1, 2, 3), "last", features_tokens=2), ExtendOp("b", (4,), "all")))
+    back, _ = wire.request_to_plan(pb.StepRequest.FromString(wire.plan_to_request(plan, 1).SerializeToString()))
+    assert back == plan and back.extends[0].features_tokens == 2
+    logits = [torch.randn(1, 7), torch.randn(1, 7)]
+    feats = [torch.randn(5)]
+    resp = wire.logits_response(3, logits + feats, torch.float32, 7, n_extends=2)
+    msg = pb.StepResponse.FromString(resp.SerializeToString()).logits
+    out = wire.split_logits(msg, [1, 1], 7, expected_features=1)
+    assert len(out) == 3 and torch.equal(out[2], feats[0]) and torch.equal(out[0], logits[0])
+    with pytest.raises(wire.WireError, match=r"StepLogits.features: expected float32 of shape \[2, H\], got float32 \[1, 5\]"):
+        wire.split_logits(msg, [1, 1], 7, expected_features=2)
+    plain = pb.StepResponse.FromString(wire.logits_response(3, logits, torch.float32, 7).SerializeToString()).logits
+    with pytest.raises(wire.WireError, match="StepLogits.features: missing, the request asked for 1 feature rows"):
+        wire.split_logits(plain, [1, 1], 7, expected_features=1)
+
+
+def test_features_tokens_beyond_the_appended_tokens_are_refused():
+    req = pb.StepRequest(extends=[pb.Extend(seq_id="a", token_ids=[1, 2], features_tokens=3)])
+    with pytest.raises(wire.WireError, match=r"StepRequest.extends\[0\].features_tokens: 3 exceeds the 2 appended"):
+        wire.request_to_plan(req)

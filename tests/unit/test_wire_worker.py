@@ -122,6 +122,14 @@ def test_every_op_matches_the_in_process_runner_exactly(remote, reference, serve
     assert len(served.sequences()) == len(reference.sequences())  # scoped names on the worker, same count
 
 
+def test_prompt_features_come_back_over_the_stream_exactly(remote, reference):
+    plan = StepPlan(extends=(ExtendOp("a", (1, 2, 3, 4), "last", features_tokens=3), _ext("b", [5, 6]),
+                             ExtendOp("c", (7, 8), "all", features_tokens=2)))
+    got, want = remote.step(plan), reference.step(plan)
+    assert len(got) == 5 and _same(got, want)  # 3 logits, then the features of a and c, in plan order
+    assert got[3].shape == (TINY_FAMILY["large"].hidden_size,)
+
+
 def test_bfloat16_logits_are_the_rounded_fp32_logits(server, reference):
     rr = RemoteRunner("large", lambda: server.address, logits_dtype="bfloat16")
     try:

@@ -78,6 +78,15 @@ def train_items(task: str, recipe: ZooRecipe | None = None) -> list[EvalItem]:
     return [EvalItem(it.prompt, it.answer, it.key, it.value) for it in task_items(_world(recipe), task, "train")]
 
 
+def route_example_prompts(task: str, k: int = 8, recipe: ZooRecipe | None = None) -> list[str]:
+    """``k`` prompts of ``task``'s TRAINING items, evenly spaced (never held-out ones): the examples an expert is
+    registered with for routed fusion (fusion/routing.py)."""
+    if not 1 <= k <= 64:
+        raise ValueError(f"k (route examples) must be in [1, 64], got {k}")
+    items = train_items(task, recipe)
+    return [it.prompt for it in items[:: max(1, len(items) // k)][:k]]
+
+
 def few_shot_prefix(task: str, k: int = 3, recipe: ZooRecipe | None = None) -> str:
     """``k`` solved training examples of ``task``, each 'prompt answer' on its own line, ending with a newline."""
     if not 0 <= k <= 16:
@@ -133,6 +142,7 @@ __all__ = [
     "few_shot_prompt",
     "max_new_tokens",
     "normalize_answer",
+    "route_example_prompts",
     "score",
     "task_names",
     "train_items",
