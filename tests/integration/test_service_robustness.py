@@ -60,7 +60,8 @@ def service(tmp_path_factory):
     config = root / "topology.yaml"
     config.write_text(yaml.safe_dump(topo, sort_keys=False))
     started_ray = not ray.is_initialized()
-    svc = run_service(config, grpc_port=free_port(), blocking=False, num_cpus=4, access_log=False)
+    svc = run_service(config, grpc_port=free_port(), http_port=free_port(), blocking=False, num_cpus=4,
+                      access_log=False)
     svc.topology = load_topology(config)
     try:
         yield svc
