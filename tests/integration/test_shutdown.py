@@ -127,7 +127,7 @@ def health(address: str) -> str:
 
 
 def http_status(url: str, body: dict | None = None) -> tuple[int, dict, str]:
-    """(status, headers, body text) of a GET (or a JSON POST when ``body`` is given), errors included."""
+    """(status, headers with lower-case names, body text) of a GET (or a JSON POST when ``body`` is given), errors included."""
     import json
     import urllib.error
     import urllib.request
@@ -136,9 +136,9 @@ def http_status(url: str, body: dict | None = None) -> tuple[int, dict, str]:
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, dict(resp.headers), resp.read().decode()
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read().decode()
     except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read().decode()
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read().decode()
 
 
 def assert_nothing_left(server: Server, exit_timeout_s: float, expect_rc: int) -> None:
@@ -201,7 +201,7 @@ def test_sigterm_drains_in_flight_request_refuses_new_ones_and_leaves_nothing(fa
         base = line.split(" API on ")[1].split()[0].removesuffix("/v1")
         assert http_status(f"{base}/health")[0] == 503
         status, headers, body = http_status(f"{base}/v1/completions", {"prompt": "late", "max_tokens": 2})
-        assert status == 503 and int(headers["Retry-After"]) > 0 and "shutting down" in body, (status, body)
+        assert status == 503 and int(headers["retry-after"]) > 0 and "shutting down" in body, (status, body)
         # The request in flight runs to its end: every token, finish reason "length".
         assert stream.done.wait(240), "the in-flight stream did not end"
         assert stream.error is None and len(stream.tokens) == 300 and stream.finish == "length", stream.error
