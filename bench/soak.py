@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     from logitfusion.cluster.topology import load_topology
 
     topology = load_topology(a.config)
-    service = run_service(a.config, grpc_port=free_port(), blocking=False, access_log=False)
+    service = run_service(a.config, grpc_port=free_port(), http_port=free_port(), blocking=False, access_log=False)
     try:
         report = run_soak(service, topology, duration_s=a.duration_s, min_requests=a.min_requests,
                           concurrency=a.concurrency, rss_from_s=a.rss_from_s, seed=a.seed,

@@ -330,8 +330,9 @@ class HttpFrontend:
         status, kind, err = to_http(exc)
         if self.metrics is not None and api:
             self.metrics.request_done(preset, err.code.name.lower(), api)
+        retry = getattr(err, "retry_after_s", None)  # ShuttingDown: the drain's retry hint as Retry-After
         return JSONResponse({"error": {"message": err.message, "type": kind, "param": err.field, "code": status}},
-                            status_code=status)
+                            status_code=status, headers={"Retry-After": str(math.ceil(retry))} if retry else None)
 
     def _done(self, preset: str | None, api: str) -> None:
         if self.metrics is not None:
@@ -340,6 +341,7 @@ class HttpFrontend:
     def _request(self, sampling: Sampling, ids: Sequence[int], rid: str) -> GenerationRequest:
         from logitfusion.cluster.serve_app import request_from_pb
 
+        self.grpc_frontend.check_admitting()  # draining for shutdown: 503 with Retry-After
         msg = build_pb(sampling, ids, rid)
         try:
             return request_from_pb(msg, topology=self.topology, codec=self.coordinator.codec,
@@ -677,7 +679,7 @@ class HttpFrontend:
     async def health(self, request: Request) -> Response:
         from starlette.responses import JSONResponse
 
-        ok = self.grpc_frontend.serving and self.coordinator.alive()
+        ok = self.grpc_frontend.serving and not self.grpc_frontend.draining and self.coordinator.alive()
         return JSONResponse({"status": "ok" if ok else "not serving"}, status_code=200 if ok else 503)
 
     async def tokenize(self, request: Request) -> Response:

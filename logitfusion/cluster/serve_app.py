@@ -453,14 +453,18 @@ class FusionFrontend:
         """From now on: health reports NOT_SERVING and every new request gets ShuttingDown (UNAVAILABLE, retry)."""
         self.draining = True
 
-    def _submit(self, msg: Any, request_id: str | None) -> tuple[str, Any]:
-        """Check and convert the request, then admit it; returns (recipe name, its stream)."""
+    def check_admitting(self) -> None:
+        """Raise ShuttingDown once draining (both ingresses, gRPC and HTTP, call it before admitting a request)."""
         if self.draining:
             raise ShuttingDown(
                 f"the server is shutting down and admits no new request; retry in {DRAIN_RETRY_AFTER_S:g} s "
                 "(another replica, or this service once it is back)",
                 retry_after_s=DRAIN_RETRY_AFTER_S,
             )
+
+    def _submit(self, msg: Any, request_id: str | None) -> tuple[str, Any]:
+        """Check and convert the request, then admit it; returns (recipe name, its stream)."""
+        self.check_admitting()
         check_message(msg, self.topology.limits)
         rid = msg.request_id or request_id or self.coordinator.new_request_id()
         req = request_from_pb(

@@ -1,6 +1,7 @@
 """The service under abuse: fuzzed requests, a short soak, and its Serve processes killed mid-stream (SIGKILL).
 
-One module-scoped service (embedded Ray on loopback, Serve gRPC ingress, tiny random Llamas on disk). The tests run
+One module-scoped service (embedded Ray on loopback, Serve gRPC ingress, tiny random Llamas on disk, the
+coordinator-to-worker streams over mutual TLS with certificates made for the test). The tests run
 in file order on purpose: fuzzing and the soak need a healthy service; the fault tests then kill the Serve
 controller, the proxy and finally the replica that holds the coordinator, each time measuring how long the service
 takes to answer a request again (printed, and collected in the closing note of issue 10).
@@ -16,10 +17,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from logitfusion.actors.tls_testing import write_test_pki
 from logitfusion.client import build_request
 from logitfusion.cluster import shutdown
 from logitfusion.v1 import fusion_pb2 as pb
@@ -46,10 +49,19 @@ def service(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("family")
     service_models.write_family(root)
-    config = service_models.write_topology(root, max_concurrent_requests=LIMIT, max_batch_size=LIMIT)
-    config.write_text(config.read_text().replace("app_name: lftest", f"app_name: {APP}"))
+    write_test_pki(root / "pki")
+    topo = service_models.topology_dict(root, max_concurrent_requests=LIMIT, max_batch_size=LIMIT)
+    topo["serve"]["app_name"] = APP
+    # the coordinator-to-worker streams over mutual TLS, with certificates made for this test (paths relative to
+    # the YAML): every test below also runs over TLS
+    topo["serve"]["worker_tls"] = {"cert_file": "pki/worker.pem", "key_file": "pki/worker.key",
+                                   "ca_file": "pki/ca.pem", "client_cert_file": "pki/client.pem",
+                                   "client_key_file": "pki/client.key"}
+    config = root / "topology.yaml"
+    config.write_text(yaml.safe_dump(topo, sort_keys=False))
     started_ray = not ray.is_initialized()
-    svc = run_service(config, grpc_port=free_port(), blocking=False, num_cpus=4, access_log=False)
+    svc = run_service(config, grpc_port=free_port(), http_port=free_port(), blocking=False, num_cpus=4,
+                      access_log=False)
     svc.topology = load_topology(config)
     try:
         yield svc
@@ -103,6 +115,23 @@ def settled(app) -> dict:
         s = app.stats.remote().result(timeout_s=60)
         return s if not s["active_requests"] and not any(s["live_sequences"].values()) else None
     return wait_for(idle, 120, "no request running and empty sequence tables on every worker")
+
+
+# ------------------------------------------------------------------------------------------------ worker TLS
+
+
+def test_the_workers_speak_only_mutual_tls(service, app):
+    tls = service.topology.worker_tls()
+    names = app.workers.remote().result(timeout_s=60)
+    for model, (name, ns) in names.items():
+        address = ray.get(ray.get_actor(name, namespace=ns).address.remote(), timeout=60)
+        with grpc.insecure_channel(address) as ch:  # plaintext: the handshake never completes
+            with pytest.raises(grpc.RpcError) as info:
+                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, model
+        with grpc.secure_channel(address, tls.channel_credentials(), options=tls.channel_options()) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING, model
 
 
 # ------------------------------------------------------------------------------------------------ fuzzing

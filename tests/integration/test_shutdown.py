@@ -44,7 +44,7 @@ def write_config(family: Path, name: str, drain_timeout_s: float) -> Path:
     from logitfusion.cluster.cli import free_port
 
     d = service_models.topology_dict(family)
-    d["serve"].update(grpc_port=free_port(), app_name=name, drain_timeout_s=drain_timeout_s)
+    d["serve"].update(grpc_port=free_port(), http_port=free_port(), app_name=name, drain_timeout_s=drain_timeout_s)
     path = family / f"{name}.yaml"
     path.write_text(yaml.safe_dump(d, sort_keys=False))
     return path
@@ -126,6 +126,21 @@ def health(address: str) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
 
+def http_status(url: str, body: dict | None = None) -> tuple[int, dict, str]:
+    """(status, headers with lower-case names, body text) of a GET (or a JSON POST when ``body`` is given), errors included."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read().decode()
+
+
 def assert_nothing_left(server: Server, exit_timeout_s: float, expect_rc: int) -> None:
     rc = server.proc.wait(timeout=exit_timeout_s)
     assert rc == expect_rc, server.text()[-4000:]
@@ -166,7 +181,7 @@ def test_sigterm_drains_in_flight_request_refuses_new_ones_and_leaves_nothing(fa
     config = write_config(family, "lfdrain1", drain_timeout_s=240.0)
     server = Server("serve", "--config", str(config))
     try:
-        line = server.wait_for_line("serving logitfusion.v1.FusionService on", START_TIMEOUT_S)
+        line = server.wait_for_line("and the OpenAI-style HTTP API on", START_TIMEOUT_S)  # the line naming both
         address = line.split(" on ")[1].split()[0]
         assert health(address) == "SERVING"
         stream = Stream(address, max_new_tokens=300)
@@ -182,6 +197,11 @@ def test_sigterm_drains_in_flight_request_refuses_new_ones_and_leaves_nothing(fa
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
         refused = errors.from_rpc_error(info.value)
         assert isinstance(refused, errors.ShuttingDown) and refused.retry_after_s > 0, info.value.details()
+        # the HTTP ingress drains with it: /health 503, a new completion 503 with Retry-After
+        base = line.split(" API on ")[1].split()[0].removesuffix("/v1")
+        assert http_status(f"{base}/health")[0] == 503
+        status, headers, body = http_status(f"{base}/v1/completions", {"prompt": "late", "max_tokens": 2})
+        assert status == 503 and int(headers["retry-after"]) > 0 and "shutting down" in body, (status, body)
         # The request in flight runs to its end: every token, finish reason "length".
         assert stream.done.wait(240), "the in-flight stream did not end"
         assert stream.error is None and len(stream.tokens) == 300 and stream.finish == "length", stream.error
@@ -240,7 +260,9 @@ def test_interrupted_demo_stops_the_service_and_leaves_nothing():
     server = Server("demo")
     try:
         server.wait_for_line("serving on", START_TIMEOUT_S)
-        server.proc.send_signal(signal.SIGINT)  # the demo is asking its first questions now
+        # Ctrl-C in a terminal: SIGINT to the whole foreground process group (the demo and the Ray processes that
+        # share its group: GCS, raylet, dashboard, agents), while the demo asks its first questions
+        os.killpg(server.proc.pid, signal.SIGINT)
         assert_nothing_left(server, exit_timeout_s=180, expect_rc=0)
         assert "interrupted (received SIGINT): draining and stopping the service" in server.text()
         assert "stopped" in server.text().splitlines()[-1]

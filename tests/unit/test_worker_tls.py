@@ -5,27 +5,20 @@ with a CA, worker and client certificates generated here (cryptography). The wor
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-from pathlib import Path
-
-import grpc
 import pytest
 import torch
 import yaml
 
 from logitfusion.actors.remote import RemoteRunner
 from logitfusion.actors.tls import WorkerTLS
+from logitfusion.actors.tls_testing import write_test_pki
 from logitfusion.actors.worker import WorkerServer
 from logitfusion.cluster.topology import Topology, load_topology
 from logitfusion.engine.runner import ExtendOp, RunnerUnavailable, StepPlan
 from logitfusion.engine.testing import tiny_runner
 from logitfusion.errors import ConfigError
 
-x509 = pytest.importorskip("cryptography.x509")
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
+pytest.importorskip("cryptography")
 
 pytestmark = pytest.mark.timeout(120)
 torch.set_num_threads(1)
@@ -33,70 +26,11 @@ torch.set_num_threads(1)
 PLAN = StepPlan(extends=(ExtendOp("a", (1, 2, 3, 4), "last"), ExtendOp("b", (5, 6), "all")))
 
 
-def _key():
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _write_key(path: Path, key) -> str:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    return str(path)
-
-
-def _write_cert(path: Path, cert) -> str:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return str(path)
-
-
-def _cert(subject: str, key, issuer_name, issuer_key, *, ca: bool = False, dns: str | None = None,
-          ip: str | None = None, usage=None):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    b = (x509.CertificateBuilder()
-         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-         .issuer_name(issuer_name or x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-         .public_key(key.public_key())
-         .serial_number(x509.random_serial_number())
-         .not_valid_before(now - datetime.timedelta(minutes=5))
-         .not_valid_after(now + datetime.timedelta(days=1))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    names = [x509.DNSName(dns)] if dns else []
-    names += [x509.IPAddress(ipaddress.ip_address(ip))] if ip else []
-    if names:
-        b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    if usage:
-        b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    return b.sign(issuer_key or key, hashes.SHA256())
-
-
-def _ca(tmp: Path, name: str):
-    key = _key()
-    cert = _cert(name, key, None, None, ca=True)
-    return key, cert, _write_cert(tmp / f"{name}.pem", cert)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, str]:
     """A CA; a worker certificate for the DNS name logitfusion-worker; a client certificate; and a second,
     unrelated CA with its own worker certificate (an impostor)."""
-    tmp = tmp_path_factory.mktemp("pki")
-    ca_key, ca, ca_file = _ca(tmp, "lf-test-ca")
-    wkey, ckey = _key(), _key()
-    files = {
-        "ca": ca_file,
-        "worker_cert": _write_cert(tmp / "worker.pem", _cert("worker", wkey, ca.subject, ca_key,
-                                                            dns="logitfusion-worker",
-                                                            usage=ExtendedKeyUsageOID.SERVER_AUTH)),
-        "worker_key": _write_key(tmp / "worker.key", wkey),
-        "client_cert": _write_cert(tmp / "client.pem", _cert("coordinator", ckey, ca.subject, ca_key,
-                                                            usage=ExtendedKeyUsageOID.CLIENT_AUTH)),
-        "client_key": _write_key(tmp / "client.key", ckey),
-    }
-    other_key, other, files["other_ca"] = _ca(tmp, "other-ca")
-    okey = _key()
-    files["other_worker_cert"] = _write_cert(tmp / "other-worker.pem", _cert(
-        "impostor", okey, other.subject, other_key, dns="logitfusion-worker", usage=ExtendedKeyUsageOID.SERVER_AUTH))
-    files["other_worker_key"] = _write_key(tmp / "other-worker.key", okey)
-    return files
+    return write_test_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _server_tls(pki, mutual=False, impostor=False) -> WorkerTLS:
