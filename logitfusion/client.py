@@ -68,6 +68,7 @@ class Completion:
     stop: str = ""  # the stop string that ended it, if any
     drafted_tokens: int = 0  # speculative decoding: tokens proposed by the draft model
     accepted_tokens: int = 0  # of those, accepted by the fused distribution
+    losses: list[float | None] = field(default_factory=list)  # per token: the DLF objective (None: static recipe)
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -196,8 +197,12 @@ def message_to_dict(msg: Any) -> dict[str, Any]:
     return out
 
 
+def _loss(msg: pb.StepWeights) -> float | None:
+    return msg.loss if msg.HasField("loss") else None
+
+
 def _completion(request_id: str, text: str, token_ids: list[int], reason: int, usage: pb.Usage,
-                weights: list[dict[str, float]], **extra: str) -> Completion:
+                weights: list[dict[str, float]], losses: list[float | None], **extra: str) -> Completion:
     """A Completion from what Generate and the end of GenerateStream both carry (extra: recipe, stop)."""
     return Completion(
         request_id=request_id,
@@ -208,6 +213,7 @@ def _completion(request_id: str, text: str, token_ids: list[int], reason: int, u
         completion_tokens=usage.completion_tokens,
         steps=usage.steps,
         weights=weights,
+        losses=losses,
         drafted_tokens=usage.drafted_tokens,
         accepted_tokens=usage.accepted_tokens,
         **extra,
@@ -216,7 +222,7 @@ def _completion(request_id: str, text: str, token_ids: list[int], reason: int, u
 
 def completion_from_pb(resp: pb.GenerateResponse) -> Completion:
     return _completion(resp.request_id, resp.text, list(resp.token_ids), resp.finish_reason, resp.usage,
-                       [_weights(s) for s in resp.steps], recipe=resp.recipe)
+                       [_weights(s) for s in resp.steps], [_loss(s) for s in resp.steps], recipe=resp.recipe)
 
 
 # ------------------------------------------------------------------------------------------------ the client
@@ -235,22 +241,24 @@ class GenerationStream:
         self.completion: Completion | None = None
         self._tokens: list[int] = []
         self._weights: list[dict[str, float]] = []
+        self._losses: list[float | None] = []
 
     def __iter__(self) -> Iterator[TokenEvent]:
         try:
             for msg in self._call:
                 self.request_id = msg.request_id
                 weights = _weights(msg.weights)
-                loss = msg.weights.loss if msg.weights.HasField("loss") else None
+                loss = _loss(msg.weights)
                 if msg.tokens:
                     self._weights.append(weights)
+                    self._losses.append(loss)
                 for t in msg.tokens:
                     self._tokens.append(t.id)
                     yield TokenEvent(msg.request_id, t.id, t.text, t.index, msg.weights.step, weights, loss)
                 if msg.HasField("finished"):
                     f = msg.finished
                     self.completion = _completion(msg.request_id, f.text, list(self._tokens), f.reason, f.usage,
-                                                  list(self._weights), stop=f.stop)
+                                                  list(self._weights), list(self._losses), stop=f.stop)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 

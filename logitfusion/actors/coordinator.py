@@ -175,6 +175,7 @@ class StreamChunk:
     tokens: tuple[TokenOut, ...]
     weights: tuple[tuple[str, float], ...]  # (expert, alpha) in recipe order
     finished: FinishInfo | None = None
+    loss: float | None = None  # the DLF objective at those weights (None for static recipes)
 
 
 # ------------------------------------------------------------------------------------------------ per-request stream
@@ -675,7 +676,7 @@ class Coordinator:
             entry.drafted, entry.accepted = ev.num_drafted_tokens, ev.num_accepted_tokens
             finished = self._finish_info(entry, ev.finish_reason) if ev.finished else None
             chunks.append(StreamChunk(entry.request.request_id, entry.steps, (token,), tuple(zip(experts, ev.alphas)),
-                                      finished))
+                                      finished, ev.loss))
         if chunks:
             entry.steps += 1
         return chunks

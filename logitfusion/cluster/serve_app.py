@@ -305,7 +305,10 @@ def speculative_from_pb(msg: pb.GenerateRequest, topology: Topology) -> Speculat
 
 
 def _weights_pb(chunk: StreamChunk) -> pb.StepWeights:
-    return pb.StepWeights(step=chunk.step, experts=[pb.ExpertWeight(expert=e, weight=w) for e, w in chunk.weights])
+    msg = pb.StepWeights(step=chunk.step, experts=[pb.ExpertWeight(expert=e, weight=w) for e, w in chunk.weights])
+    if chunk.loss is not None:
+        msg.loss = chunk.loss  # the solved DLF objective; unset for static recipes
+    return msg
 
 
 def _usage_pb(f: FinishInfo) -> pb.Usage:

@@ -97,6 +97,7 @@ class StepEvent:
     step: int  # the Decoder step that produced the event
     num_drafted_tokens: int = 0  # the request's speculative totals so far (0 without speculation)
     num_accepted_tokens: int = 0
+    loss: float | None = None  # the DLF objective at the solved weights of this token (None for static recipes)
 
 
 @dataclass
@@ -268,6 +269,11 @@ def resolve_fusion_device(device: str | torch.device) -> torch.device:
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def _loss_at(loss: torch.Tensor | None, row: int) -> float | None:
+    """The DLF objective of one fused row, or None (static recipe)."""
+    return None if loss is None else float(loss[row])
 
 
 def _find_stop(text: str, stops: Sequence[str], start: int) -> int:
@@ -779,12 +785,13 @@ class Decoder:
 
     def _fused_rows(
         self, logits: Mapping[tuple[str, str], torch.Tensor], drafts: Mapping[str, _Draft]
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Fuse every request's rows, batched per recipe: request id -> (log-probs [r, V], alphas [r, T])."""
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Fuse every request's rows, batched per recipe: request id -> (log-probs [r, V], alphas [r, T], the DLF
+        loss [r] or None for a static recipe)."""
         groups: dict[Recipe, list[_Live]] = {}
         for live in self._live.values():
             groups.setdefault(live.request.recipe, []).append(live)
-        fused: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        fused: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         for recipe, lives in groups.items():
             per_model: dict[str, list[torch.Tensor]] = {m: [] for m in recipe.model_names()}
             sizes = []
@@ -804,8 +811,9 @@ class Decoder:
             result = fuse(inputs, recipe, weights, validated=True)  # add_request validated it; fuse checks the logits
             self.fusion_time_s += time.perf_counter() - t0
             logprobs, alphas = result.logprobs.cpu(), result.alphas.cpu()  # sampling uses per-request CPU generators
-            for live, lp, al in zip(lives, logprobs.split(sizes), alphas.split(sizes)):
-                fused[live.rid] = (lp, al)
+            losses = result.loss.cpu().split(sizes) if result.loss is not None else [None] * len(lives)
+            for live, lp, al, lo in zip(lives, logprobs.split(sizes), alphas.split(sizes), losses):
+                fused[live.rid] = (lp, al, lo)
         return fused
 
     def _fuse_and_update(
@@ -822,20 +830,21 @@ class Decoder:
 
     @staticmethod
     def _sample_plain(
-        fused: Mapping[str, tuple[torch.Tensor, torch.Tensor]], plain: Sequence[_Live]
-    ) -> dict[str, tuple[list[int], list[torch.Tensor]]]:
+        fused: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], plain: Sequence[_Live]
+    ) -> dict[str, tuple[list[int], list[torch.Tensor], list[float | None]]]:
         """One token per plain request, all rows sampled at once (each with its own generator)."""
         if not plain:
             return {}
         lp = concat_rows([fused[live.rid][0] for live in plain])  # [B, V]
         params = [live.request.sampling for live in plain]  # validated at add_request; lp is fuse's checked output
         tokens = sample(lp, params, [live.generator for live in plain], check=False)  # [B]
-        return {live.rid: ([int(tokens[b])], [fused[live.rid][1][0]]) for b, live in enumerate(plain)}
+        return {live.rid: ([int(tokens[b])], [fused[live.rid][1][0]], [_loss_at(fused[live.rid][2], 0)])
+                for b, live in enumerate(plain)}
 
     @staticmethod
     def _accept(
-        live: _Live, draft: _Draft, lp: torch.Tensor, alphas: torch.Tensor
-    ) -> tuple[list[int], list[torch.Tensor]]:
+        live: _Live, draft: _Draft, lp: torch.Tensor, alphas: torch.Tensor, loss: torch.Tensor | None
+    ) -> tuple[list[int], list[torch.Tensor], list[float | None]]:
         """Accept a prefix of the draft against the fused targets (lp [k + 1, V], alphas [k + 1, T]) and roll
         every model back to it: the truncate rides the next plan. Returns the accepted tokens plus one."""
         spec = live.request.speculative
@@ -850,22 +859,25 @@ class Decoder:
         base = len(live.generated)
         for m in live.models:
             live.valid[m] = min(live.held[m], len(live.prompts[m]) + base + n_acc)
-        return draft.tokens[:n_acc] + [int(nxt)], [alphas[j] for j in range(n_acc + 1)]
+        kept = range(n_acc + 1)
+        return draft.tokens[:n_acc] + [int(nxt)], [alphas[j] for j in kept], [_loss_at(loss, j) for j in kept]
 
-    def _update(self, picked: Mapping[str, tuple[list[int], list[torch.Tensor]]]) -> list[StepEvent]:
+    def _update(
+        self, picked: Mapping[str, tuple[list[int], list[torch.Tensor], list[float | None]]]
+    ) -> list[StepEvent]:
         """Append each request's tokens in order until one of them stops it."""
         events: list[StepEvent] = []
         for live in list(self._live.values()):
-            tokens, alphas = picked[live.rid]
+            tokens, alphas, losses = picked[live.rid]
             live.num_steps += 1
-            for token, al in zip(tokens, alphas):
-                events.append(self._append(live, token, al))
+            for token, al, lo in zip(tokens, alphas, losses):
+                events.append(self._append(live, token, al, lo))
                 if live.finish_reason is not None:
                     self._finish(live)
                     break
         return events
 
-    def _append(self, live: _Live, token: int, alphas: torch.Tensor) -> StepEvent:
+    def _append(self, live: _Live, token: int, alphas: torch.Tensor, loss: float | None = None) -> StepEvent:
         """Add one token to a request, check its stops and return its event."""
         live.generated.append(token)
         weights = [float(a) for a in alphas]
@@ -893,7 +905,7 @@ class Decoder:
             reason = FINISH_LENGTH
         live.finish_reason = reason
         return StepEvent(live.rid, token, delta, tuple(weights), reason is not None, reason, self._step,
-                         live.drafted, live.accepted)
+                         live.drafted, live.accepted, loss)
 
     def _finish(self, live: _Live) -> None:
         """Take a finished request out of the batch; its caches are freed by the next plans."""

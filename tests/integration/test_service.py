@@ -163,6 +163,12 @@ def test_generate_equals_the_stream_and_carries_weights(client, idle):
     for w in done.weights:
         assert set(w) == {"expert_a", "expert_b"}
         assert all(0.0 <= a <= 2.0 and math.isfinite(a) for a in w.values())
+    # StepWeights.loss: the solved DLF objective at every token, the same on both calls; unset for a static recipe
+    assert len(done.losses) == 12 and all(x is not None and 0.0 <= x < 1e3 for x in done.losses)
+    assert [e.loss for e in events] == stream.completion.losses
+    assert done.losses == pytest.approx(stream.completion.losses, abs=1e-6)
+    static = client.generate("hello world", max_new_tokens=3, stop_at_eos=False, preset="proxy_a")
+    assert static.losses == [None, None, None]
     assert [e.index for e in events] == list(range(12))
 
 

@@ -382,3 +382,29 @@ def test_fusion_device_is_checked_by_name(runners) -> None:
         with pytest.raises(ValueError, match=r"fusion_device='cuda': CUDA is not available"):
             Decoder(runners, fusion_device="cuda")
     assert Decoder(runners).fusion_device == torch.device("cpu")
+
+
+def test_step_events_carry_the_solved_dlf_loss(models, runners) -> None:
+    """Each DLF token's event carries the objective at its solved weights, equal to the reference's; static: None."""
+    from logitfusion.fusion import dlf_loss
+
+    dec = make_decoder(runners)
+    recipe = RECIPES["dlf_newton"]
+    dec.add_request(GenerationRequest("l", PROMPTS[0], recipe, max_new_tokens=4, stop_token_ids=()))
+    dec.add_request(GenerationRequest("s", PROMPTS[0], RECIPES["proxy"], max_new_tokens=4, stop_token_ids=()))
+    events = []
+    while dec.has_work():
+        events += dec.step()
+    dlf_events = [e for e in events if e.request_id == "l"]
+    assert len(dlf_events) == 4 and all(e.loss is not None and e.loss >= 0.0 for e in dlf_events)
+    assert all(e.loss is None for e in events if e.request_id == "s")
+    ref = naive_decode(models, PROMPTS[0], recipe, vocab_size=V, max_new_tokens=4)
+    assert [e.token_id for e in dlf_events] == ref.token_ids
+    # the first step's loss recomputed from the reference's fused inputs at the event's alphas
+    with torch.inference_mode():
+        ids = torch.tensor([PROMPTS[0]])
+        lp = {m: torch.log_softmax(models[m](input_ids=ids).logits[:, -1, :V].double(), -1)
+              for m in ("large", "small", "expert_a")}
+    loss = dlf_loss(lp["large"], lp["small"], lp["expert_a"].unsqueeze(0), torch.tensor([dlf_events[0].alphas]))
+    assert float(loss[0]) == pytest.approx(dlf_events[0].loss, rel=1e-3, abs=1e-6)
+    assert_no_leaks(runners)
