@@ -27,3 +27,20 @@ def runners(models):
     yield rs
     for r in rs.values():
         r.close()
+
+
+@pytest.fixture(scope="module")
+def zoo_runners(request):
+    """(zoo paths, a LocalRunner per model the test module names in MODELS) over the committed zoo's checkpoints,
+    loaded from disk like any HF model; the module is skipped when no zoo is built."""
+    torch.set_num_threads(1)
+    from logitfusion.models.zoo.build import ZooNotBuilt, load_zoo
+
+    try:
+        paths = load_zoo()
+    except ZooNotBuilt as exc:
+        pytest.skip(f"zoo not built: {exc}")
+    rs = {name: LocalRunner.from_pretrained(paths.model(name), name) for name in request.module.MODELS}
+    yield paths, rs
+    for r in rs.values():
+        r.close()

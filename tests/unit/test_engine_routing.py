@@ -26,18 +26,8 @@ FAR = "the old songs of the valley speak of rain and bread"  # filler prose, no 
 
 
 @pytest.fixture(scope="module")
-def zoo():
-    torch.set_num_threads(1)
-    from logitfusion.models.zoo.build import ZooNotBuilt, load_zoo
-
-    try:
-        paths = load_zoo()
-    except ZooNotBuilt as exc:
-        pytest.skip(f"zoo not built: {exc}")
-    runners = {name: LocalRunner.from_pretrained(paths.model(name), name) for name in MODELS}
-    yield paths, runners
-    for r in runners.values():
-        r.close()
+def zoo(zoo_runners):
+    return zoo_runners  # (paths, name -> LocalRunner of MODELS)
 
 
 @pytest.fixture(scope="module")

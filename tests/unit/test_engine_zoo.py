@@ -4,10 +4,8 @@ plain and speculative, is token-identical to the full-recompute reference. Skipp
 from __future__ import annotations
 
 import pytest
-import torch
 
 from logitfusion.engine.decoder import Decoder, GenerationRequest, SpeculativeConfig
-from logitfusion.engine.local import LocalRunner
 from logitfusion.engine.reference import naive_decode
 from logitfusion.fusion import presets
 
@@ -17,18 +15,8 @@ MODELS = ("small", "large", "expert_capital", "expert_colour", "large_ft_capital
 
 
 @pytest.fixture(scope="module")
-def zoo():
-    torch.set_num_threads(1)
-    from logitfusion.models.zoo.build import ZooNotBuilt, load_zoo
-
-    try:
-        paths = load_zoo()
-    except ZooNotBuilt as exc:
-        pytest.skip(f"zoo not built: {exc}")
-    runners = {name: LocalRunner.from_pretrained(paths.model(name), name) for name in MODELS}
-    yield runners
-    for r in runners.values():
-        r.close()
+def zoo(zoo_runners):
+    return zoo_runners[1]  # name -> LocalRunner of MODELS
 
 
 @pytest.fixture(scope="module")
