@@ -9,8 +9,11 @@ per model, with a wide initialiser so greedy decoding has no near-ties that batc
 from __future__ import annotations
 
 import string
+import threading
+import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -111,3 +114,32 @@ def write_topology(root: Path, name: str = "topology.yaml", **limits) -> Path:
     path = root / name
     path.write_text(yaml.safe_dump(topology_dict(root, **limits), sort_keys=False))
     return path
+
+
+def wait_for(condition, timeout_s: float = 60.0, what: str = "condition", *, tolerate_errors: bool = False,
+             tick_s: float = 0.05):
+    """Poll ``condition()`` until it returns a truthy value and return it; fail naming ``what`` (and the last value)
+    after ``timeout_s``. tolerate_errors: an exception counts as "not yet" (a service recovering from a fault answers
+    with errors for a while)."""
+    deadline = time.monotonic() + timeout_s
+    tick = threading.Event()
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = condition()
+        except Exception as exc:  # noqa: BLE001 - re-raised unless the caller expects errors while it waits
+            if not tolerate_errors:
+                raise
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        tick.wait(tick_s)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
+
+
+def worker_actors(app) -> dict:
+    """Model name -> the ModelWorker actor of a running deployment (``app``: its Serve app handle)."""
+    import ray
+
+    names = app.workers.remote().result(timeout_s=60)
+    return {model: ray.get_actor(name, namespace=ns) for model, (name, ns) in names.items()}

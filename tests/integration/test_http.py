@@ -13,13 +13,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
+
+from service_models import wait_for, worker_actors  # tests/integration/service_models.py
 
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
@@ -86,20 +86,9 @@ def oai(service):
 def workers(service):
     from ray import serve
 
-    names = serve.get_app_handle(APP).workers.remote().result(timeout_s=60)
-    return {model: ray.get_actor(name, namespace=ns) for model, (name, ns) in names.items()}
+    return worker_actors(serve.get_app_handle(APP))
 
 
-def wait_for(condition, timeout_s: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    tick = threading.Event()
-    last = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last:
-            return last
-        tick.wait(0.05)
-    pytest.fail(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
 
 
 def assert_idle(workers):

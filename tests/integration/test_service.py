@@ -25,6 +25,7 @@ from logitfusion.v1 import fusion_pb2 as pb
 from logitfusion.v1 import fusion_pb2_grpc
 
 import service_models  # tests/integration/service_models.py
+from service_models import wait_for
 
 ray = pytest.importorskip("ray")
 
@@ -86,21 +87,9 @@ def app(service):
 
 @pytest.fixture(scope="module")
 def workers(app) -> dict[str, object]:
-    names = app.workers.remote().result(timeout_s=60)
-    return {model: ray.get_actor(name, namespace=ns) for model, (name, ns) in names.items()}
+    return service_models.worker_actors(app)
 
 
-def wait_for(condition, timeout_s: float = 60.0, what: str = "condition"):
-    """Poll ``condition()`` until it returns a truthy value; fail with ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    tick = threading.Event()
-    last = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last:
-            return last
-        tick.wait(0.05)
-    pytest.fail(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
 
 
 def worker_sequences(workers) -> dict[str, dict[str, int]]:

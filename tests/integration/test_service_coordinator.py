@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from logitfusion.errors import DeadlineExceeded, ModelUnavailable, Overloaded
 from logitfusion.fusion import presets
 
 import service_models  # tests/integration/service_models.py
+from service_models import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -84,14 +84,6 @@ def tokens(stream: RequestStream) -> list[int]:
     return [t.token_id for chunk in stream for t in chunk.tokens]
 
 
-def wait_for(cond, timeout_s: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    tick = threading.Event()
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        tick.wait(0.02)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def idle(c: Coordinator) -> bool:

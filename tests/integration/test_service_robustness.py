@@ -9,11 +9,11 @@ takes to answer a request again (printed, and collected in the closing note of i
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -29,6 +29,9 @@ from logitfusion.v1 import fusion_pb2 as pb
 from logitfusion.v1 import fusion_pb2_grpc
 
 import service_models  # tests/integration/service_models.py
+
+# a service recovering from a fault answers with errors for a while: those count as "not yet"
+wait_for = functools.partial(service_models.wait_for, tolerate_errors=True, tick_s=0.2)
 
 ray = pytest.importorskip("ray")
 
@@ -94,19 +97,6 @@ def health(address: str) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
 
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    tick = threading.Event()
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = condition()
-        except Exception as exc:  # noqa: BLE001 - a service recovering answers with errors for a while
-            last = exc
-        if last is True or (last and not isinstance(last, Exception)):
-            return last
-        tick.wait(0.2)
-    pytest.fail(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
 
 
 def settled(app) -> dict:
