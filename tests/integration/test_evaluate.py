@@ -197,13 +197,22 @@ def test_ray_job_submit_against_a_head(tmp_path):
         client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
 
         def submit() -> str:
-            return client.submit_job(
-                entrypoint=f"{sys.executable} -m logitfusion.cluster.evaluate --config {config} --output-dir {out} "
-                "--no-progress",
-                runtime_env={"working_dir": str(REPO), "excludes": ["/.venv", "/results", "*.pyc"],
-                             # a job that sets a thread variable itself: the entrypoint must not collide with it
-                             "env_vars": {"OMP_NUM_THREADS": "1"}},
-            )
+            # right after `ray start` the head may answer before its job agent registers ("No available agent to
+            # submit job, please try again later"): retried, bounded, as the README tells users to
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    return client.submit_job(
+                        entrypoint=f"{sys.executable} -m logitfusion.cluster.evaluate --config {config} "
+                        f"--output-dir {out} --no-progress",
+                        runtime_env={"working_dir": str(REPO), "excludes": ["/.venv", "/results", "*.pyc"],
+                                     # a job that sets a thread variable itself: the entrypoint must not collide
+                                     "env_vars": {"OMP_NUM_THREADS": "1"}},
+                    )
+                except RuntimeError as exc:
+                    if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(2)
 
         def wait(job: str, until: Callable[[], bool] = lambda: False) -> JobStatus:
             deadline = time.monotonic() + 480
