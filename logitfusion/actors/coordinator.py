@@ -18,7 +18,9 @@ sequence with want="all" under a reserved sequence id, the sequence is released 
 (DLF solved per position). An optional ``observer`` (logitfusion.metrics.ServiceMetrics) is told about steps, first
 tokens and tokens; the coordinator works the same without one.
 
-A runner that fails a step is retried (RemoteRunner has already reconnected to a restarted worker and replayed
+A runner that does not answer a step within serve.stall_timeout_s holds up only the requests that read its model
+(the Decoder parks them until it answers; they end at their deadline if it never does); scoring jobs that read it
+wait the same way, up to limits.request_timeout_s. A runner that fails a step is retried (RemoteRunner has already reconnected to a restarted worker and replayed
 every sequence if it could); a runner that stays unavailable fails only the requests that read its model.
 No Ray and no protobuf here: the Serve deployment (cluster.serve_app) converts at the edge.
 """
@@ -301,6 +303,7 @@ class _ScoreJob:
     recipe: Any  # fusion.Recipe
     top_n: int
     future: concurrent.futures.Future
+    deadline: float  # time.monotonic() after which a job still waiting on a stalled model fails
 
 
 class Coordinator:
@@ -319,6 +322,7 @@ class Coordinator:
         max_step_retries: int = 3,
         name: str = "coordinator",
         fusion_device: str = "auto",
+        stall_timeout_s: float | None = 2.0,
     ) -> None:
         if max_step_retries < 0:
             raise ValueError(f"max_step_retries={max_step_retries} must be >= 0")
@@ -336,6 +340,7 @@ class Coordinator:
             max_new_tokens_limit=limits.max_new_tokens,
             max_waiting_requests=limits.max_concurrent_requests,
             fusion_device=fusion_device,
+            stall_timeout_s=stall_timeout_s,  # a stalled runner holds up only the requests that read it
         )
         self.max_step_retries = max_step_retries
         self._cv = threading.Condition()
@@ -432,7 +437,8 @@ class Coordinator:
                     f"{self.limits.max_concurrent_requests}; retry later"
                 )
             seq = f"{SCORE_SEQ_PREFIX}{self.name}/{next(self._score_ids)}"
-            self._score_jobs.append(_ScoreJob(seq, tuple(int(t) for t in token_ids), recipe, top_n, fut))
+            deadline = time.monotonic() + self.limits.request_timeout_s
+            self._score_jobs.append(_ScoreJob(seq, tuple(int(t) for t in token_ids), recipe, top_n, fut, deadline))
             self._cv.notify_all()
         return fut
 
@@ -534,6 +540,7 @@ class Coordinator:
 
         with self._cv:
             jobs, self._score_jobs = self._score_jobs, []
+        jobs = self._defer_stalled_scores(jobs)
         if not jobs:
             return
         ops: dict[str, list[tuple[_ScoreJob, ExtendOp]]] = {}
@@ -583,6 +590,27 @@ class Coordinator:
                     job.future.set_result(scores)
             except BaseException as exc:  # noqa: BLE001 - reported to the caller
                 job.future.set_exception(classify(exc))
+
+    def _defer_stalled_scores(self, jobs: list[_ScoreJob]) -> list[_ScoreJob]:
+        """The jobs that can run now. Those reading a model whose runner is stalled (the Decoder's pending models)
+        wait for it, back in the queue, or fail with DeadlineExceeded once limits.request_timeout_s has passed."""
+        stalled = self.decoder.pending_models()
+        if not stalled:
+            return jobs
+        now, ready, later = time.monotonic(), [], []
+        for job in jobs:
+            waits_on = sorted(stalled.intersection(job.recipe.model_names()))
+            if not waits_on:
+                ready.append(job)
+            elif now >= job.deadline:
+                job.future.set_exception(DeadlineExceeded(
+                    f"scoring waited longer than limits.request_timeout_s ({self.limits.request_timeout_s:g} s) "
+                    f"for model {waits_on[0]!r}, which does not answer"))
+            else:
+                later.append(job)
+        with self._cv:
+            self._score_jobs[:0] = later
+        return ready
 
     def _submit_plan(self, model: str, plan: StepPlan) -> concurrent.futures.Future:
         try:

@@ -598,7 +598,8 @@ class Pipeline:
                     name, actor, reconnect_timeout_s=topology.serve.reconnect_timeout_s, tls=topology.worker_tls()
                 )
             coordinator = Coordinator(runners, codec=codec, limits=topology.limits, name=name_prefix,
-                                      fusion_device=topology.serve.fusion_device)
+                                      fusion_device=topology.serve.fusion_device,
+                                      stall_timeout_s=topology.serve.stall_timeout_s)
         except BaseException as exc:
             for r in runners.values():
                 r.close()

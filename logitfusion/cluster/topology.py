@@ -243,6 +243,10 @@ class ServeSpec(_Strict):
     reconnect_timeout_s: float = Field(
         60.0, gt=0, le=3600, description="how long a runner waits for a dead worker's restart before failing requests"
     )
+    stall_timeout_s: float = Field(
+        2.0, gt=0, le=3600, description="a worker that has not answered a step within this long is left behind: the "
+        "requests that read it wait (and end at their deadline), the others go on"
+    )
     worker_bind_host: str = Field(
         "node", min_length=1, description="where workers listen: 'node' (the node's Ray IP), 127.0.0.1, or an IP"
     )

@@ -16,6 +16,13 @@ The Decoder keeps, per request and model, how many tokens the runner holds (``he
 still right (``valid``); a plan sends the missing suffix of the model's history, so a prefill, a decode step, the
 catch-up after a speculative rollback and the re-send after a worker restart (``resync``) are one code path.
 
+A runner that does not answer within ``stall_timeout_s`` is *pending*: the step goes on without it, and every
+request that reads it is *parked* (not planned, fused or sampled) until its answer arrives; the next steps send it
+nothing and poll its future. The other requests are not held up by a stalled worker. A parked request ends the
+usual ways (abort, the coordinator's deadline); when the late answer comes, what the runner now holds is recorded as
+for any answer (a request that ended meanwhile gets its release), and a failure is raised as the StepFailed of
+that step.
+
 Threads: ``step()`` is driven by one loop thread; ``add_request`` and ``abort`` may be called from any thread.
 """
 
@@ -26,7 +33,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +48,7 @@ logger = logging.getLogger(__name__)
 FINISH_STOP = "stop"  # a stop token (EOS by default) or a stop string
 FINISH_LENGTH = "length"  # max_new_tokens reached
 FINISH_ABORT = "abort"  # abort(request_id)
+_PENDING_POLL_S = 0.05  # a step with only parked requests waits this long on the pending runners, then returns
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,6 +225,17 @@ class _Round:
         }
 
 
+@dataclass
+class _Pending:
+    """A runner's plan that was not answered within stall_timeout_s: what to record when it is."""
+
+    future: Future
+    plan: StepPlan
+    owners: list[tuple[_Live, int, int]]
+    featured: list[_Live]
+    since: float  # time.monotonic() at submit
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Small pure helpers
 # ----------------------------------------------------------------------------------------------------------------
@@ -330,8 +349,10 @@ class Decoder:
         max_new_tokens_limit: int = 1024,
         max_waiting_requests: int = 1024,
         fusion_device: str | torch.device = "auto",
+        stall_timeout_s: float | None = 2.0,
     ) -> None:
-        """fusion_device: where fusion, the DLF solve and the speculative targets are computed ("auto": the GPU when
+        """stall_timeout_s: how long a step waits for a runner before it goes on without it and parks the requests
+        that read it (None: wait for every runner, however long). fusion_device: where fusion, the DLF solve and the speculative targets are computed ("auto": the GPU when
         this process sees one, else the CPU; see ``resolve_fusion_device``). The runner contract
         returns fp32 CPU logits; with "cuda" they are copied to the GPU for fusion (the solver is many [B, V]
         passes, which the GPU does in well under a millisecond) and the fused log-probs come back for sampling."""
@@ -349,6 +370,9 @@ class Decoder:
             raise ValueError(f"max_new_tokens_limit={max_new_tokens_limit} must be >= 1")
         if max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests={max_waiting_requests} must be >= 1")
+        if stall_timeout_s is not None and not stall_timeout_s > 0:
+            raise ValueError(f"stall_timeout_s={stall_timeout_s} must be > 0 (or None: wait for every runner)")
+        self.stall_timeout_s = stall_timeout_s
         self._runners = dict(runners)
         self._info: dict[str, RunnerInfo] = {name: r.describe() for name, r in self._runners.items()}
         self.vocab_size = self._check_vocabularies(self._info)
@@ -369,6 +393,7 @@ class Decoder:
         self._ids: set[str] = set()  # every request id not finished yet (waiting or live)
         self._live: dict[str, _Live] = {}  # admission order
         self._releases: dict[str, set[str]] = {m: set() for m in self._runners}  # model -> seq ids to free
+        self._pending: dict[str, _Pending] = {}  # model -> its unanswered plan (a stalled runner gets no other)
         self._results: dict[str, GenerationResult] = {}
         self._step = 0
         self.fusion_time_s = 0.0  # total seconds spent fusing and solving the weights (metrics read the deltas)
@@ -432,7 +457,11 @@ class Decoder:
         with self._lock:
             if self._waiting or self._aborts or self._outbox:
                 return True
-        return bool(self._live) or any(self._releases.values())
+        return bool(self._live) or bool(self._pending) or any(self._releases.values())
+
+    def pending_models(self) -> frozenset[str]:
+        """Models whose runner has not answered a plan within stall_timeout_s (their requests are parked)."""
+        return frozenset(self._pending)
 
     def live_request_ids(self) -> list[str]:
         """Ids of every unfinished request, running or waiting."""
@@ -453,6 +482,7 @@ class Decoder:
                 if model in live.held:
                     live.held[model] = live.valid[model] = 0
             self._releases[model].clear()
+            self._pending.pop(model, None)  # a restarted worker answers nothing of the old one
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Run the given requests to completion (with any already queued) and return their results in order."""
@@ -551,6 +581,7 @@ class Decoder:
             self._retire_aborted()
             self._admit()
             try:
+                self._poll_pending()  # late answers of stalled runners: record them (or raise their failure)
                 self._prepare_routes()  # routed requests: their experts' example tables (once per example set)
                 drafts = self._draft()  # speculative requests: the draft model proposes k tokens
                 logits = self._execute(self._plan(drafts))  # every model, one plan each, concurrently
@@ -564,11 +595,41 @@ class Decoder:
                 events, self._outbox = self._outbox + events, []
             return events
 
-    def _forget_drafts(self) -> None:
-        """After a failed step: drafted tokens a runner may hold are not part of any history."""
-        for live in self._live.values():
+    def _forget_drafts(self, lives: Iterable[_Live] | None = None) -> None:
+        """After a failed step (or for requests parked in the middle of one): drafted tokens a runner may hold
+        are not part of any history."""
+        for live in self._live.values() if lives is None else lives:
             for m in live.models:
                 live.valid[m] = min(live.valid[m], len(live.prompts[m]) + len(live.generated))
+
+    def _parked(self, live: _Live) -> bool:
+        """True while a model the request reads has an unanswered plan."""
+        return bool(self._pending) and any(m in self._pending for m in live.models)
+
+    def _ready(self) -> list[_Live]:
+        """The live requests that this step plans, fuses and samples: every one not parked."""
+        return [live for live in self._live.values() if not self._parked(live)]
+
+    def _poll_pending(self) -> None:
+        """Record the answers of runners that were pending. With nothing else to run, wait up to _PENDING_POLL_S
+        for one (so a loop over step() does not spin); else only take what has arrived."""
+        if not self._pending:
+            return
+        if not self._ready():
+            wait([p.future for p in self._pending.values()], timeout=_PENDING_POLL_S, return_when=FIRST_COMPLETED)
+        failure: StepFailed | None = None
+        for m, p in list(self._pending.items()):
+            if not p.future.done():
+                continue
+            del self._pending[m]
+            logger.warning("step %d: runner %s answered after %.1f s", self._step, m, time.monotonic() - p.since)
+            failure = self._collect(m, p.future, p.plan, p.owners, p.featured, {}) or failure
+            for live, _, _ in p.owners:
+                if self._live.get(live.rid) is not live:
+                    self._releases[m].add(live.rid)  # it ended while parked: free what the late answer created
+            self._forget_drafts(live for live, _, _ in p.owners)  # their step was not fused: history only
+        if failure is not None:
+            raise failure
 
     def _retire_aborted(self) -> None:
         """Take aborted requests out (waiting or live); their caches go on the release lists, their final
@@ -647,11 +708,8 @@ class Decoder:
 
     def _plan(self, drafts: Mapping[str, _Draft]) -> _Round:
         """The main round: every row's extends, speculative verifies, and the pending releases."""
-        rnd = _Round()
-        for model, ids in self._releases.items():
-            if ids:
-                rnd.releases[model] = sorted(ids)
-        for live in self._live.values():
+        rnd = self._release_round()
+        for live in self._ready():
             draft = drafts.get(live.rid)
             if draft is None:
                 for m in live.request.recipe.model_names():
@@ -668,41 +726,68 @@ class Decoder:
     # ------------------------------------------------------------------------------------------------ execution
 
     def _execute(self, rnd: _Round) -> dict[tuple[str, str], torch.Tensor]:
-        """Submit every plan, wait on every future, record what each runner now holds.
+        """Submit every plan, wait on the futures, record what each runner now holds.
 
-        Returns (request id, model) -> the kept logits rows [rows, V]. Raises StepFailed after every future has
-        resolved, so no plan is ever in flight when the step returns.
+        Returns (request id, model) -> the kept logits rows [rows, V] of every request that is not parked. A runner
+        that does not answer within stall_timeout_s becomes pending and its requests are parked (see the module
+        docstring); every other future has resolved when this returns. Raises StepFailed after that.
         """
         plans = rnd.plans()
         futures: dict[str, Future] = {m: self._submit(m, plan) for m, plan in plans.items()}
+        started = time.monotonic()
         out: dict[tuple[str, str], torch.Tensor] = {}
         failure: StepFailed | None = None
+        parked: list[_Live] = []
         # the routing model first: its prompts are routed while the larger models still compute
         for m in sorted(futures, key=lambda name: name not in rnd.featured):
             fut = futures[m]
-            try:
-                logits = fut.result()
-            except BaseException as exc:  # noqa: BLE001 - reported as StepFailed below
-                logger.warning("step %d: runner %s failed: %s", self._step, m, exc)
-                failure = failure or StepFailed(m, exc)
-                continue
-            self._releases[m] -= set(plans[m].releases)
-            for (live, held, rows), rows_out in zip(rnd.owners.get(m, ()), logits):
-                live.held[m] = live.valid[m] = held
-                out[(live.rid, m)] = rows_out[-rows:]
-            featured = rnd.featured.get(m, ())
-            try:
-                feats = split_features(m, logits, len(plans[m].extends), len(featured)) if featured else []
-            except Exception as exc:  # noqa: BLE001 - a runner without features: reported like any failure
-                failure = failure or StepFailed(m, exc)
-                for live in featured:
-                    live.valid[m] = 0  # the retry prefills again and asks again
-                continue
-            if featured:
-                self._set_routes(list(zip(featured, feats)))
+            if self.stall_timeout_s is not None:
+                wait([fut], timeout=max(0.0, started + self.stall_timeout_s - time.monotonic()))
+                if not fut.done():
+                    logger.warning("step %d: runner %s has not answered in %.1f s: its requests wait, the others go on",
+                                   self._step, m, self.stall_timeout_s)
+                    owners = rnd.owners.get(m, [])
+                    self._pending[m] = _Pending(fut, plans[m], owners, rnd.featured.get(m, []), started)
+                    parked.extend(live for live, _, _ in owners)
+                    continue
+            failure = self._collect(m, fut, plans[m], rnd.owners.get(m, ()), rnd.featured.get(m, ()), out) or failure
+        if parked:
+            self._forget_drafts(parked)
+            out = {key: rows for key, rows in out.items() if not self._parked(self._live[key[0]])}
         if failure is not None:
             raise failure
         return out
+
+    def _collect(
+        self,
+        m: str,
+        fut: Future,
+        plan: StepPlan,
+        owners: Sequence[tuple[_Live, int, int]],
+        featured: Sequence[_Live],
+        out: dict[tuple[str, str], torch.Tensor],
+    ) -> StepFailed | None:
+        """Record one resolved runner future: what each owner's cache now holds, its kept rows into ``out``, the
+        routes of featured prefills. Returns the failure (not raised, so every other future is still recorded)."""
+        try:
+            logits = fut.result()
+        except BaseException as exc:  # noqa: BLE001 - reported as StepFailed
+            logger.warning("step %d: runner %s failed: %s", self._step, m, exc)
+            return StepFailed(m, exc)
+        self._releases[m] -= set(plan.releases)
+        for (live, held, rows), rows_out in zip(owners, logits):
+            live.held[m] = live.valid[m] = held
+            out[(live.rid, m)] = rows_out[-rows:]
+        if not featured:
+            return None
+        try:
+            feats = split_features(m, logits, len(plan.extends), len(featured))
+        except Exception as exc:  # noqa: BLE001 - a runner without features: reported like any failure
+            for live in featured:
+                live.valid[m] = 0  # the retry prefills again and asks again
+            return StepFailed(m, exc)
+        self._set_routes(list(zip(featured, feats)))
+        return None
 
     def _submit(self, model: str, plan: StepPlan) -> Future:
         """runner.submit, with an exception raised by submit itself turned into a failed future."""
@@ -711,12 +796,17 @@ class Decoder:
         except Exception as exc:  # noqa: BLE001 - reported through the future like any runner failure
             return failed(exc)
 
-    def _flush_releases(self) -> None:
-        """Free finished requests' caches now, with release-only plans."""
+    def _release_round(self) -> _Round:
+        """A round carrying every pending release (a pending runner's wait for its answer)."""
         rnd = _Round()
         for model, ids in self._releases.items():
-            if ids:
+            if ids and model not in self._pending:
                 rnd.releases[model] = sorted(ids)
+        return rnd
+
+    def _flush_releases(self) -> None:
+        """Free finished requests' caches now, with release-only plans."""
+        rnd = self._release_round()
         if rnd.releases:
             self._execute(rnd)
 
@@ -725,7 +815,7 @@ class Decoder:
     def _prepare_routes(self) -> None:
         """Make sure every routed request that still needs its weights has its example table (one runner call per
         new example set, on this step thread, so no other plan is in flight)."""
-        for live in self._live.values():
+        for live in self._ready():
             routing = live.request.recipe.route
             if routing is not None and live.route is None:
                 try:
@@ -757,7 +847,7 @@ class Decoder:
 
     def _draft(self) -> dict[str, _Draft]:
         """Draft rounds: the draft model of each speculative request proposes k tokens, one per round."""
-        drafts = {live.rid: _Draft(k) for live in self._live.values() if (k := self._draft_k(live)) > 0}
+        drafts = {live.rid: _Draft(k) for live in self._ready() if (k := self._draft_k(live)) > 0}
         if not drafts:
             return drafts
         for i in range(max(d.k for d in drafts.values())):
@@ -767,6 +857,12 @@ class Decoder:
                 d = live.request.speculative.draft_model  # type: ignore[union-attr]
                 self._add_extend(rnd, live, d, live.history(d) + tuple(drafts[live.rid].tokens), "last", 1)
             logits = self._execute(rnd)
+            if self._pending:  # the draft model stalled: its requests wait, with no draft
+                for live in [live for live in rows if self._parked(live)]:
+                    del drafts[live.rid]
+                rows = [live for live in rows if live.rid in drafts]
+                if not rows:
+                    continue
             raw = torch.cat(
                 [logits[(live.rid, live.request.speculative.draft_model)] for live in rows]  # type: ignore[union-attr]
             )  # [R, V]
@@ -784,12 +880,12 @@ class Decoder:
     # ------------------------------------------------------------------------------------------------ fuse + update
 
     def _fused_rows(
-        self, logits: Mapping[tuple[str, str], torch.Tensor], drafts: Mapping[str, _Draft]
+        self, lives: Sequence[_Live], logits: Mapping[tuple[str, str], torch.Tensor], drafts: Mapping[str, _Draft]
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Fuse every request's rows, batched per recipe: request id -> (log-probs [r, V], alphas [r, T], the DLF
         loss [r] or None for a static recipe)."""
         groups: dict[Recipe, list[_Live]] = {}
-        for live in self._live.values():
+        for live in lives:
             groups.setdefault(live.request.recipe, []).append(live)
         fused: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         for recipe, lives in groups.items():
@@ -820,13 +916,15 @@ class Decoder:
         self, logits: Mapping[tuple[str, str], torch.Tensor], drafts: Mapping[str, _Draft]
     ) -> list[StepEvent]:
         """Fuse, pick the tokens (sample, or accept/reject a draft), append them and check the stops."""
-        if not self._live:
+        lives = self._ready()  # not those parked by this step's stalls
+        if not lives:
             return []
-        fused = self._fused_rows(logits, drafts)
-        picked = self._sample_plain(fused, [live for live in self._live.values() if live.rid not in drafts])
+        drafts = {rid: d for rid, d in drafts.items() if not self._parked(self._live[rid])}
+        fused = self._fused_rows(lives, logits, drafts)
+        picked = self._sample_plain(fused, [live for live in lives if live.rid not in drafts])
         for rid, draft in drafts.items():
             picked[rid] = self._accept(self._live[rid], draft, *fused[rid])
-        return self._update(picked)
+        return self._update(lives, picked)
 
     @staticmethod
     def _sample_plain(
@@ -863,11 +961,11 @@ class Decoder:
         return draft.tokens[:n_acc] + [int(nxt)], [alphas[j] for j in kept], [_loss_at(loss, j) for j in kept]
 
     def _update(
-        self, picked: Mapping[str, tuple[list[int], list[torch.Tensor], list[float | None]]]
+        self, lives: Sequence[_Live], picked: Mapping[str, tuple[list[int], list[torch.Tensor], list[float | None]]]
     ) -> list[StepEvent]:
         """Append each request's tokens in order until one of them stops it."""
         events: list[StepEvent] = []
-        for live in list(self._live.values()):
+        for live in lives:
             tokens, alphas, losses = picked[live.rid]
             live.num_steps += 1
             for token, al, lo in zip(tokens, alphas, losses):
