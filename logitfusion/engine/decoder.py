@@ -58,7 +58,7 @@ _PENDING_POLL_S = 0.05  # a step with only parked requests waits this long on th
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """Speculative fused decoding (ALGORITHMS.md s.5): a small model drafts, every other model verifies at once."""
+    """Speculative fused decoding (docs/algorithms.md §8): a small model drafts, every other model verifies at once."""
 
     draft_model: str  # the model that proposes tokens (usually a small expert of the recipe)
     num_draft_tokens: int = 4  # k: tokens drafted per step (the starting k when adaptive)

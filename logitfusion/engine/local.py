@@ -123,7 +123,7 @@ def _layers_of(cache) -> list[KV]:
 
 def _pool_features(ops: Sequence[ExtendOp], hidden: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
     """hidden: [B, n, H] last hidden state of the group's new positions -> out[seq_id] = fp32 [H] mean, for the
-    ops that ask for features (the prompt representation a routed recipe compares, ALGORITHMS.md s.8)."""
+    ops that ask for features (the prompt representation a routed recipe compares, docs/algorithms.md §6)."""
     for b, op in enumerate(ops):
         if op.features_tokens:
             out[op.seq_id] = hidden[b, : op.features_tokens].float().mean(dim=0).cpu()

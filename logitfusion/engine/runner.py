@@ -17,7 +17,7 @@ Decoder never submits a second plan before the future of the first has resolved.
 What the Decoder may assume: each extend returns fp32 logits ``[n, V]`` on the CPU, sliced to the tokenizer's real
 vocabulary size V (never config padding rows); n = 1 for ``want="last"``, n = len(token_ids) for ``want="all"``.
 The logits are read-only for the Decoder: they may be views of one batched output or of a received message.
-An extend with ``features_tokens = k > 0`` (the prefill of a routed request, ALGORITHMS.md s.8) also asks for the
+An extend with ``features_tokens = k > 0`` (the prefill of a routed request, docs/algorithms.md §6) also asks for the
 mean of the model's last hidden state over its first k appended positions (the prompt): those fp32 ``[H]`` vectors
 follow every extend's logits in the result list, one per such extend, in plan order. A runner that cannot give them
 returns the logits alone; the Decoder then fails the step with a clear error.

@@ -1,4 +1,4 @@
-"""Evaluate fusion methods on the zoo tasks and print the table of ALGORITHMS.md section 7.
+"""Evaluate fusion methods on the zoo tasks and print the table of docs/algorithms.md §10.
 
 Per task: large base, small expert, large fine-tuned (the upper bound), static proxy-tuning (alpha = 1), DLF with
 each solver; then the variants: several experts fused with no task label ("multi"), the relation no expert was

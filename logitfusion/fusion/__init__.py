@@ -1,8 +1,8 @@
 """Pure tensor math of logit fusion on [B, V]: recipes, DLF solvers, sampling, speculative acceptance.
 
 No models and no I/O here: every function takes fp32 log-probs (or raw logits) batched over rows and is testable
-on its own. ALGORITHMS.md sections 1-5 and 9 is the specification;
-docs/algorithms.md states the certified candidate support that fuse() solves DLF on.
+on its own. docs/algorithms.md states what each computes: the recipes (§2), the DLF objective and solvers (§3), the
+certified candidate support that fuse() solves DLF on (§4), routing (§6), sampling (§7), speculative acceptance (§8).
 """
 
 from . import presets

@@ -1,6 +1,6 @@
 """The fast path of fuse(): one pass over the logits, and the DLF solve on a certified candidate support.
 
-ALGORITHMS.md section 9 is the math; docs/algorithms.md ("Certified candidate support") states the bound, its proof
+docs/algorithms.md §4 ("Certified candidate support") states the bound, its proof
 and the defaults. In short, with every alpha_t in [0, A] and d_t = Delta_t up to a per-row constant:
 
     U_v = z_L,v + A sum_t max(d_t,v, 0)          (no alpha in the box lifts token v above U_v, relative to the row)

@@ -1,4 +1,4 @@
-"""Dynamic Logit Fusion (ALGORITHMS.md section 3): the objective and its three solvers, batched over rows.
+"""Dynamic Logit Fusion (docs/algorithms.md §3): the objective and its three solvers, batched over rows.
 
 With P = softmax(l_L), Q = softmax(l_S), Q_t = softmax(l_{E_t}), Delta_t = l_{E_t} - l_S and s = sum_t alpha_t Delta_t,
 the emulated fine-tuned large model is Pt = softmax(l_L + s) and the objective of one row is
@@ -328,7 +328,7 @@ def dlf_loss(
     l_experts: torch.Tensor | Sequence[torch.Tensor],
     alphas: torch.Tensor,
 ) -> torch.Tensor:
-    """The multi-expert DLF objective (ALGORITHMS.md s.3) at alphas [B, T]; inputs are log-probs. Returns [B]."""
+    """The multi-expert DLF objective (docs/algorithms.md §3) at alphas [B, T]; inputs are log-probs. Returns [B]."""
     pb = problem_from_log_probs(l_large, l_small, l_experts)
     T, B, _ = pb.shape
     if not isinstance(alphas, torch.Tensor) or alphas.shape != (B, T):

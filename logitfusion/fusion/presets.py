@@ -1,4 +1,4 @@
-"""Named recipes: one constructor per method of ALGORITHMS.md sections 1-3. Each returns a validated Recipe.
+"""Named recipes: one constructor per method of docs/algorithms.md §2 and §3. Each returns a validated Recipe.
 
     single         l_M
     proxy_tuning   l_L + alpha (l_E - l_S)                               (alpha = 1: proxy-tuning = EFT up-scaling)

@@ -1,6 +1,6 @@
 """Recipes (which models a fusion reads, with which weights) and fuse(): one decoding step of fusion on [B, V].
 
-Every method of ALGORITHMS.md sections 1-3 is one formula over log-probs:
+Every method of docs/algorithms.md §2 and §3 is one formula over log-probs:
 
     fused = sum_m coeffs[m] * l_m  +  sum_t alpha_t * (l_{experts[t]} - l_{small})
 
@@ -203,7 +203,7 @@ def fuse(
     route_weights: [B, T] expert weights of each row, required by (and only used for) a routed recipe.
     validated=True skips recipe.validate() (the caller validated the recipe once, at
     its edge: the Decoder does at add_request); the logits are always checked. support: "auto" solves DLF on the
-    certified candidate support where it pays (docs/algorithms.md, at most eps of the mass dropped), "candidates"
+    certified candidate support where it pays (docs/algorithms.md §4, at most eps of the mass dropped), "candidates"
     always does, "dense" is the reference path on the whole vocabulary. Logits with a masked (-inf) token always take
     the dense path.
     """

@@ -118,9 +118,9 @@ def test_a_killed_worker_restarts_and_greedy_output_is_identical(worker, referen
 
 @pytest.mark.timeout(600)
 def test_speculative_over_remote_zoo_workers_is_token_identical(ray_local):
-    """ALGORITHMS.md s.5, distributed: the zoo's checkpoints in ModelWorker actors, the Decoder driving RemoteRunners.
-    Greedy speculative output (the expert drafts, large + small verify in one extend, truncates after rejections
-    travel in the next plan) equals plain output and the in-process run, for a static and a DLF recipe."""
+    """docs/algorithms.md §8, distributed: the zoo's checkpoints in ModelWorker actors, the Decoder driving
+    RemoteRunners. Greedy speculative output (the expert drafts, large + small verify in one extend, truncates after
+    rejections travel in the next plan) equals plain output and the in-process run, for a static and a DLF recipe."""
     from logitfusion.engine.decoder import Decoder, GenerationRequest, SpeculativeConfig
     from logitfusion.engine.local import LocalRunner
     from logitfusion.fusion import presets

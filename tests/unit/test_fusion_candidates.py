@@ -1,4 +1,4 @@
-"""The fast path of fuse(): the certified candidate support (docs/algorithms.md), the one-pass static fusion and the
+"""The fast path of fuse(): the certified candidate support (docs/algorithms.md §4), the one-pass static fusion and the
 NaN guard, each checked against the dense reference path (fuse(..., support="dense")) and a float64 reference."""
 
 from __future__ import annotations
