@@ -197,7 +197,7 @@ def line_curve(pb: Problem, alpha: torch.Tensor, derivs: bool) -> Curve:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The line curves from binned moments (docs/algorithms.md, "DLF on binned line curves")
+# The line curves from binned moments (docs/algorithms.md §3, "Binned line curves")
 
 BIN_RHO = 0.1  # max_alpha * (bin width) / 2: |alpha u| <= BIN_RHO for every token's offset u from its bin centre
 BIN_ORDER = 5  # terms of exp(alpha u) kept: the truncation error is at most BIN_RHO^6 / 6! * e^(2 BIN_RHO) ~ 2e-9
