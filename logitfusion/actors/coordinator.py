@@ -48,6 +48,7 @@ from logitfusion.engine.decoder import (
     Decoder,
     DecoderOverloaded,
     GenerationRequest,
+    GenerationResult,
     StepEvent,
     StepFailed,
 )
@@ -286,10 +287,7 @@ class _Entry:
     deadline: float  # time.monotonic() after which the request is aborted
     timeout_s: float  # the time it was given (for the message)
     steps: int = 0  # decoding steps that gave it tokens
-    drafted: int = 0  # speculative totals, from the Decoder's events
-    accepted: int = 0
-    token_ids: list[int] = field(default_factory=list)  # the completion so far
-    text: str = ""  # its text so far
+    num_tokens: int = 0  # tokens streamed so far (the Decoder keeps the tokens and the text)
     error: FusionError | None = None  # set when the coordinator aborts it on purpose
     submitted_at: float = field(default_factory=time.monotonic)  # for the time to first token
 
@@ -695,36 +693,26 @@ class Coordinator:
             if ev.token_id is None:
                 continue
             if self.observer is not None:
-                if not entry.token_ids:
+                if not entry.num_tokens:
                     self.observer.on_first_token(entry.request.recipe.name, time.monotonic() - entry.submitted_at)
                 self.observer.on_token(entry.request.recipe.name, experts, ev.alphas)
-            token = TokenOut(ev.token_id, ev.text_delta, len(entry.token_ids))
-            entry.token_ids.append(ev.token_id)
-            entry.text += ev.text_delta
-            entry.drafted, entry.accepted = ev.num_drafted_tokens, ev.num_accepted_tokens
-            finished = self._finish_info(entry, ev.finish_reason) if ev.finished else None
+            token = TokenOut(ev.token_id, ev.text_delta, entry.num_tokens)
+            entry.num_tokens += 1
+            finished = self._finish_info(entry, ev.result) if ev.result is not None else None
             chunks.append(StreamChunk(entry.request.request_id, entry.steps, (token,), tuple(zip(experts, ev.alphas)),
                                       finished, ev.loss))
         if chunks:
             entry.steps += 1
         return chunks
 
-    def _finish_info(self, entry: _Entry, reason: str | None) -> FinishInfo | None:
-        """The Decoder's finish reason -> ours: "length", "eos" (a stop token) or "stop" (a stop string)."""
-        if reason is None or reason == FINISH_ABORT:
+    def _finish_info(self, entry: _Entry, result: GenerationResult) -> FinishInfo | None:
+        """The Decoder's result of a finished request -> ours: "length", "eos" (a stop token) or "stop" (a stop
+        string, named)."""
+        if result.finish_reason == FINISH_ABORT:
             return None
-        req = entry.request
-        stop = ""
-        if reason == FINISH_LENGTH:
+        if result.finish_reason == FINISH_LENGTH:
             kind = "length"
-        elif entry.token_ids[-1] in self._stop_ids(req):
-            kind = "eos"
         else:
-            kind = "stop"
-            full = self.codec.decode(entry.token_ids)
-            stop = next((s for s in req.stop_strings if full.startswith(s, len(entry.text))), "")
-        return FinishInfo(kind, entry.text, stop, len(req.prompt_ids), len(entry.token_ids), entry.steps + 1,
-                          entry.drafted, entry.accepted)
-
-    def _stop_ids(self, req: GenerationRequest) -> tuple[int, ...]:
-        return tuple(req.stop_token_ids) if req.stop_token_ids is not None else self.codec.eos_token_ids
+            kind = "stop" if result.stop else "eos"
+        return FinishInfo(kind, result.text, result.stop, len(entry.request.prompt_ids), len(result.token_ids),
+                          entry.steps + 1, result.num_drafted_tokens, result.num_accepted_tokens)

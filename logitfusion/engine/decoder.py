@@ -29,12 +29,13 @@ Threads: ``step()`` is driven by one loop thread; ``add_request`` and ``abort`` 
 from __future__ import annotations
 
 import logging
+import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -48,6 +49,8 @@ logger = logging.getLogger(__name__)
 FINISH_STOP = "stop"  # a stop token (EOS by default) or a stop string
 FINISH_LENGTH = "length"  # max_new_tokens reached
 FINISH_ABORT = "abort"  # abort(request_id)
+FINISH_TIMEOUT = "timeout"  # run(timeout_s=...): ran longer than that, aborted
+FINISH_INVALID = "invalid"  # run(): refused by add_request (GenerationResult.error says why)
 _PENDING_POLL_S = 0.05  # a step with only parked requests waits this long on the pending runners, then returns
 
 
@@ -106,11 +109,12 @@ class StepEvent:
     num_drafted_tokens: int = 0  # the request's speculative totals so far (0 without speculation)
     num_accepted_tokens: int = 0
     loss: float | None = None  # the DLF objective at the solved weights of this token (None for static recipes)
+    result: GenerationResult | None = None  # on the final event: the whole request (tokens, text, why it ended)
 
 
 @dataclass
 class GenerationResult:
-    """A finished request."""
+    """A finished request. finish_reason "stop" with ``stop`` empty: a stop token ended it (EOS by default)."""
 
     request_id: str
     token_ids: list[int]
@@ -122,6 +126,8 @@ class GenerationResult:
     num_drafted_tokens: int = 0
     num_accepted_tokens: int = 0
     route: tuple[float, ...] = ()  # routed recipes: the weight w_t of each expert from the prompt (all 0: "none")
+    stop: str = ""  # the stop string that ended it ("" for a stop token, the length limit or an abort)
+    error: str = ""  # finish_reason "invalid": why add_request refused it
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -155,7 +161,6 @@ class _Live:
     prompts: dict[str, tuple[int, ...]]  # model -> its prompt
     stop_ids: frozenset[int]
     generator: torch.Generator | None
-    keep_result: bool
     draft_k: int = 0  # current k (0: not speculative)
     generated: list[int] = field(default_factory=list)
     weights: list[list[float]] = field(default_factory=list)
@@ -165,6 +170,7 @@ class _Live:
     decoded: str = ""  # text of the generated tokens so far, complete characters only (>= text)
     detok: IncrementalText | None = None
     finish_reason: str | None = None
+    stop: str = ""  # the stop string that ended it
     num_steps: int = 0
     drafted: int = 0
     accepted: int = 0
@@ -190,6 +196,7 @@ class _Live:
             num_drafted_tokens=self.drafted,
             num_accepted_tokens=self.accepted,
             route=tuple(float(w) for w in self.route) if self.route is not None else (),
+            stop=self.stop,
         )
 
 
@@ -387,14 +394,13 @@ class Decoder:
 
         self._lock = threading.Lock()  # guards _waiting, _aborts, _outbox, _ids (touched by other threads)
         self._step_lock = threading.Lock()  # one step (or release flush) at a time
-        self._waiting: deque[tuple[GenerationRequest, bool]] = deque()
+        self._waiting: deque[GenerationRequest] = deque()
         self._aborts: set[str] = set()
         self._outbox: list[StepEvent] = []
         self._ids: set[str] = set()  # every request id not finished yet (waiting or live)
         self._live: dict[str, _Live] = {}  # admission order
         self._releases: dict[str, set[str]] = {m: set() for m in self._runners}  # model -> seq ids to free
         self._pending: dict[str, _Pending] = {}  # model -> its unanswered plan (a stalled runner gets no other)
-        self._results: dict[str, GenerationResult] = {}
         self._step = 0
         self.fusion_time_s = 0.0  # total seconds spent fusing and solving the weights (metrics read the deltas)
         self._route_tables = RouteTables()  # routed recipes' example tables, computed on first use
@@ -418,11 +424,9 @@ class Decoder:
 
     # ------------------------------------------------------------------------------------------------ requests
 
-    def add_request(self, request: GenerationRequest, *, keep_result: bool = False) -> None:
-        """Validate and queue a request; it joins the batch at the next step.
-
-        keep_result: keep its GenerationResult for ``take_result`` when it finishes.
-        """
+    def add_request(self, request: GenerationRequest) -> None:
+        """Validate and queue a request; it joins the batch at the next step. Its final StepEvent carries its
+        GenerationResult."""
         self._validate(request)
         with self._lock:
             if request.request_id in self._ids:
@@ -432,7 +436,7 @@ class Decoder:
                     f"{len(self._waiting)} requests are waiting (max_waiting_requests={self.max_waiting_requests})"
                 )
             self._ids.add(request.request_id)
-            self._waiting.append((request, keep_result))
+            self._waiting.append(request)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its caches on every runner. Returns False if it is unknown or finished.
@@ -468,11 +472,6 @@ class Decoder:
         with self._lock:
             return sorted(self._ids)
 
-    def take_result(self, request_id: str) -> GenerationResult | None:
-        """The result of a finished request added with keep_result=True (once)."""
-        with self._lock:
-            return self._results.pop(request_id, None)
-
     def resync(self, model: str) -> None:
         """Forget what ``model`` holds (e.g. its worker restarted empty): the next step re-sends every history."""
         if model not in self._runners:
@@ -484,25 +483,66 @@ class Decoder:
             self._releases[model].clear()
             self._pending.pop(model, None)  # a restarted worker answers nothing of the old one
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Run the given requests to completion (with any already queued) and return their results in order."""
-        for req in requests:
-            self.add_request(req, keep_result=True)
-        wanted = [r.request_id for r in requests]
-        results: dict[str, GenerationResult] = {}
+    def run(
+        self,
+        requests: Iterable[GenerationRequest],
+        *,
+        timeout_s: float | None = None,
+        on_step: Callable[[list[StepEvent]], None] | None = None,
+    ) -> Iterator[GenerationResult]:
+        """Add ``requests`` and step until every one of them has finished, yielding each result as it finishes.
+
+        The one loop that drives a Decoder to completion (generate, the zoo evaluation, the Ray-job pipeline and the
+        benchmarks use it; the service's Coordinator steps the Decoder itself, between aborts and scoring jobs). A
+        request that add_request refuses is yielded at once, finish_reason "invalid" with the error; one running
+        longer than ``timeout_s`` (from its add) is aborted and yielded with finish_reason "timeout". ``on_step``
+        sees every step's events. Requests already queued by others are stepped along but not yielded. Closing the
+        iterator early, or an exception, aborts the given requests that are still running.
+        """
+        running: set[str] = set()
+        deadlines: dict[str, float] = {}
+        timed_out: set[str] = set()
         try:
-            while len(results) < len(wanted):
-                for ev in self.step():
-                    if ev.finished and ev.request_id in wanted:
-                        res = self.take_result(ev.request_id)
-                        if res is not None:
-                            results[ev.request_id] = res
-        except BaseException:
-            for rid in wanted:
-                if rid not in results:
-                    self.abort(rid)
-            raise
-        return [results[rid] for rid in wanted]
+            for req in requests:
+                try:
+                    self.add_request(req)
+                except ValueError as exc:  # names the field and the limit
+                    yield GenerationResult(req.request_id, [], "", FINISH_INVALID, [], tuple(req.recipe.experts), 0,
+                                           error=str(exc))
+                    continue
+                running.add(req.request_id)
+                if timeout_s is not None:
+                    deadlines[req.request_id] = time.monotonic() + timeout_s
+            while running:
+                now = time.monotonic()
+                for rid in [rid for rid, t in deadlines.items() if now >= t]:
+                    del deadlines[rid]
+                    timed_out.add(rid)
+                    self.abort(rid)  # its final event (and result) comes with the next step
+                events = self.step()
+                if on_step is not None:
+                    on_step(events)
+                for ev in events:
+                    if ev.result is None or ev.request_id not in running:
+                        continue
+                    running.discard(ev.request_id)
+                    deadlines.pop(ev.request_id, None)
+                    res = ev.result
+                    yield replace(res, finish_reason=FINISH_TIMEOUT) if ev.request_id in timed_out else res
+        finally:
+            for rid in running:
+                self.abort(rid)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Run the given requests to completion (with any already queued) and return their results in order.
+        Raises ValueError (naming the field and the limit) for a request it refuses, before any step."""
+        results: dict[str, GenerationResult] = {}
+        with contextlib.closing(self.run(requests)) as finished:
+            for res in finished:
+                if res.finish_reason == FINISH_INVALID:
+                    raise ValueError(res.error)
+                results[res.request_id] = res
+        return [results[r.request_id] for r in requests]
 
     # ------------------------------------------------------------------------------------------------ validation
 
@@ -636,20 +676,22 @@ class Decoder:
         events into the outbox that the next step hands out."""
         with self._lock:
             aborts, self._aborts = self._aborts, set()
-            kept = deque((r, k) for r, k in self._waiting if r.request_id not in aborts)
-            dropped = [r.request_id for r, _ in self._waiting if r.request_id in aborts]
+            kept = deque(r for r in self._waiting if r.request_id not in aborts)
+            dropped = [r for r in self._waiting if r.request_id in aborts]
             self._waiting = kept
         events = []
-        for rid in dropped:
-            events.append(StepEvent(rid, None, "", (), True, FINISH_ABORT, self._step))
+        for req in dropped:
+            never_ran = GenerationResult(req.request_id, [], "", FINISH_ABORT, [], tuple(req.recipe.experts), 0)
+            events.append(StepEvent(req.request_id, None, "", (), True, FINISH_ABORT, self._step, result=never_ran))
             with self._lock:
-                self._ids.discard(rid)
+                self._ids.discard(req.request_id)
         for rid in sorted(aborts):
             live = self._live.get(rid)
             if live is not None:
                 live.finish_reason = FINISH_ABORT
                 self._finish(live)
-                events.append(StepEvent(rid, None, "", (), True, FINISH_ABORT, self._step))
+                events.append(StepEvent(rid, None, "", (), True, FINISH_ABORT, self._step, live.drafted,
+                                        live.accepted, result=live.result()))
         with self._lock:
             self._outbox.extend(events)
 
@@ -657,11 +699,11 @@ class Decoder:
         """Move waiting requests into the batch, up to max_batch_size."""
         with self._lock:
             while self._waiting and len(self._live) < self.max_batch_size:
-                req, keep = self._waiting.popleft()
-                self._live[req.request_id] = self._new_live(req, keep)
+                req = self._waiting.popleft()
+                self._live[req.request_id] = self._new_live(req)
                 logger.debug("step %d: admitted request %s", self._step, req.request_id)
 
-    def _new_live(self, req: GenerationRequest, keep: bool) -> _Live:
+    def _new_live(self, req: GenerationRequest) -> _Live:
         models = set(req.recipe.model_names())
         k = 0
         if req.speculative is not None:
@@ -676,7 +718,6 @@ class Decoder:
             prompts=prompts,
             stop_ids=frozenset(stops),
             generator=gen,
-            keep_result=keep,
             draft_k=k,
             held={m: 0 for m in models},
             valid={m: 0 for m in models},
@@ -991,6 +1032,8 @@ class Decoder:
             text = live.decoded
             cut = _find_stop(text, live.request.stop_strings, len(live.text))
             if cut >= 0:
+                if reason is None:  # a stop token takes precedence: then no stop string is reported
+                    live.stop = next(s for s in live.request.stop_strings if text.startswith(s, cut))
                 text, reason = text[:cut], FINISH_STOP
             elif reason is None and len(live.generated) < live.request.max_new_tokens:
                 text = _held_back(text, live.request.stop_strings)
@@ -1003,7 +1046,7 @@ class Decoder:
             reason = FINISH_LENGTH
         live.finish_reason = reason
         return StepEvent(live.rid, token, delta, tuple(weights), reason is not None, reason, self._step,
-                         live.drafted, live.accepted, loss)
+                         live.drafted, live.accepted, loss, live.result() if reason is not None else None)
 
     def _finish(self, live: _Live) -> None:
         """Take a finished request out of the batch; its caches are freed by the next plans."""
@@ -1013,6 +1056,4 @@ class Decoder:
                 self._releases[m].add(live.rid)
         with self._lock:
             self._ids.discard(live.rid)
-            if live.keep_result:
-                self._results[live.rid] = live.result()
         logger.debug("step %d: request %s finished (%s)", self._step, live.rid, live.finish_reason)

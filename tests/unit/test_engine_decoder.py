@@ -150,7 +150,7 @@ def test_stop_tokens_and_stop_strings(models, runners) -> None:
     first = ref.index(eos)
     dec = make_decoder(runners, eos_token_ids=[eos])
     res = dec.generate([GenerationRequest("e", PROMPTS[1], recipe, max_new_tokens=12)])[0]
-    assert res.token_ids == ref[: first + 1] and res.finish_reason == "stop"
+    assert res.token_ids == ref[: first + 1] and res.finish_reason == "stop" and res.stop == ""  # a stop token
     assert res.text == tiny_decode(ref[:first])
     # explicit stop_token_ids override the default; () disables it
     res = dec.generate([GenerationRequest("e2", PROMPTS[1], recipe, max_new_tokens=12, stop_token_ids=())])[0]
@@ -159,13 +159,10 @@ def test_stop_tokens_and_stop_strings(models, runners) -> None:
     text = tiny_decode(ref)
     stop = text[6:8]
     cut = text.index(stop)
-    dec.add_request(GenerationRequest("s", PROMPTS[1], recipe, max_new_tokens=12, stop_token_ids=(),
-                                      stop_strings=("zzzz-never", stop)), keep_result=True)
-    evs = []
-    while dec.has_work():
-        evs += dec.step()
-    res = dec.take_result("s")
-    assert res.finish_reason == "stop" and evs[-1].finish_reason == "stop"
+    evs: list = []
+    (res,) = dec.run([GenerationRequest("s", PROMPTS[1], recipe, max_new_tokens=12, stop_token_ids=(),
+                                        stop_strings=("zzzz-never", stop))], on_step=evs.extend)
+    assert res.finish_reason == "stop" and res.stop == stop and evs[-1].result == res
     assert res.token_ids == ref[: cut + 2]
     assert res.text == text[:cut]
     # the first character of the stop string was held back, never streamed
@@ -517,3 +514,38 @@ def test_a_stalled_draft_model_parks_its_speculative_request(models, runners) ->
 def test_stall_timeout_is_checked() -> None:
     with pytest.raises(ValueError, match=r"stall_timeout_s=0 must be > 0"):
         Decoder({"m": object()}, stall_timeout_s=0)  # type: ignore[dict-item]
+
+
+def test_run_yields_results_as_they_finish_refuses_bad_requests_and_times_out(models, runners) -> None:
+    """Decoder.run: the one loop to completion. Results in finish order; a refused request is a result
+    ("invalid", the error naming the field); a request past timeout_s is aborted ("timeout") and freed; others'
+    output is unchanged; closing the iterator early aborts what still runs."""
+    recipe = RECIPES["proxy"]
+    ref = naive_decode(models, PROMPTS[0], recipe, vocab_size=V, max_new_tokens=3).token_ids
+    dec = make_decoder(runners)
+    reqs = [GenerationRequest("long", PROMPTS[1], recipe, max_new_tokens=60, stop_token_ids=()),
+            GenerationRequest("bad", PROMPTS[0], recipe, max_new_tokens=65, stop_token_ids=()),
+            GenerationRequest("short", PROMPTS[0], recipe, max_new_tokens=3, stop_token_ids=())]
+    out = list(dec.run(reqs))
+    assert [r.request_id for r in out] == ["bad", "short", "long"]
+    assert out[0].finish_reason == "invalid" and "max_new_tokens" in out[0].error and "64" in out[0].error
+    assert out[1].token_ids == ref and out[2].finish_reason == "length" and len(out[2].token_ids) == 60
+    slow = dict(runners)
+    slow["small"] = StallingRunner(runners["small"])
+    dec = make_decoder(slow, stall_timeout_s=0.05)
+    slow["small"].armed = True  # the first plan never answers in time: "t" cannot finish
+    (res,) = dec.run([GenerationRequest("t", PROMPTS[0], recipe, max_new_tokens=3)], timeout_s=0.5)
+    assert res.finish_reason == "timeout" and res.token_ids == []
+    slow["small"].release.set()
+    while dec.has_work():
+        dec.step()
+    assert_no_leaks(runners)
+    dec = make_decoder(runners)
+    first = dec.run([GenerationRequest("x", PROMPTS[0], recipe, max_new_tokens=3, stop_token_ids=()),
+                     GenerationRequest("y", PROMPTS[1], recipe, max_new_tokens=30, stop_token_ids=())])
+    assert next(first).request_id == "x"
+    first.close()  # "y" still runs: aborted, and its caches freed
+    assert dec.live_request_ids() == []
+    while dec.has_work():
+        dec.step()
+    assert_no_leaks(runners)
