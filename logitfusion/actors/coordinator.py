@@ -34,8 +34,8 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +65,7 @@ from logitfusion.errors import (
     Overloaded,
     classify,
 )
+from logitfusion.fusion import fuse
 
 logger = logging.getLogger(__name__)
 
@@ -532,10 +533,6 @@ class Coordinator:
     def _run_scores(self) -> None:
         """Run the pending scoring jobs: one all-positions extend per model, then one release per model, then fuse
         each job's rows. A failing model fails the jobs that read it; releases are sent wherever extends were."""
-        import torch
-
-        from logitfusion.fusion import fuse
-
         with self._cv:
             jobs, self._score_jobs = self._score_jobs, []
         jobs = self._defer_stalled_scores(jobs)
