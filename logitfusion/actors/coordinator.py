@@ -39,7 +39,6 @@ from typing import Any
 
 import torch
 
-from logitfusion.cluster.topology import Limits
 from logitfusion.engine.decoder import (
     FINISH_ABORT,
     FINISH_LENGTH,
@@ -62,6 +61,7 @@ from logitfusion.errors import (
     Overloaded,
     classify,
 )
+from logitfusion.limits import Limits
 
 logger = logging.getLogger(__name__)
 

@@ -322,7 +322,7 @@ class WorkerSpec:
     model_path: str | None = None  # a local HF directory or .gguf file (models.loading); None needs `factory`
     dtype: str = "float32"  # weights' dtype: float32 | bfloat16 | float16
     device: str = "auto"  # "auto": cuda when this actor was given a GPU and CUDA works, else cpu; or "cpu"/"cuda"
-    tp_size: int = 1  # > 1: the model is sharded over tp_size TPShard actors (cluster.tp); this actor drives them
+    tp_size: int = 1  # > 1: the model is sharded over tp_size TPShard actors (actors.tp); this actor drives them
     max_length_tokens: int | None = None  # default: the model's own limit
     gguf_file: str | None = None  # a GGUF file inside model_path
     bind_host: str = "127.0.0.1"  # "127.0.0.1" (one machine, tests), "node" (this node's IP: multi-node), or an IP
@@ -372,7 +372,7 @@ def build_runner(spec: WorkerSpec, device: str) -> ModelRunner:
     if spec.tp_size > 1:
         # Hook for a large model over several GPUs: the shards are their own Ray actors (STRICT_PACK placement
         # group made by TensorParallelRunner); this worker only drives rank 0's plan fan-out and gathers logits.
-        from logitfusion.cluster.tp import TensorParallelRunner, TPConfig
+        from logitfusion.actors.tp import TensorParallelRunner, TPConfig
 
         return TensorParallelRunner(
             TPConfig(

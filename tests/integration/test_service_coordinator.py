@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from logitfusion.actors.coordinator import Coordinator, RequestStream, TextCodec
-from logitfusion.cluster.topology import Limits
+from logitfusion.limits import Limits
 from logitfusion.engine.decoder import GenerationRequest
 from logitfusion.engine.local import LocalRunner
 from logitfusion.engine.runner import ModelRunner, RunnerError, RunnerInfo, RunnerUnavailable, StepPlan, failed
