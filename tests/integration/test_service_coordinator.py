@@ -229,7 +229,7 @@ def test_different_vocabularies_are_refused_naming_both_models():
 
 
 def test_tokenizer_check_names_the_models_and_the_first_difference(tmp_path):
-    from logitfusion.cluster.serve_app import check_vocabularies
+    from logitfusion.cluster.launch import check_vocabularies
     from logitfusion.cluster.topology import load_topology
     from logitfusion.errors import ConfigError
 
