@@ -41,7 +41,6 @@ from typing import Any
 
 import torch
 
-from logitfusion.cluster.topology import Limits
 from logitfusion.engine.decoder import (
     FINISH_ABORT,
     FINISH_LENGTH,
@@ -66,6 +65,7 @@ from logitfusion.errors import (
     classify,
 )
 from logitfusion.fusion import fuse
+from logitfusion.limits import Limits
 
 logger = logging.getLogger(__name__)
 

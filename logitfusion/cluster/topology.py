@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from logitfusion.errors import ConfigError, InvalidRequest
+from logitfusion.limits import Limits
+from logitfusion.limits import StrictModel as _Strict
 
 if TYPE_CHECKING:
     from logitfusion.actors.tls import WorkerTLS
@@ -55,12 +57,6 @@ _EXPERT_COUNT: dict[str, tuple[int, int]] = {  # method -> (min, max) experts
 }
 ROUTE_FIELDS = ("inner", "tau", "top_k", "min_similarity")  # RecipeSpec fields only a routed recipe takes
 MAX_ROUTE_EXAMPLE_CHARS = 2000
-
-
-class _Strict(BaseModel):
-    """Unknown keys are errors (a typo in a YAML key must not be silently ignored); NaN and inf are refused."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, validate_default=True)
 
 
 class ModelSpec(_Strict):
@@ -174,37 +170,6 @@ class RecipeSpec(_Strict):
             if overrides.get("inner") == "dlf" and "alphas" not in overrides:
                 base.pop("alphas", None)
         return RecipeSpec.model_validate({**base, **overrides})
-
-
-class Limits(_Strict):
-    """What every request must respect. A request over a limit is refused with a message naming it."""
-
-    max_concurrent_requests: int = Field(16, ge=1, le=4096, description="requests running or queued; more: refused")
-    max_batch_size: int = Field(16, ge=1, le=1024, description="sequences decoded together in one step")
-    max_new_tokens: int = Field(256, ge=1, le=1 << 20, description="upper bound of a request's max_new_tokens")
-    default_max_new_tokens: int = Field(64, ge=1, le=1 << 20, description="max_new_tokens when a request has none")
-    max_prompt_tokens: int = Field(1024, ge=1, le=1 << 20, description="longest prompt in tokens")
-    max_message_bytes: int = Field(1 << 20, ge=1024, le=1 << 30, description="largest request message in bytes")
-    request_timeout_s: float = Field(300.0, gt=0, le=86400, description="a request running longer is ended")
-    max_stop_strings: int = Field(8, ge=0, le=256, description="most stop strings per request")
-    max_stop_string_chars: int = Field(64, ge=1, le=4096, description="longest stop string in characters")
-    max_request_id_chars: int = Field(128, ge=1, le=1024, description="longest client-chosen request id")
-    max_draft_tokens: int = Field(8, ge=1, le=64, description="most tokens a speculative draft may propose per step")
-
-    @model_validator(mode="after")
-    def _cross(self) -> Limits:
-        if self.default_max_new_tokens > self.max_new_tokens:
-            raise ValueError(
-                f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds max_new_tokens "
-                f"({self.max_new_tokens}): lower limits.default_max_new_tokens"
-            )
-        if self.max_batch_size > self.max_concurrent_requests:
-            raise ValueError(
-                f"max_batch_size ({self.max_batch_size}) exceeds max_concurrent_requests "
-                f"({self.max_concurrent_requests}): a batch never holds more than the running requests; "
-                "lower limits.max_batch_size"
-            )
-        return self
 
 
 class WorkerTLSSpec(_Strict):
@@ -407,7 +372,7 @@ class Topology(_Strict):
     def placement_bundles(self, num_gpus_available: float) -> list[dict[str, float]]:
         """The placement group of one pipeline (one Serve replica): the coordinator's CPU bundle first, then one
         bundle per model in topology order. A tensor-parallel model's bundle holds only the actor that drives its
-        group; the shards get a STRICT_PACK group of their own (cluster.tp), so every shard of one model shares a
+        group; the shards get a STRICT_PACK group of their own (actors.tp), so every shard of one model shares a
         node even when the pipeline spans several."""
         coord = self.coordinator_gpus(num_gpus_available)
         out = [{"CPU": self.serve.coordinator_num_cpus, **({"GPU": coord} if coord else {})}]

@@ -415,7 +415,7 @@ def test_after_every_bad_input_the_service_is_serving_and_answers(client, app, w
 
 
 def test_models_with_different_vocabularies_are_refused_at_start_up(family, tmp_path, service):
-    from logitfusion.cluster.serve_app import Pipeline
+    from logitfusion.cluster.launch import Pipeline
     from logitfusion.cluster.topology import load_topology
     from logitfusion.errors import ConfigError
 

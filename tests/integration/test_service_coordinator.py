@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from logitfusion.actors.coordinator import Coordinator, RequestStream, TextCodec
-from logitfusion.cluster.topology import Limits
+from logitfusion.limits import Limits
 from logitfusion.engine.decoder import GenerationRequest
 from logitfusion.engine.local import LocalRunner
 from logitfusion.engine.runner import ModelRunner, RunnerError, RunnerInfo, RunnerUnavailable, StepPlan, failed
@@ -229,7 +229,7 @@ def test_different_vocabularies_are_refused_naming_both_models():
 
 
 def test_tokenizer_check_names_the_models_and_the_first_difference(tmp_path):
-    from logitfusion.cluster.serve_app import check_vocabularies
+    from logitfusion.cluster.launch import check_vocabularies
     from logitfusion.cluster.topology import load_topology
     from logitfusion.errors import ConfigError
 
