@@ -21,7 +21,6 @@ returns None and fuse() takes the dense path, which handles masks and raises the
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,6 @@ import torch
 
 from .dlf import Problem, _softmax_parts, prepare, solve_problem
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_EPS = 1e-9  # certified bound on the mass the candidate support may drop (of P and of every Pt in the box)
 MAX_FRACTION = 0.25  # a row with more candidates than this fraction of V is solved densely (gathering costs more)

@@ -26,7 +26,6 @@ Solvers (every one keeps the best point it evaluated, so none can end worse than
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,6 @@ import torch
 
 from .support import check_matrix, compute_dtype, restrict, zero_filled
 
-logger = logging.getLogger(__name__)
 
 SOLVERS = ("grid", "newton", "joint")
 MAX_ALPHA_LIMIT = 10.0  # the largest max_alpha a recipe may ask for

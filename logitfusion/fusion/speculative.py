@@ -9,13 +9,9 @@ argmax p_i (token-for-token identical to greedy decoding).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from .sampling import draw, uniforms
-
-logger = logging.getLogger(__name__)
 
 
 def _check(p: object, q: object, drafted: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
