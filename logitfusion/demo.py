@@ -15,20 +15,25 @@ import sys
 import time
 from pathlib import Path
 
+from logitfusion.client import FusionClient
+from logitfusion.cluster.cli import free_port, run_service
+from logitfusion.cluster.shutdown import ShutdownRequested, SignalGuard
+from logitfusion.engine.decoder import Decoder, GenerationRequest
+from logitfusion.eval.run import load_zoo_runners, zoo_route_examples
+from logitfusion.fusion import presets
+from logitfusion.models.zoo import tasks as zt
+from logitfusion.models.zoo.build import load_zoo
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "zoo.yaml"
 
 
 def _questions() -> list[tuple[str, str, str]]:
     """(task, prompt, reference): the first held-out question of every task with an expert."""
-    from logitfusion.models.zoo import tasks as zt
-
     return [(t, zt.eval_items(t, limit=1)[0].prompt, zt.eval_items(t, limit=1)[0].reference) for t in zt.expert_tasks()]
 
 
 def _mark(text: str, reference: str) -> str:
-    from logitfusion.models.zoo.tasks import score
-
-    return "right" if score(text, reference) else "wrong"
+    return "right" if zt.score(text, reference) else "wrong"
 
 
 def _weights(steps: list[dict[str, float]]) -> str:
@@ -38,9 +43,6 @@ def _weights(steps: list[dict[str, float]]) -> str:
 def run_service_demo(config: Path) -> int:
     """The service demo. Ctrl-C (or SIGTERM) at any point drains and stops the service, leaves no process behind and
     exits 0; a second one exits at once (cluster.shutdown)."""
-    from logitfusion.cluster.cli import free_port, run_service
-    from logitfusion.cluster.shutdown import ShutdownRequested, SignalGuard
-
     guard = SignalGuard().install()
     print(f"starting the service: embedded Ray on 127.0.0.1, Serve gRPC ingress, one worker per model ({config})",
           flush=True)
@@ -66,8 +68,6 @@ def run_service_demo(config: Path) -> int:
 
 def _ask(address: str) -> None:
     """The demo's questions to the service at ``address``."""
-    from logitfusion.client import FusionClient
-
     with FusionClient(address, timeout_s=120) as client:
         models = client.describe().get("models", [])
         print("models: " + ", ".join(m.get("name", "?") for m in models) + "\n")
@@ -95,19 +95,13 @@ def _ask(address: str) -> None:
 
 
 def run_local_demo() -> int:
-    from logitfusion.engine.decoder import Decoder, GenerationRequest
-    from logitfusion.eval.run import load_zoo_runners, zoo_route_examples
-    from logitfusion.fusion import presets
-    from logitfusion.models.zoo.build import load_zoo
-    from logitfusion.models.zoo.tasks import expert_tasks
-
     zoo = load_zoo()
-    names = ["large", "small", *(f"expert_{t}" for t in expert_tasks())]
+    names = ["large", "small", *(f"expert_{t}" for t in zt.expert_tasks())]
     runners = load_zoo_runners(zoo, names)
     tok = runners["large"].tokenizer
     dec = Decoder(runners, eos_token_ids=[tok.eos_token_id], decode_fn=lambda ids: tok.decode(list(ids), skip_special_tokens=True))
-    experts = [f"expert_{t}" for t in expert_tasks()]
-    examples = zoo_route_examples(zoo.model("small"), expert_tasks())
+    experts = [f"expert_{t}" for t in zt.expert_tasks()]
+    examples = zoo_route_examples(zoo.model("small"), zt.expert_tasks())
     for task, prompt, ref in _questions():
         ids = tok(prompt)["input_ids"]
         recipes = {

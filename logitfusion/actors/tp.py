@@ -51,8 +51,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+import ray
 import torch
+import torch.distributed as dist
+from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from logitfusion.engine.local import LocalRunner, tokenizer_fingerprint
 from logitfusion.engine.runner import (
     ModelRunner,
     RunnerError,
@@ -61,7 +66,7 @@ from logitfusion.engine.runner import (
     StepPlan,
     failed,
 )
-from logitfusion.models.loading import DTYPES
+from logitfusion.models.loading import DTYPES, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +186,6 @@ def release_group(owner: str, model: str) -> bool:
     previous group itself (TensorParallelRunner removes a group of the same name first); a supervisor calls this
     for a host that will not come back.
     """
-    from ray.util.placement_group import get_placement_group, remove_placement_group
-
     try:
         pg = get_placement_group(group_name(owner, model))
     except ValueError:
@@ -194,9 +197,6 @@ def release_group(owner: str, model: str) -> bool:
 def _load(model_dir: str, dtype: str) -> tuple[Any, int, str, int]:
     """The unsharded model on the CPU (DeepSpeed moves each shard to its device), the tokenizer's real vocabulary
     size V, its fingerprint and the model's maximum length in tokens."""
-    from logitfusion.engine.local import tokenizer_fingerprint
-    from logitfusion.models.loading import load_model
-
     loaded = load_model(model_dir, dtype=dtype, device="cpu")
     return loaded.model, loaded.vocab_size, tokenizer_fingerprint(loaded.tokenizer), loaded.max_length_tokens
 
@@ -236,8 +236,6 @@ class TPShard:
 
     def reserve(self) -> tuple[int, str, str]:
         """Rank 0: reserve the group's port and create the rendezvous directory; (port, store path, node id)."""
-        import ray
-
         self._port_sock = _reserve_port()
         self._store_dir = tempfile.mkdtemp(prefix="logitfusion-tp-")
         node = ray.get_runtime_context().get_node_id()
@@ -246,14 +244,10 @@ class TPShard:
     # ---------------------------------------------------------------------------------------------- every rank
 
     def gpu_ids(self) -> list[int | str]:
-        import ray
-
         return list(ray.get_gpu_ids())
 
     def setup(self, setup: ShardSetup) -> RunnerInfo:
         """Join the group, load and shard the model. Blocks until every rank of the group has called it."""
-        import torch.distributed as dist
-
         cfg = setup.config
         local_rank = setup.local_rank if setup.use_gpu else setup.rank
         os.environ.update(shard_env(setup.rank, cfg.tp_size, setup.master_port, local_rank, setup.use_gpu))
@@ -271,8 +265,6 @@ class TPShard:
             timeout=timedelta(seconds=cfg.collective_timeout_s),
         )
         import deepspeed
-
-        from logitfusion.engine.local import LocalRunner
 
         model, vocab_size, fingerprint, max_length = _load(cfg.model_dir, cfg.dtype)
         num_parameters = sum(p.numel() for p in model.parameters())
@@ -311,8 +303,6 @@ class TPShard:
 
     def close(self) -> None:
         """Free the caches and leave the process group."""
-        import torch.distributed as dist
-
         if self._runner is not None:
             self._runner.close()
             self._runner = None
@@ -351,8 +341,6 @@ class TensorParallelRunner(ModelRunner):
     """
 
     def __init__(self, config: TPConfig, *, placement: tuple[Any, Sequence[int]] | None = None) -> None:
-        import ray
-
         if not ray.is_initialized():
             raise RunnerUnavailable("TensorParallelRunner needs a connected Ray: call ray.init() first")
         self.config = config
@@ -390,9 +378,6 @@ class TensorParallelRunner(ModelRunner):
 
     def _reserve(self, placement: tuple[Any, Sequence[int]] | None) -> list[int]:
         """Create (or adopt) the placement group and wait for its resources; the bundle index of each rank."""
-        import ray
-        from ray.util.placement_group import placement_group
-
         cfg = self.config
         bundle = shard_bundles(1, self.use_gpu, cfg.num_cpus_per_shard)[0]
         if placement is None:
@@ -416,9 +401,6 @@ class TensorParallelRunner(ModelRunner):
 
     def _start_shards(self, indices: Sequence[int]) -> list[Any]:
         """One TPShard actor per rank, rank r in bundle indices[r]."""
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         cfg = self.config
         actor_cls = ray.remote(TPShard)
         return [
@@ -435,8 +417,6 @@ class TensorParallelRunner(ModelRunner):
 
     @staticmethod
     def _want_gpu(config: TPConfig) -> bool:
-        import ray
-
         gpus = int(ray.cluster_resources().get("GPU", 0))
         if config.device == "cuda" and gpus < config.tp_size:
             raise RunnerUnavailable(
@@ -522,8 +502,6 @@ class TensorParallelRunner(ModelRunner):
                 logger.error("%s", why)
 
     def sequences(self) -> dict[str, int]:
-        import ray
-
         if self._closed or not self._shards:
             return {}
         try:
@@ -533,9 +511,6 @@ class TensorParallelRunner(ModelRunner):
 
     def close(self) -> None:
         """Leave the group gracefully when it is healthy, then kill the shards and free the placement group."""
-        import ray
-        from ray.util.placement_group import remove_placement_group
-
         with self._lock:
             if self._closed:
                 return

@@ -26,12 +26,15 @@ import socket
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from logitfusion.client import generate_main as client_generate_main
 from logitfusion.cluster.shutdown import ShutdownRequested, SignalGuard, descendants, reap
 from logitfusion.errors import ConfigError
 
@@ -107,9 +110,6 @@ def wait_until_serving(address: str, timeout_s: float, poll_s: float = 0.5) -> N
 
 def wait_until_http_serving(base_url: str, timeout_s: float, poll_s: float = 0.5) -> None:
     """Poll GET {base_url}/health until 200 (Serve's HTTP proxy routes once the application runs); TimeoutError."""
-    import urllib.error
-    import urllib.request
-
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     stop = threading.Event()
@@ -301,6 +301,4 @@ def serve_main(args: argparse.Namespace) -> int:
 
 def generate_main(args: argparse.Namespace) -> int:
     """`logitfusion generate --address HOST:PORT "prompt"`: streams the text, then the per-step weights."""
-    from logitfusion.client import generate_main as run
-
-    return run(args)
+    return client_generate_main(args)

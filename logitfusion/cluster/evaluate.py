@@ -27,8 +27,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tqdm import tqdm
+
+from logitfusion.cluster.cli import start_local_ray
+from logitfusion.engine.decoder import FINISH_INVALID, FINISH_TIMEOUT, Decoder, GenerationRequest
+from logitfusion.engine.local import LocalRunner
+from logitfusion.eval.metrics import Row, format_table, gap_closed, pgr, score_ratio
+from logitfusion.eval.run import MERGED, merge_all_experts, methods_for_task, zoo_route_examples
+from logitfusion.fusion import SamplingParams
+from logitfusion.models.zoo import tasks as zt
+from logitfusion.models.zoo.build import load_zoo
 
 log = logging.getLogger("logitfusion.evaluate")
 
@@ -143,8 +155,6 @@ class UnitResult:
 def _items(ds: DatasetSpec) -> list[tuple[str, str, str]]:
     """(item id, prompt, reference) of a dataset."""
     if ds.zoo_task:
-        from logitfusion.models.zoo import tasks as zt
-
         return [(it.key, it.prompt, it.reference) for it in zt.eval_items(ds.zoo_task, limit=ds.limit)]
     rows = []
     with open(ds.jsonl, encoding="utf-8") as f:  # type: ignore[arg-type]
@@ -161,9 +171,6 @@ def _items(ds: DatasetSpec) -> list[tuple[str, str, str]]:
 
 def make_units(cfg: EvalConfig) -> list[Unit]:
     """Every (item, method) of the run, in a fixed order."""
-    from logitfusion.eval.run import methods_for_task
-    from logitfusion.models.zoo import tasks as zt
-
     unseen = set(zt.unseen_tasks())
     experts = [f"expert_{t}" for t in zt.expert_tasks()]
     examples = _route_examples(cfg) if any(name.startswith("routed") for name in cfg.methods) else None
@@ -189,10 +196,6 @@ def make_units(cfg: EvalConfig) -> list[Unit]:
 
 def _route_examples(cfg: EvalConfig) -> tuple:
     """The routed methods' expert examples: 8 training prompts per zoo expert task, in the small base's tokens."""
-    from logitfusion.eval.run import zoo_route_examples
-    from logitfusion.models.zoo import tasks as zt
-    from logitfusion.models.zoo.build import load_zoo
-
     small = cfg.models.get("small") or load_zoo().model("small")  # the tokenizer the pipelines encode prompts with
     return zoo_route_examples(small, zt.expert_tasks())
 
@@ -247,11 +250,7 @@ class EvalPipeline:
     """One fusion pipeline: a Decoder over in-process runners of every model the run reads. A Ray actor."""
 
     def __init__(self, model_dirs: dict[str, str], batch_size: int, item_timeout_s: float) -> None:
-        import torch
-
         torch.set_num_threads(1)
-        from logitfusion.engine.decoder import Decoder
-        from logitfusion.engine.local import LocalRunner
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self._runners = {n: LocalRunner.from_pretrained(p, n, device=device) for n, p in sorted(model_dirs.items())}
@@ -268,10 +267,6 @@ class EvalPipeline:
 
     def run(self, units: Sequence[Unit]) -> list[UnitResult]:
         """Decode every unit of the chunk; timeouts and failures are results, not exceptions."""
-        from logitfusion.engine.decoder import FINISH_INVALID, FINISH_TIMEOUT, GenerationRequest
-        from logitfusion.fusion import SamplingParams
-        from logitfusion.models.zoo.tasks import score
-
         out: dict[str, UnitResult] = {}
         by_key = {u.key: u for u in units}
         requests = (
@@ -296,16 +291,13 @@ class EvalPipeline:
             elif res.finish_reason == FINISH_TIMEOUT:
                 done.status, done.message = STATUS_TIMEOUT, f"item_timeout_s={self._timeout_s} exceeded"
             else:
-                done.output, done.correct = res.text, score(res.text, u.reference)
+                done.output, done.correct = res.text, zt.score(res.text, u.reference)
                 done.weights, done.experts = res.weights, list(res.experts)
             out[u.key] = done
         return [out[u.key] for u in units]
 
 
 def _model_dirs(cfg: EvalConfig, units: Sequence[Unit], merged_dir: Path | None) -> dict[str, str]:
-    from logitfusion.eval.run import MERGED
-    from logitfusion.models.zoo.build import load_zoo
-
     names = sorted({m for u in units for m in u.recipe.model_names()})
     zoo = None
     dirs = {}
@@ -325,8 +317,6 @@ def _model_dirs(cfg: EvalConfig, units: Sequence[Unit], merged_dir: Path | None)
 
 def summarize(cfg: EvalConfig, records: Sequence[dict]) -> tuple[list, str]:
     """Rows (accuracy, gap closed, score ratio, PGR) per dataset and method, and the markdown report."""
-    from logitfusion.eval.metrics import Row, format_table, gap_closed, pgr, score_ratio
-
     acc: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     status: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     setting = {}
@@ -405,7 +395,6 @@ def _default_env_vars() -> dict[str, str]:
 
 
 def _connect_ray(cfg: EvalConfig) -> None:
-    import ray
 
     if ray.is_initialized():
         return
@@ -414,19 +403,12 @@ def _connect_ray(cfg: EvalConfig) -> None:
         env = {"env_vars": _default_env_vars()}
         ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
     else:
-        from logitfusion.cluster.cli import start_local_ray
 
         start_local_ray()
 
 
 def run_evaluation(cfg: EvalConfig, *, progress: bool = True) -> dict:
     """Run (or resume) an evaluation; returns the summary dict that is also written to summary.json."""
-    import ray
-    from tqdm import tqdm
-
-    from logitfusion.eval.metrics import Row
-    from logitfusion.eval.run import MERGED, merge_all_experts
-
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     units = make_units(cfg)
@@ -438,7 +420,6 @@ def run_evaluation(cfg: EvalConfig, *, progress: bool = True) -> dict:
     if todo:
         merged = None
         if any(MERGED in u.recipe.model_names() for u in todo) and MERGED not in cfg.models:
-            from logitfusion.models.zoo.build import load_zoo
 
             merged = merge_all_experts(load_zoo(), out / "merged_experts")
         dirs = _model_dirs(cfg, todo, merged)

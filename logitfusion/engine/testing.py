@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from logitfusion.engine.local import LocalRunner
 from logitfusion.engine.runner import ModelRunner, RunnerInfo, StepPlan
 
 TINY_VOCAB_SIZE = 97
@@ -81,8 +82,6 @@ def tiny_encode(text: str) -> list[int]:
 
 def tiny_runner(name: str, spec: TinySpec | None = None, **kwargs):
     """A LocalRunner over a tiny model of the family (or of ``spec``)."""
-    from logitfusion.engine.local import LocalRunner
-
     spec = spec or TINY_FAMILY[name]
     return LocalRunner(
         tiny_llama(spec),

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from logitfusion.models.zoo import tasks as zt
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "capital.jsonl"
 NUM_CHOICES = 4
@@ -23,8 +25,6 @@ NUM_CHOICES = 4
 
 def capital_rows() -> list[dict]:
     """The rows of capital.jsonl, computed from the zoo's world (deterministic)."""
-    from logitfusion.models.zoo import tasks as zt
-
     items = zt.eval_items("capital")
     rows = []
     for i, it in enumerate(items):

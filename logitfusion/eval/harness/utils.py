@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from logitfusion.models.zoo.tasks import score
+
 DATA = Path(__file__).resolve().parent / "capital.jsonl"
 
 
@@ -16,6 +18,4 @@ def load_capital(**_metadata):
 
 def process_gen(doc: dict, results: list[str]) -> dict[str, float]:
     """Exact match with the zoo's own rule (tasks.score): what `logitfusion eval` counts as correct."""
-    from logitfusion.models.zoo.tasks import score
-
     return {"exact_match": score(results[0], doc["reference"])}
