@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -43,6 +44,14 @@ def worker(ray_local):
     ray.get(actor.pid.remote(), timeout=300)  # constructed
     yield actor
     ray.kill(actor, no_restart=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _greedy(runner, prompt, steps, between=lambda i: None) -> list[int]:
@@ -102,7 +111,12 @@ def test_a_killed_worker_restarts_and_greedy_output_is_identical(worker, referen
         if kill == "sigkill":
             os.kill(first_pid, signal.SIGKILL)  # the worker process dies like a crashed GPU process
         else:
-            ray.kill(worker, no_restart=False)
+            ray.kill(worker, no_restart=False)  # asynchronous: wait until the old process is really gone, or a
+            #                                     loaded machine finishes the generation before the kill lands
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and _alive(first_pid):
+                time.sleep(0.05)
+            assert not _alive(first_pid), "ray.kill did not end the worker process within 60 s"
 
     try:
         got = _greedy(rr, prompt, steps, crash)
@@ -172,8 +186,6 @@ def test_a_sigstopped_worker_holds_up_only_the_requests_that_read_it(ray_local):
     that reads it ends with DeadlineExceeded at its deadline; a request that does not read it runs to the end
     meanwhile; after SIGCONT the late answers are recorded, every sequence table ends empty and the next request
     reading that model gives the same tokens as before the stall."""
-    import time
-
     from logitfusion.actors.coordinator import Coordinator, TextCodec
     from logitfusion.cluster.topology import Limits
     from logitfusion.engine.decoder import GenerationRequest
