@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from logitfusion.errors import FusionError, InvalidRequest, MessageTooLarge, Unauthenticated, to_http
+from logitfusion.fusion.methods import FIELDS as RECIPE_FIELDS
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -63,7 +64,7 @@ _CHAT_FIELDS = frozenset({
     "top_logprobs", "logitfusion",
 })
 _EXTENSION_FIELDS = frozenset({"recipe", "speculative", "stop_at_eos"})
-_RECIPE_FIELDS = ("method", "solver", "experts", "alphas", "beta", "interp_lambda", "max_alpha", "model")
+_RECIPE_FIELDS = ("method", *RECIPE_FIELDS)  # logitfusion.recipe: the gRPC RecipeSelection's fields, preset aside
 
 
 # ------------------------------------------------------------------------------------------------ field checks

@@ -32,12 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .methods import MAX_ALPHA_LIMIT, SOLVERS
 from .support import check_matrix, compute_dtype, restrict, zero_filled
 
 logger = logging.getLogger(__name__)
-
-SOLVERS = ("grid", "newton", "joint")
-MAX_ALPHA_LIMIT = 10.0  # the largest max_alpha a recipe may ask for
 GRID_STEP = 0.1  # the paper's grid: 0, 0.1, ..., max_alpha
 NEWTON_ITERS = 5  # derivative evaluations per 1-D refinement inside one grid step of the best grid point
 JOINT_ITERS = 6  # projected Newton evaluations after the newton start
@@ -368,14 +366,15 @@ def solve_joint(pb: Problem, max_alpha: float, iters: int = JOINT_ITERS) -> tupl
 
 
 def solve_problem(pb: Problem, solver: str, max_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """alphas [B, T] and loss [B] for a prepared problem."""
-    check_solver(solver)
-    max_alpha = check_max_alpha(max_alpha)
-    if solver == "grid":
-        return solve_grid(pb, max_alpha)
-    if solver == "newton":
-        return solve_newton(pb, max_alpha)
-    return solve_joint(pb, max_alpha)
+    """alphas [B, T] and loss [B] for a prepared problem. Per step: the solver and max_alpha come from a validated
+    recipe (or solve_alphas' checks) and are not checked again; an unknown solver still gets check_solver's error."""
+    solve = _SOLVE.get(solver)
+    if solve is None:
+        check_solver(solver)
+    return solve(pb, float(max_alpha))  # type: ignore[misc]
+
+
+_SOLVE = {"grid": solve_grid, "newton": solve_newton, "joint": solve_joint}  # keys: exactly methods.SOLVERS (tested)
 
 
 def solve_alphas(
