@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -484,7 +483,7 @@ def build_recipe(spec: RecipeSpec, topo: Topology, name: str) -> Recipe:
     rule = RULES[spec.method]
     examples = tuple(route_example_ids(topo, e) for e in spec.experts) if rule.route_examples else ()
     recipe = rule.build(spec.choice(topo.role_model("large"), topo.role_model("small"), examples))
-    return replace(recipe, name=name).validate()
+    return recipe.named(name)
 
 
 def route_example_ids(topo: Topology, expert: str) -> tuple[tuple[int, ...], ...]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -96,6 +96,16 @@ class Recipe:
             check_routing(self.route, self.experts, self.model_names())
         object.__setattr__(self, "_validated", True)  # not a field: equality, hashing and repr ignore it
         return self
+
+
+    def named(self, name: str) -> Recipe:
+        """This recipe under another name (a topology preset's), as trusted as this one: a name changes no math."""
+        if not _is_name(name):
+            raise ValueError(f"name={name!r}: must be a non-empty string")
+        copy = replace(self, name=name)
+        if self.validated:
+            object.__setattr__(copy, "_validated", True)
+        return copy
 
 
 def _check_coeffs(coeffs: object) -> None:

@@ -301,6 +301,12 @@ def test_a_validated_recipe_is_trusted_and_a_changed_copy_is_not(monkeypatch):
         fuse(make_logits(0, 1, 4), bad)
     assert bad == Recipe(name="custom", coeffs=(("large", 1.0),), experts=("ea",), small="small", alphas=(3.0,))
     assert presets.dlf("large", "small", ["ea"]).validated  # every preset comes back trusted
+    calls.clear()
+    renamed = raw.named("my_preset")
+    assert renamed.validated and renamed.name == "my_preset" and calls == []  # a name changes no math
+    assert not bad.named("x").validated
+    with pytest.raises(ValueError, match="name='': must be a non-empty string"):
+        raw.named("")
 
 
 def test_fuse_checks_an_unvalidated_recipe_once_and_never_a_trusted_one(monkeypatch):
