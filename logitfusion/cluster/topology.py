@@ -131,8 +131,8 @@ class RecipeSpec(_Strict):
         for field in FIELDS:
             if getattr(self, field) in (None, ()) or rule.takes(field, self.inner):
                 continue
-            with_inner = f" with inner {self.inner or rule.inner[0]!r}" if rule.inner and field in ("alphas", "solver")\
-                else ""
+            by_inner = rule.inner and field in ("alphas", "solver")  # routed: its inner method decides these two
+            with_inner = f" with inner {self.inner or rule.inner[0]!r}" if by_inner else ""
             raise ValueError(f"{field}: {takers(field)}, not {self.method!r}{with_inner}")
         for field in FIELDS:
             if rule.needs(field) and getattr(self, field) is None:

@@ -102,6 +102,7 @@ class MethodRule:
         return field in ("experts", "max_alpha") or field in self.params
 
     def needs(self, field: str) -> bool:
+        """Whether a recipe of this method cannot do without the parameter ``field``."""
         return field in self.required or (field == "model" and self.model_role is not None)
 
 
@@ -171,11 +172,13 @@ def _join(names: list[str], last: str = "and") -> str:
 
 def takers(field: str) -> str:
     """Which methods take ``field``, for error messages: 'only method dlf (or routed with inner dlf) solves weights'."""
-    plain = [r.name for r in _RULES if not r.inner and r.takes(field)]
-    inner = [f"{r.name} with inner {i}" for r in _RULES if r.inner for i in r.inner if r.takes(field, i)]
-    whole = [r.name for r in _RULES if r.inner and all(r.takes(field, i) for i in r.inner)]
-    inner = [x for x in inner if x.split(" with inner ")[0] not in whole]
-    plain += whole
+    plain: list[str] = []  # methods that take it (routed: whatever its inner method)
+    inner: list[str] = []  # "routed with inner dlf": taken only with that inner method
+    for r in _RULES:
+        if not r.inner or all(r.takes(field, i) for i in r.inner):
+            plain += [r.name] if r.takes(field) else []
+        else:
+            inner += [f"{r.name} with inner {i}" for i in r.inner if r.takes(field, i)]
     several = len(plain) > 1
     out = f"only method{'s' if several else ''} {_join(plain)}" + (f" (or {_join(inner, 'or')})" if inner else "")
     verb, what = _VERBS.get(field, ("take", "it"))
