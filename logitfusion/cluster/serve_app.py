@@ -190,6 +190,16 @@ def recipe_overrides(sel: pb.RecipeSelection) -> dict[str, Any]:
     return out
 
 
+def check_prompt_length(prompt: Sequence[int], where: str, limits: Limits) -> None:
+    """Refuse a prompt over limits.max_prompt_tokens, naming the request field ``where``."""
+    if len(prompt) > limits.max_prompt_tokens:
+        raise InvalidRequest(
+            f"{where}: the prompt has {len(prompt)} tokens, over the limit max_prompt_tokens "
+            f"({limits.max_prompt_tokens})",
+            field=where,
+        )
+
+
 def request_from_pb(
     msg: pb.GenerateRequest, *, topology: Topology, codec: TextCodec, vocab_size: int, request_id: str
 ) -> GenerationRequest:
@@ -223,12 +233,7 @@ def request_from_pb(
         for i, t in enumerate(prompt):
             if not 0 <= t < vocab_size:
                 raise InvalidRequest(f"token_ids.ids[{i}]: {t} is outside [0, vocab_size={vocab_size})", field=where)
-    if len(prompt) > limits.max_prompt_tokens:
-        raise InvalidRequest(
-            f"{where}: the prompt has {len(prompt)} tokens, over the limit max_prompt_tokens "
-            f"({limits.max_prompt_tokens})",
-            field=where,
-        )
+    check_prompt_length(prompt, where, limits)
     max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else limits.default_max_new_tokens
     if not 1 <= max_new <= limits.max_new_tokens:
         raise InvalidRequest(
