@@ -29,6 +29,7 @@ from .support import check_logits, compute_dtype, joint_log_probs, zero_filled
 
 logger = logging.getLogger(__name__)
 
+
 def _is_real(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -96,7 +97,6 @@ class Recipe:
             check_routing(self.route, self.experts, self.model_names())
         object.__setattr__(self, "_validated", True)  # not a field: equality, hashing and repr ignore it
         return self
-
 
     def named(self, name: str) -> Recipe:
         """This recipe under another name (a topology preset's), as trusted as this one: a name changes no math."""
@@ -194,10 +194,9 @@ def fuse(
 
     route_weights: [B, T] expert weights of each row, required by (and only used for) a routed recipe.
     The recipe is checked only if it was never validated (presets and the Decoder's add_request validate once);
-    the logits are always checked. support: "auto" solves DLF on the
-    certified candidate support where it pays (docs/algorithms.md, at most eps of the mass dropped), "candidates"
-    always does, "dense" is the reference path on the whole vocabulary. Logits with a masked (-inf) token always take
-    the dense path.
+    the logits are always checked. support: "auto" solves DLF on the certified candidate support where it pays
+    (docs/algorithms.md, at most eps of the mass dropped), "candidates" always does, "dense" is the reference path
+    on the whole vocabulary. Logits with a masked (-inf) token always take the dense path.
     """
     if not recipe.validated:
         recipe.validate()
