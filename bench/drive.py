@@ -98,29 +98,34 @@ def run_decoder(
     cpu_fn: CPU seconds so far of every process doing the work (this process by default; add the workers' for a
     distributed run)."""
     ids = [f"{tag}-{i}" for i in range(len(prompts))]
-    for rid, prompt in zip(ids, prompts):
-        decoder.add_request(
-            GenerationRequest(
-                request_id=rid,
-                prompt_ids=list(prompt),
-                recipe=recipe,
-                max_new_tokens=new_tokens,
-                stop_token_ids=(),
-                speculative=speculative,
-            ),
-            keep_result=True,
+    requests = [
+        GenerationRequest(
+            request_id=rid,
+            prompt_ids=list(prompt),
+            recipe=recipe,
+            max_new_tokens=new_tokens,
+            stop_token_ids=(),
+            speculative=speculative,
         )
+        for rid, prompt in zip(ids, prompts)
+    ]
     run = DecodeRun(batch=len(prompts))
-    while decoder.has_work():
-        t0, c0 = time.perf_counter(), cpu_fn()
-        events = decoder.step()
-        run.step_s.append(time.perf_counter() - t0)
-        run.step_cpu_s.append(cpu_fn() - c0)
+    clock = [time.perf_counter(), cpu_fn()]  # when the step that on_step sees began
+
+    def on_step(events: list) -> None:
+        t, c = time.perf_counter(), cpu_fn()
+        run.step_s.append(t - clock[0])
+        run.step_cpu_s.append(c - clock[1])
         run.step_tokens.append(sum(1 for e in events if e.token_id is not None))
+        clock[:] = [time.perf_counter(), cpu_fn()]  # the loop's own bookkeeping is not a step's
+
+    results = {}
+    for res in decoder.run(requests, on_step=on_step):
+        if res.error:
+            raise RuntimeError(f"request {res.request_id} was refused: {res.error}")
+        results[res.request_id] = res
     for rid in ids:
-        res = decoder.take_result(rid)
-        if res is None:
-            raise RuntimeError(f"request {rid} ended without a result")
+        res = results[rid]
         run.outputs.append(res.token_ids)
         run.drafted += res.num_drafted_tokens
         run.accepted += res.num_accepted_tokens

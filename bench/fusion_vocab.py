@@ -1,5 +1,5 @@
 """fuse() alone at real vocabulary sizes: the dense reference path against the fast path (one pass over the logits,
-DLF solved on the certified candidate support of docs/algorithms.md).
+DLF solved on the certified candidate support of docs/algorithms.md §4).
 
     python -m bench.fusion_vocab --json /tmp/fv.json           # V = 32000, 128256, 262144; batch 1 and 16
     python -m bench.fusion_vocab --quick                        # V = 32000 only, one round

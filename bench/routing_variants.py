@@ -1,6 +1,6 @@
 """Training-free, label-free routing by prompt likelihood, next to routed_multi (issue 12): its table on the zoo.
 
-ALGORITHMS.md s.8 scores expert t on the prompt x_1..x_n by the per-token shifts
+The likelihood score of docs/algorithms.md §6 rates expert t on the prompt x_1..x_n by the per-token shifts
     d_t,i = log p_Et(x_i | x_<i) - log p_S(x_i | x_<i),   i = 2..n
 Variants measured here (each routes top-1, then fuses with DLF newton: top-1 routing then DLF is exactly single-expert
 DLF with the routed expert, which tests/unit/test_fusion_routing.py checks):

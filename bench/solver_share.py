@@ -1,4 +1,4 @@
-"""Section c: the DLF solver's share of a decoding step (ALGORITHMS.md s.3: the bar is < 3% of a step).
+"""Section c: the DLF solver's share of a decoding step (docs/algorithms.md §3: the target is < 3% of a step).
 
 Per solver (grid, newton, joint) and number of experts T: the solver alone on a prepared problem, the whole fusion
 (log-softmax, preparation, solver, the fused scores), the static fusion of the same models for comparison, and the

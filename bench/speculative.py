@@ -152,7 +152,7 @@ def speculative_section(cfg: SuiteConfig, fam: RandomFamily, zoo: Zoo | None, zo
         "random: acceptance ~ 0 by construction (independent random models): the pure cost of failed drafts",
         "agreeing: large and small bases with a zero output layer, so the fused target IS the expert's distribution "
         "and every draft is accepted; same forward costs as random: the upper bound of the speedup",
-        "identical: greedy speculative output equals plain fused output token for token (ALGORITHMS.md s.5)",
+        "identical: greedy speculative output equals plain fused output token for token (docs/algorithms.md §8)",
         "on 2 shared CPU cores the small models' forwards are mostly Python overhead, so the draft is relatively "
         "expensive (a real 1B draft of a 7B target is ~1/7 of its cost on a GPU)",
     ]

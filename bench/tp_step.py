@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from logitfusion.cluster.tp import TensorParallelRunner, TPConfig
+from logitfusion.actors.tp import TensorParallelRunner, TPConfig
 from logitfusion.engine.local import LocalRunner
 from logitfusion.engine.runner import ExtendOp, StepPlan
 

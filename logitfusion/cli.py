@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     zm.add_argument("--out", required=True, help="output directory")
     zm.set_defaults(func=_cmd_zoo_merge)
 
-    ev = sub.add_parser("eval", help="evaluate fusion methods on the zoo tasks (ALGORITHMS.md section 7)")
+    ev = sub.add_parser("eval", help="evaluate fusion methods on the zoo tasks (docs/algorithms.md §10)")
     ev.add_argument("--json", default="results/eval.json", help="write the rows here")
     ev.add_argument("--limit", type=int, default=None, help="items per task (default: all held-out items)")
     ev.add_argument("--tasks", nargs="*", default=None, help="subset of tasks")

@@ -13,7 +13,6 @@ Protobuf types stay inside this module: callers see plain dataclasses.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,6 @@ from logitfusion.errors import FusionError, from_rpc_error
 from logitfusion.v1 import fusion_pb2 as pb
 from logitfusion.v1 import fusion_pb2_grpc
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the client's own receive/send bound; the server enforces its own
 SERVICE_NAME = "logitfusion.v1.FusionService"

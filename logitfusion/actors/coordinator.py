@@ -18,7 +18,9 @@ sequence with want="all" under a reserved sequence id, the sequence is released 
 (DLF solved per position). An optional ``observer`` (logitfusion.metrics.ServiceMetrics) is told about steps, first
 tokens and tokens; the coordinator works the same without one.
 
-A runner that fails a step is retried (RemoteRunner has already reconnected to a restarted worker and replayed
+A runner that does not answer a step within serve.stall_timeout_s holds up only the requests that read its model
+(the Decoder parks them until it answers; they end at their deadline if it never does); scoring jobs that read it
+wait the same way, up to limits.request_timeout_s. A runner that fails a step is retried (RemoteRunner has already reconnected to a restarted worker and replayed
 every sequence if it could); a runner that stays unavailable fails only the requests that read its model.
 No Ray and no protobuf here: the Serve deployment (cluster.serve_app) converts at the edge.
 """
@@ -32,20 +34,20 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from logitfusion.cluster.topology import Limits
 from logitfusion.engine.decoder import (
     FINISH_ABORT,
     FINISH_LENGTH,
     Decoder,
     DecoderOverloaded,
     GenerationRequest,
+    GenerationResult,
     StepEvent,
     StepFailed,
 )
@@ -62,6 +64,8 @@ from logitfusion.errors import (
     Overloaded,
     classify,
 )
+from logitfusion.fusion import fuse
+from logitfusion.limits import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -284,10 +288,7 @@ class _Entry:
     deadline: float  # time.monotonic() after which the request is aborted
     timeout_s: float  # the time it was given (for the message)
     steps: int = 0  # decoding steps that gave it tokens
-    drafted: int = 0  # speculative totals, from the Decoder's events
-    accepted: int = 0
-    token_ids: list[int] = field(default_factory=list)  # the completion so far
-    text: str = ""  # its text so far
+    num_tokens: int = 0  # tokens streamed so far (the Decoder keeps the tokens and the text)
     error: FusionError | None = None  # set when the coordinator aborts it on purpose
     submitted_at: float = field(default_factory=time.monotonic)  # for the time to first token
 
@@ -301,6 +302,7 @@ class _ScoreJob:
     recipe: Any  # fusion.Recipe
     top_n: int
     future: concurrent.futures.Future
+    deadline: float  # time.monotonic() after which a job still waiting on a stalled model fails
 
 
 class Coordinator:
@@ -319,6 +321,7 @@ class Coordinator:
         max_step_retries: int = 3,
         name: str = "coordinator",
         fusion_device: str = "auto",
+        stall_timeout_s: float | None = 2.0,
     ) -> None:
         if max_step_retries < 0:
             raise ValueError(f"max_step_retries={max_step_retries} must be >= 0")
@@ -336,6 +339,7 @@ class Coordinator:
             max_new_tokens_limit=limits.max_new_tokens,
             max_waiting_requests=limits.max_concurrent_requests,
             fusion_device=fusion_device,
+            stall_timeout_s=stall_timeout_s,  # a stalled runner holds up only the requests that read it
         )
         self.max_step_retries = max_step_retries
         self._cv = threading.Condition()
@@ -432,7 +436,8 @@ class Coordinator:
                     f"{self.limits.max_concurrent_requests}; retry later"
                 )
             seq = f"{SCORE_SEQ_PREFIX}{self.name}/{next(self._score_ids)}"
-            self._score_jobs.append(_ScoreJob(seq, tuple(int(t) for t in token_ids), recipe, top_n, fut))
+            deadline = time.monotonic() + self.limits.request_timeout_s
+            self._score_jobs.append(_ScoreJob(seq, tuple(int(t) for t in token_ids), recipe, top_n, fut, deadline))
             self._cv.notify_all()
         return fut
 
@@ -528,12 +533,9 @@ class Coordinator:
     def _run_scores(self) -> None:
         """Run the pending scoring jobs: one all-positions extend per model, then one release per model, then fuse
         each job's rows. A failing model fails the jobs that read it; releases are sent wherever extends were."""
-        import torch
-
-        from logitfusion.fusion import fuse
-
         with self._cv:
             jobs, self._score_jobs = self._score_jobs, []
+        jobs = self._defer_stalled_scores(jobs)
         if not jobs:
             return
         ops: dict[str, list[tuple[_ScoreJob, ExtendOp]]] = {}
@@ -583,6 +585,27 @@ class Coordinator:
                     job.future.set_result(scores)
             except BaseException as exc:  # noqa: BLE001 - reported to the caller
                 job.future.set_exception(classify(exc))
+
+    def _defer_stalled_scores(self, jobs: list[_ScoreJob]) -> list[_ScoreJob]:
+        """The jobs that can run now. Those reading a model whose runner is stalled (the Decoder's pending models)
+        wait for it, back in the queue, or fail with DeadlineExceeded once limits.request_timeout_s has passed."""
+        stalled = self.decoder.pending_models()
+        if not stalled:
+            return jobs
+        now, ready, later = time.monotonic(), [], []
+        for job in jobs:
+            waits_on = sorted(stalled.intersection(job.recipe.model_names()))
+            if not waits_on:
+                ready.append(job)
+            elif now >= job.deadline:
+                job.future.set_exception(DeadlineExceeded(
+                    f"scoring waited longer than limits.request_timeout_s ({self.limits.request_timeout_s:g} s) "
+                    f"for model {waits_on[0]!r}, which does not answer"))
+            else:
+                later.append(job)
+        with self._cv:
+            self._score_jobs[:0] = later
+        return ready
 
     def _submit_plan(self, model: str, plan: StepPlan) -> concurrent.futures.Future:
         try:
@@ -667,36 +690,26 @@ class Coordinator:
             if ev.token_id is None:
                 continue
             if self.observer is not None:
-                if not entry.token_ids:
+                if not entry.num_tokens:
                     self.observer.on_first_token(entry.request.recipe.name, time.monotonic() - entry.submitted_at)
                 self.observer.on_token(entry.request.recipe.name, experts, ev.alphas)
-            token = TokenOut(ev.token_id, ev.text_delta, len(entry.token_ids))
-            entry.token_ids.append(ev.token_id)
-            entry.text += ev.text_delta
-            entry.drafted, entry.accepted = ev.num_drafted_tokens, ev.num_accepted_tokens
-            finished = self._finish_info(entry, ev.finish_reason) if ev.finished else None
+            token = TokenOut(ev.token_id, ev.text_delta, entry.num_tokens)
+            entry.num_tokens += 1
+            finished = self._finish_info(entry, ev.result) if ev.result is not None else None
             chunks.append(StreamChunk(entry.request.request_id, entry.steps, (token,), tuple(zip(experts, ev.alphas)),
                                       finished, ev.loss))
         if chunks:
             entry.steps += 1
         return chunks
 
-    def _finish_info(self, entry: _Entry, reason: str | None) -> FinishInfo | None:
-        """The Decoder's finish reason -> ours: "length", "eos" (a stop token) or "stop" (a stop string)."""
-        if reason is None or reason == FINISH_ABORT:
+    def _finish_info(self, entry: _Entry, result: GenerationResult) -> FinishInfo | None:
+        """The Decoder's result of a finished request -> ours: "length", "eos" (a stop token) or "stop" (a stop
+        string, named)."""
+        if result.finish_reason == FINISH_ABORT:
             return None
-        req = entry.request
-        stop = ""
-        if reason == FINISH_LENGTH:
+        if result.finish_reason == FINISH_LENGTH:
             kind = "length"
-        elif entry.token_ids[-1] in self._stop_ids(req):
-            kind = "eos"
         else:
-            kind = "stop"
-            full = self.codec.decode(entry.token_ids)
-            stop = next((s for s in req.stop_strings if full.startswith(s, len(entry.text))), "")
-        return FinishInfo(kind, entry.text, stop, len(req.prompt_ids), len(entry.token_ids), entry.steps + 1,
-                          entry.drafted, entry.accepted)
-
-    def _stop_ids(self, req: GenerationRequest) -> tuple[int, ...]:
-        return tuple(req.stop_token_ids) if req.stop_token_ids is not None else self.codec.eos_token_ids
+            kind = "stop" if result.stop else "eos"
+        return FinishInfo(kind, result.text, result.stop, len(entry.request.prompt_ids), len(result.token_ids),
+                          entry.steps + 1, result.num_drafted_tokens, result.num_accepted_tokens)

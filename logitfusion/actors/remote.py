@@ -63,17 +63,6 @@ _BACKOFF_MAX_S = 1.0
 # ------------------------------------------------------------------------------------------------- pure helpers
 
 
-def apply_plan(histories: dict[str, list[int]], plan: StepPlan) -> None:
-    """Update per-sequence token histories in place the way a runner applies a plan: releases, truncates, extends."""
-    for seq_id in plan.releases:
-        histories.pop(seq_id, None)
-    for seq_id, length in plan.truncates:
-        if seq_id in histories:
-            del histories[seq_id][length:]
-    for op in plan.extends:
-        histories.setdefault(op.seq_id, []).extend(op.token_ids)
-
-
 def replay_plans(histories: Mapping[str, list[int]], max_tokens_per_step: int) -> list[StepPlan]:
     """Plans that re-create every sequence from its history, packing whole sequences up to a token budget per step
     (a sequence longer than the budget gets a step of its own)."""
@@ -91,11 +80,6 @@ def replay_plans(histories: Mapping[str, list[int]], max_tokens_per_step: int) -
     if batch:
         plans.append(StepPlan(extends=tuple(batch)))
     return plans
-
-
-def expected_rows(plan: StepPlan) -> list[int]:
-    """Rows each extend's logits must have: len(token_ids) for want="all", else 1."""
-    return [len(e.token_ids) if e.want == "all" else 1 for e in plan.extends]
 
 
 def same_model(expected: RunnerInfo, got: RunnerInfo) -> str | None:
@@ -262,7 +246,7 @@ class RemoteRunner(ModelRunner):
         with self._cond:
             if self._closed:
                 return failed(RunnerUnavailable(f"{self.name}: the remote runner is closed"))
-            self._pending[step_id] = _Pending(plan, request, future, expected_rows(plan))
+            self._pending[step_id] = _Pending(plan, request, future, plan.rows_per_extend())
             if self._conn is not None:
                 self._conn.requests.put(request)
             self._cond.notify_all()  # wakes a supervisor that gave up and waits for work
@@ -464,12 +448,13 @@ class RemoteRunner(ModelRunner):
         if resp.WhichOneof("outcome") == "error":
             self._on_step_error(conn, resp.error, pending)
             return
-        with self._cond:
-            apply_plan(self._histories, pending.plan)  # the worker has applied it
         try:
+            with self._cond:
+                # the worker has applied it: its stream took the plan by the same rules from the same lengths
+                pending.plan.apply_tokens(self._histories, self.name)
             n_features = sum(1 for e in pending.plan.extends if e.features_tokens)
             out = wire.split_logits(resp.logits, pending.rows, self.describe().vocab_size, n_features)
-        except wire.WireError as exc:
+        except (RunnerError, wire.WireError) as exc:
             pending.future.set_exception(RunnerError(f"{self.name}: bad response from {conn.address}: {exc}"))
             return
         pending.future.set_result(out)

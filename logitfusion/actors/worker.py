@@ -71,24 +71,9 @@ def scope_plan(plan: StepPlan, prefix: str) -> StepPlan:
     )
 
 
-def apply_lengths(lengths: dict[str, int], plan: StepPlan) -> None:
-    """Update cached lengths in place the way a runner applies a plan: releases, truncates, extends."""
-    for seq_id in plan.releases:
-        lengths.pop(seq_id, None)
-    for seq_id, n in plan.truncates:
-        lengths[seq_id] = n
-    for op in plan.extends:
-        lengths[op.seq_id] = lengths.get(op.seq_id, 0) + len(op.token_ids)
-
-
-def logits_rows(plan: StepPlan) -> int:
-    """Rows of the step's joined logits tensor: len(token_ids) for want="all", else 1, summed over extends."""
-    return sum(len(e.token_ids) if e.want == "all" else 1 for e in plan.extends)
-
-
 def check_response_size(plan: StepPlan, vocab_size: int, dtype: torch.dtype, max_message_bytes: int) -> None:
     """Refuse, before anything runs, a step whose logits would not fit in one message."""
-    rows = logits_rows(plan)
+    rows = sum(plan.rows_per_extend())
     framing = _RESPONSE_OVERHEAD_BYTES + _RESPONSE_BYTES_PER_EXTEND * len(plan.extends)
     need = rows * vocab_size * dtype.itemsize + framing
     if need > max_message_bytes:
@@ -229,13 +214,14 @@ class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
         with self._runner_lock:
             try:
                 logits = self._runner.submit(scoped).result()
+                lengths = scoped.apply(stream.lengths, self._info.name)  # what the runner now holds
             except Exception as exc:  # noqa: BLE001 - every failure becomes a response; the stream stays open
                 actual = self._stream_lengths(stream.prefix)
                 # a RunnerError should refuse a plan before anything changes; check, and trust nothing else
                 changed = not isinstance(exc, RunnerError) or actual != stream.lengths
                 stream.lengths = actual
                 return self._failure(stream, step_id, exc, changed)
-            apply_lengths(stream.lengths, scoped)
+            stream.lengths = lengths
         self.steps_served += 1
         try:
             # encoding runs outside the runner lock; entries past the extends are feature vectors
@@ -336,7 +322,7 @@ class WorkerSpec:
     model_path: str | None = None  # a local HF directory or .gguf file (models.loading); None needs `factory`
     dtype: str = "float32"  # weights' dtype: float32 | bfloat16 | float16
     device: str = "auto"  # "auto": cuda when this actor was given a GPU and CUDA works, else cpu; or "cpu"/"cuda"
-    tp_size: int = 1  # > 1: the model is sharded over tp_size TPShard actors (cluster.tp); this actor drives them
+    tp_size: int = 1  # > 1: the model is sharded over tp_size TPShard actors (actors.tp); this actor drives them
     max_length_tokens: int | None = None  # default: the model's own limit
     gguf_file: str | None = None  # a GGUF file inside model_path
     bind_host: str = "127.0.0.1"  # "127.0.0.1" (one machine, tests), "node" (this node's IP: multi-node), or an IP
@@ -386,7 +372,7 @@ def build_runner(spec: WorkerSpec, device: str) -> ModelRunner:
     if spec.tp_size > 1:
         # Hook for a large model over several GPUs: the shards are their own Ray actors (STRICT_PACK placement
         # group made by TensorParallelRunner); this worker only drives rank 0's plan fan-out and gathers logits.
-        from logitfusion.cluster.tp import TensorParallelRunner, TPConfig
+        from logitfusion.actors.tp import TensorParallelRunner, TPConfig
 
         return TensorParallelRunner(
             TPConfig(

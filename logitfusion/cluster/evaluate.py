@@ -25,7 +25,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -268,52 +268,37 @@ class EvalPipeline:
 
     def run(self, units: Sequence[Unit]) -> list[UnitResult]:
         """Decode every unit of the chunk; timeouts and failures are results, not exceptions."""
-        from logitfusion.engine.decoder import GenerationRequest
+        from logitfusion.engine.decoder import FINISH_INVALID, FINISH_TIMEOUT, GenerationRequest
         from logitfusion.fusion import SamplingParams
         from logitfusion.models.zoo.tasks import score
 
         out: dict[str, UnitResult] = {}
-        started: dict[str, float] = {}
         by_key = {u.key: u for u in units}
-        for u in units:
-            base = UnitResult(u.key, u.dataset, u.method, u.setting, u.item_id, STATUS_ERROR, reference=u.reference)
-            try:
-                req = GenerationRequest(
-                    request_id=u.key,
-                    prompt_ids=self._tok(u.prompt)["input_ids"],
-                    recipe=u.recipe,
-                    sampling=SamplingParams(),
-                    max_new_tokens=u.max_new_tokens,
-                    stop_strings=("\n",),
-                    model_prompts={m: self._tok(t)["input_ids"] for m, t in u.model_prompt.items()},
-                )
-                self._decoder.add_request(req, keep_result=True)
-                started[u.key] = time.monotonic()
-            except ValueError as exc:  # the Decoder's validation names the field and the limit
-                base.message = str(exc)
-                out[u.key] = base
-        while self._decoder.has_work():
-            now = time.monotonic()
-            for key, t0 in list(started.items()):
-                if key not in out and now - t0 > self._timeout_s:
-                    self._decoder.abort(key)
-                    u = by_key[key]
-                    out[key] = UnitResult(
-                        key, u.dataset, u.method, u.setting, u.item_id, STATUS_TIMEOUT, reference=u.reference,
-                        message=f"item_timeout_s={self._timeout_s} exceeded", latency_s=now - t0,
-                    )
-            for ev in self._decoder.step():
-                if not ev.finished or ev.request_id in out:
-                    self._decoder.take_result(ev.request_id)
-                    continue
-                res = self._decoder.take_result(ev.request_id)
-                u = by_key[ev.request_id]
-                out[u.key] = UnitResult(
-                    u.key, u.dataset, u.method, u.setting, u.item_id, STATUS_OK,
-                    output=res.text, reference=u.reference, correct=score(res.text, u.reference),
-                    weights=res.weights, experts=list(res.experts),
-                    latency_s=time.monotonic() - started[u.key],
-                )
+        requests = (
+            GenerationRequest(
+                request_id=u.key,
+                prompt_ids=self._tok(u.prompt)["input_ids"],
+                recipe=u.recipe,
+                sampling=SamplingParams(),
+                max_new_tokens=u.max_new_tokens,
+                stop_strings=("\n",),
+                model_prompts={m: self._tok(t)["input_ids"] for m, t in u.model_prompt.items()},
+            )
+            for u in units
+        )
+        t0 = time.monotonic()  # every unit is added at once, before the first step
+        for res in self._decoder.run(requests, timeout_s=self._timeout_s):
+            u = by_key[res.request_id]
+            done = UnitResult(u.key, u.dataset, u.method, u.setting, u.item_id, STATUS_OK, reference=u.reference,
+                              latency_s=time.monotonic() - t0)
+            if res.finish_reason == FINISH_INVALID:  # the Decoder's validation names the field and the limit
+                done.status, done.message, done.latency_s = STATUS_ERROR, res.error, 0.0
+            elif res.finish_reason == FINISH_TIMEOUT:
+                done.status, done.message = STATUS_TIMEOUT, f"item_timeout_s={self._timeout_s} exceeded"
+            else:
+                done.output, done.correct = res.text, score(res.text, u.reference)
+                done.weights, done.experts = res.weights, list(res.experts)
+            out[u.key] = done
         return [out[u.key] for u in units]
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from logitfusion.errors import ConfigError, InvalidRequest
 from logitfusion.fusion.methods import (
@@ -37,6 +37,8 @@ from logitfusion.fusion.methods import (
     Choice,
     takers,
 )
+from logitfusion.limits import Limits
+from logitfusion.limits import StrictModel as _Strict
 
 if TYPE_CHECKING:
     from logitfusion.actors.tls import WorkerTLS
@@ -52,12 +54,6 @@ ZOO_PREFIX = "zoo:"  # a model path "zoo:<name>" is the committed zoo model of t
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
 MAX_ROUTE_EXAMPLE_CHARS = 2000
 _NEEDS = {"model": "a model name", "interp_lambda": "interp_lambda in [0, 1]"}  # what a required field must hold
-
-
-class _Strict(BaseModel):
-    """Unknown keys are errors (a typo in a YAML key must not be silently ignored); NaN and inf are refused."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, validate_default=True)
 
 
 class ModelSpec(_Strict):
@@ -169,37 +165,6 @@ class RecipeSpec(_Strict):
         return Choice(large=large, small=small, examples=examples, **self.model_dump(include=set(FIELDS)))
 
 
-class Limits(_Strict):
-    """What every request must respect. A request over a limit is refused with a message naming it."""
-
-    max_concurrent_requests: int = Field(16, ge=1, le=4096, description="requests running or queued; more: refused")
-    max_batch_size: int = Field(16, ge=1, le=1024, description="sequences decoded together in one step")
-    max_new_tokens: int = Field(256, ge=1, le=1 << 20, description="upper bound of a request's max_new_tokens")
-    default_max_new_tokens: int = Field(64, ge=1, le=1 << 20, description="max_new_tokens when a request has none")
-    max_prompt_tokens: int = Field(1024, ge=1, le=1 << 20, description="longest prompt in tokens")
-    max_message_bytes: int = Field(1 << 20, ge=1024, le=1 << 30, description="largest request message in bytes")
-    request_timeout_s: float = Field(300.0, gt=0, le=86400, description="a request running longer is ended")
-    max_stop_strings: int = Field(8, ge=0, le=256, description="most stop strings per request")
-    max_stop_string_chars: int = Field(64, ge=1, le=4096, description="longest stop string in characters")
-    max_request_id_chars: int = Field(128, ge=1, le=1024, description="longest client-chosen request id")
-    max_draft_tokens: int = Field(8, ge=1, le=64, description="most tokens a speculative draft may propose per step")
-
-    @model_validator(mode="after")
-    def _cross(self) -> Limits:
-        if self.default_max_new_tokens > self.max_new_tokens:
-            raise ValueError(
-                f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds max_new_tokens "
-                f"({self.max_new_tokens}): lower limits.default_max_new_tokens"
-            )
-        if self.max_batch_size > self.max_concurrent_requests:
-            raise ValueError(
-                f"max_batch_size ({self.max_batch_size}) exceeds max_concurrent_requests "
-                f"({self.max_concurrent_requests}): a batch never holds more than the running requests; "
-                "lower limits.max_batch_size"
-            )
-        return self
-
-
 class WorkerTLSSpec(_Strict):
     """TLS on the coordinator-to-worker gRPC streams (actors.tls). PEM files; relative paths against base_dir. Every
     Ray node that runs a worker or a coordinator must have them at the same path (k8s: a Secret mounted on each pod)."""
@@ -235,6 +200,10 @@ class ServeSpec(_Strict):
     startup_timeout_s: float = Field(600.0, gt=0, le=7200, description="longest wait for every worker to load")
     reconnect_timeout_s: float = Field(
         60.0, gt=0, le=3600, description="how long a runner waits for a dead worker's restart before failing requests"
+    )
+    stall_timeout_s: float = Field(
+        2.0, gt=0, le=3600, description="a worker that has not answered a step within this long is left behind: the "
+        "requests that read it wait (and end at their deadline), the others go on"
     )
     worker_bind_host: str = Field(
         "node", min_length=1, description="where workers listen: 'node' (the node's Ray IP), 127.0.0.1, or an IP"
@@ -388,7 +357,7 @@ class Topology(_Strict):
     def placement_bundles(self, num_gpus_available: float) -> list[dict[str, float]]:
         """The placement group of one pipeline (one Serve replica): the coordinator's CPU bundle first, then one
         bundle per model in topology order. A tensor-parallel model's bundle holds only the actor that drives its
-        group; the shards get a STRICT_PACK group of their own (cluster.tp), so every shard of one model shares a
+        group; the shards get a STRICT_PACK group of their own (actors.tp), so every shard of one model shares a
         node even when the pipeline spans several."""
         coord = self.coordinator_gpus(num_gpus_available)
         out = [{"CPU": self.serve.coordinator_num_cpus, **({"GPU": coord} if coord else {})}]

@@ -16,18 +16,26 @@ The Decoder keeps, per request and model, how many tokens the runner holds (``he
 still right (``valid``); a plan sends the missing suffix of the model's history, so a prefill, a decode step, the
 catch-up after a speculative rollback and the re-send after a worker restart (``resync``) are one code path.
 
+A runner that does not answer within ``stall_timeout_s`` is *pending*: the step goes on without it, and every
+request that reads it is *parked* (not planned, fused or sampled) until its answer arrives; the next steps send it
+nothing and poll its future. The other requests are not held up by a stalled worker. A parked request ends the
+usual ways (abort, the coordinator's deadline); when the late answer comes, what the runner now holds is recorded as
+for any answer (a request that ended meanwhile gets its release), and a failure is raised as the StepFailed of
+that step.
+
 Threads: ``step()`` is driven by one loop thread; ``add_request`` and ``abort`` may be called from any thread.
 """
 
 from __future__ import annotations
 
 import logging
+import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -41,6 +49,9 @@ logger = logging.getLogger(__name__)
 FINISH_STOP = "stop"  # a stop token (EOS by default) or a stop string
 FINISH_LENGTH = "length"  # max_new_tokens reached
 FINISH_ABORT = "abort"  # abort(request_id)
+FINISH_TIMEOUT = "timeout"  # run(timeout_s=...): ran longer than that, aborted
+FINISH_INVALID = "invalid"  # run(): refused by add_request (GenerationResult.error says why)
+_PENDING_POLL_S = 0.05  # a step with only parked requests waits this long on the pending runners, then returns
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -50,7 +61,7 @@ FINISH_ABORT = "abort"  # abort(request_id)
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """Speculative fused decoding (ALGORITHMS.md s.5): a small model drafts, every other model verifies at once."""
+    """Speculative fused decoding (docs/algorithms.md §8): a small model drafts, every other model verifies at once."""
 
     draft_model: str  # the model that proposes tokens (usually a small expert of the recipe)
     num_draft_tokens: int = 4  # k: tokens drafted per step (the starting k when adaptive)
@@ -98,11 +109,12 @@ class StepEvent:
     num_drafted_tokens: int = 0  # the request's speculative totals so far (0 without speculation)
     num_accepted_tokens: int = 0
     loss: float | None = None  # the DLF objective at the solved weights of this token (None for static recipes)
+    result: GenerationResult | None = None  # on the final event: the whole request (tokens, text, why it ended)
 
 
 @dataclass
 class GenerationResult:
-    """A finished request."""
+    """A finished request. finish_reason "stop" with ``stop`` empty: a stop token ended it (EOS by default)."""
 
     request_id: str
     token_ids: list[int]
@@ -114,6 +126,8 @@ class GenerationResult:
     num_drafted_tokens: int = 0
     num_accepted_tokens: int = 0
     route: tuple[float, ...] = ()  # routed recipes: the weight w_t of each expert from the prompt (all 0: "none")
+    stop: str = ""  # the stop string that ended it ("" for a stop token, the length limit or an abort)
+    error: str = ""  # finish_reason "invalid": why add_request refused it
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -147,7 +161,6 @@ class _Live:
     prompts: dict[str, tuple[int, ...]]  # model -> its prompt
     stop_ids: frozenset[int]
     generator: torch.Generator | None
-    keep_result: bool
     draft_k: int = 0  # current k (0: not speculative)
     generated: list[int] = field(default_factory=list)
     weights: list[list[float]] = field(default_factory=list)
@@ -157,6 +170,7 @@ class _Live:
     decoded: str = ""  # text of the generated tokens so far, complete characters only (>= text)
     detok: IncrementalText | None = None
     finish_reason: str | None = None
+    stop: str = ""  # the stop string that ended it
     num_steps: int = 0
     drafted: int = 0
     accepted: int = 0
@@ -182,6 +196,7 @@ class _Live:
             num_drafted_tokens=self.drafted,
             num_accepted_tokens=self.accepted,
             route=tuple(float(w) for w in self.route) if self.route is not None else (),
+            stop=self.stop,
         )
 
 
@@ -215,6 +230,17 @@ class _Round:
             )
             for m in sorted(names)
         }
+
+
+@dataclass
+class _Pending:
+    """A runner's plan that was not answered within stall_timeout_s: what to record when it is."""
+
+    future: Future
+    plan: StepPlan
+    owners: list[tuple[_Live, int, int]]
+    featured: list[_Live]
+    since: float  # time.monotonic() at submit
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -330,8 +356,10 @@ class Decoder:
         max_new_tokens_limit: int = 1024,
         max_waiting_requests: int = 1024,
         fusion_device: str | torch.device = "auto",
+        stall_timeout_s: float | None = 2.0,
     ) -> None:
-        """fusion_device: where fusion, the DLF solve and the speculative targets are computed ("auto": the GPU when
+        """stall_timeout_s: how long a step waits for a runner before it goes on without it and parks the requests
+        that read it (None: wait for every runner, however long). fusion_device: where fusion, the DLF solve and the speculative targets are computed ("auto": the GPU when
         this process sees one, else the CPU; see ``resolve_fusion_device``). The runner contract
         returns fp32 CPU logits; with "cuda" they are copied to the GPU for fusion (the solver is many [B, V]
         passes, which the GPU does in well under a millisecond) and the fused log-probs come back for sampling."""
@@ -349,6 +377,9 @@ class Decoder:
             raise ValueError(f"max_new_tokens_limit={max_new_tokens_limit} must be >= 1")
         if max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests={max_waiting_requests} must be >= 1")
+        if stall_timeout_s is not None and not stall_timeout_s > 0:
+            raise ValueError(f"stall_timeout_s={stall_timeout_s} must be > 0 (or None: wait for every runner)")
+        self.stall_timeout_s = stall_timeout_s
         self._runners = dict(runners)
         self._info: dict[str, RunnerInfo] = {name: r.describe() for name, r in self._runners.items()}
         self.vocab_size = self._check_vocabularies(self._info)
@@ -363,13 +394,13 @@ class Decoder:
 
         self._lock = threading.Lock()  # guards _waiting, _aborts, _outbox, _ids (touched by other threads)
         self._step_lock = threading.Lock()  # one step (or release flush) at a time
-        self._waiting: deque[tuple[GenerationRequest, bool]] = deque()
+        self._waiting: deque[GenerationRequest] = deque()
         self._aborts: set[str] = set()
         self._outbox: list[StepEvent] = []
         self._ids: set[str] = set()  # every request id not finished yet (waiting or live)
         self._live: dict[str, _Live] = {}  # admission order
         self._releases: dict[str, set[str]] = {m: set() for m in self._runners}  # model -> seq ids to free
-        self._results: dict[str, GenerationResult] = {}
+        self._pending: dict[str, _Pending] = {}  # model -> its unanswered plan (a stalled runner gets no other)
         self._step = 0
         self.fusion_time_s = 0.0  # total seconds spent fusing and solving the weights (metrics read the deltas)
         self._route_tables = RouteTables()  # routed recipes' example tables, computed on first use
@@ -393,11 +424,9 @@ class Decoder:
 
     # ------------------------------------------------------------------------------------------------ requests
 
-    def add_request(self, request: GenerationRequest, *, keep_result: bool = False) -> None:
-        """Validate and queue a request; it joins the batch at the next step.
-
-        keep_result: keep its GenerationResult for ``take_result`` when it finishes.
-        """
+    def add_request(self, request: GenerationRequest) -> None:
+        """Validate and queue a request; it joins the batch at the next step. Its final StepEvent carries its
+        GenerationResult."""
         self._validate(request)
         with self._lock:
             if request.request_id in self._ids:
@@ -407,7 +436,7 @@ class Decoder:
                     f"{len(self._waiting)} requests are waiting (max_waiting_requests={self.max_waiting_requests})"
                 )
             self._ids.add(request.request_id)
-            self._waiting.append((request, keep_result))
+            self._waiting.append(request)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its caches on every runner. Returns False if it is unknown or finished.
@@ -432,17 +461,16 @@ class Decoder:
         with self._lock:
             if self._waiting or self._aborts or self._outbox:
                 return True
-        return bool(self._live) or any(self._releases.values())
+        return bool(self._live) or bool(self._pending) or any(self._releases.values())
+
+    def pending_models(self) -> frozenset[str]:
+        """Models whose runner has not answered a plan within stall_timeout_s (their requests are parked)."""
+        return frozenset(self._pending)
 
     def live_request_ids(self) -> list[str]:
         """Ids of every unfinished request, running or waiting."""
         with self._lock:
             return sorted(self._ids)
-
-    def take_result(self, request_id: str) -> GenerationResult | None:
-        """The result of a finished request added with keep_result=True (once)."""
-        with self._lock:
-            return self._results.pop(request_id, None)
 
     def resync(self, model: str) -> None:
         """Forget what ``model`` holds (e.g. its worker restarted empty): the next step re-sends every history."""
@@ -453,26 +481,68 @@ class Decoder:
                 if model in live.held:
                     live.held[model] = live.valid[model] = 0
             self._releases[model].clear()
+            self._pending.pop(model, None)  # a restarted worker answers nothing of the old one
+
+    def run(
+        self,
+        requests: Iterable[GenerationRequest],
+        *,
+        timeout_s: float | None = None,
+        on_step: Callable[[list[StepEvent]], None] | None = None,
+    ) -> Iterator[GenerationResult]:
+        """Add ``requests`` and step until every one of them has finished, yielding each result as it finishes.
+
+        The one loop that drives a Decoder to completion (generate, the zoo evaluation, the Ray-job pipeline and the
+        benchmarks use it; the service's Coordinator steps the Decoder itself, between aborts and scoring jobs). A
+        request that add_request refuses is yielded at once, finish_reason "invalid" with the error; one running
+        longer than ``timeout_s`` (from its add) is aborted and yielded with finish_reason "timeout". ``on_step``
+        sees every step's events. Requests already queued by others are stepped along but not yielded. Closing the
+        iterator early, or an exception, aborts the given requests that are still running.
+        """
+        running: set[str] = set()
+        deadlines: dict[str, float] = {}
+        timed_out: set[str] = set()
+        try:
+            for req in requests:
+                try:
+                    self.add_request(req)
+                except ValueError as exc:  # names the field and the limit
+                    yield GenerationResult(req.request_id, [], "", FINISH_INVALID, [], tuple(req.recipe.experts), 0,
+                                           error=str(exc))
+                    continue
+                running.add(req.request_id)
+                if timeout_s is not None:
+                    deadlines[req.request_id] = time.monotonic() + timeout_s
+            while running:
+                now = time.monotonic()
+                for rid in [rid for rid, t in deadlines.items() if now >= t]:
+                    del deadlines[rid]
+                    timed_out.add(rid)
+                    self.abort(rid)  # its final event (and result) comes with the next step
+                events = self.step()
+                if on_step is not None:
+                    on_step(events)
+                for ev in events:
+                    if ev.result is None or ev.request_id not in running:
+                        continue
+                    running.discard(ev.request_id)
+                    deadlines.pop(ev.request_id, None)
+                    res = ev.result
+                    yield replace(res, finish_reason=FINISH_TIMEOUT) if ev.request_id in timed_out else res
+        finally:
+            for rid in running:
+                self.abort(rid)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Run the given requests to completion (with any already queued) and return their results in order."""
-        for req in requests:
-            self.add_request(req, keep_result=True)
-        wanted = [r.request_id for r in requests]
+        """Run the given requests to completion (with any already queued) and return their results in order.
+        Raises ValueError (naming the field and the limit) for a request it refuses, before any step."""
         results: dict[str, GenerationResult] = {}
-        try:
-            while len(results) < len(wanted):
-                for ev in self.step():
-                    if ev.finished and ev.request_id in wanted:
-                        res = self.take_result(ev.request_id)
-                        if res is not None:
-                            results[ev.request_id] = res
-        except BaseException:
-            for rid in wanted:
-                if rid not in results:
-                    self.abort(rid)
-            raise
-        return [results[rid] for rid in wanted]
+        with contextlib.closing(self.run(requests)) as finished:
+            for res in finished:
+                if res.finish_reason == FINISH_INVALID:
+                    raise ValueError(res.error)
+                results[res.request_id] = res
+        return [results[r.request_id] for r in requests]
 
     # ------------------------------------------------------------------------------------------------ validation
 
@@ -551,6 +621,7 @@ class Decoder:
             self._retire_aborted()
             self._admit()
             try:
+                self._poll_pending()  # late answers of stalled runners: record them (or raise their failure)
                 self._prepare_routes()  # routed requests: their experts' example tables (once per example set)
                 drafts = self._draft()  # speculative requests: the draft model proposes k tokens
                 logits = self._execute(self._plan(drafts))  # every model, one plan each, concurrently
@@ -564,31 +635,63 @@ class Decoder:
                 events, self._outbox = self._outbox + events, []
             return events
 
-    def _forget_drafts(self) -> None:
-        """After a failed step: drafted tokens a runner may hold are not part of any history."""
-        for live in self._live.values():
+    def _forget_drafts(self, lives: Iterable[_Live] | None = None) -> None:
+        """After a failed step (or for requests parked in the middle of one): drafted tokens a runner may hold
+        are not part of any history."""
+        for live in self._live.values() if lives is None else lives:
             for m in live.models:
                 live.valid[m] = min(live.valid[m], len(live.prompts[m]) + len(live.generated))
+
+    def _parked(self, live: _Live) -> bool:
+        """True while a model the request reads has an unanswered plan."""
+        return bool(self._pending) and any(m in self._pending for m in live.models)
+
+    def _ready(self) -> list[_Live]:
+        """The live requests that this step plans, fuses and samples: every one not parked."""
+        return [live for live in self._live.values() if not self._parked(live)]
+
+    def _poll_pending(self) -> None:
+        """Record the answers of runners that were pending. With nothing else to run, wait up to _PENDING_POLL_S
+        for one (so a loop over step() does not spin); else only take what has arrived."""
+        if not self._pending:
+            return
+        if not self._ready():
+            wait([p.future for p in self._pending.values()], timeout=_PENDING_POLL_S, return_when=FIRST_COMPLETED)
+        failure: StepFailed | None = None
+        for m, p in list(self._pending.items()):
+            if not p.future.done():
+                continue
+            del self._pending[m]
+            logger.warning("step %d: runner %s answered after %.1f s", self._step, m, time.monotonic() - p.since)
+            failure = self._collect(m, p.future, p.plan, p.owners, p.featured, {}) or failure
+            for live, _, _ in p.owners:
+                if self._live.get(live.rid) is not live:
+                    self._releases[m].add(live.rid)  # it ended while parked: free what the late answer created
+            self._forget_drafts(live for live, _, _ in p.owners)  # their step was not fused: history only
+        if failure is not None:
+            raise failure
 
     def _retire_aborted(self) -> None:
         """Take aborted requests out (waiting or live); their caches go on the release lists, their final
         events into the outbox that the next step hands out."""
         with self._lock:
             aborts, self._aborts = self._aborts, set()
-            kept = deque((r, k) for r, k in self._waiting if r.request_id not in aborts)
-            dropped = [r.request_id for r, _ in self._waiting if r.request_id in aborts]
+            kept = deque(r for r in self._waiting if r.request_id not in aborts)
+            dropped = [r for r in self._waiting if r.request_id in aborts]
             self._waiting = kept
         events = []
-        for rid in dropped:
-            events.append(StepEvent(rid, None, "", (), True, FINISH_ABORT, self._step))
+        for req in dropped:
+            never_ran = GenerationResult(req.request_id, [], "", FINISH_ABORT, [], tuple(req.recipe.experts), 0)
+            events.append(StepEvent(req.request_id, None, "", (), True, FINISH_ABORT, self._step, result=never_ran))
             with self._lock:
-                self._ids.discard(rid)
+                self._ids.discard(req.request_id)
         for rid in sorted(aborts):
             live = self._live.get(rid)
             if live is not None:
                 live.finish_reason = FINISH_ABORT
                 self._finish(live)
-                events.append(StepEvent(rid, None, "", (), True, FINISH_ABORT, self._step))
+                events.append(StepEvent(rid, None, "", (), True, FINISH_ABORT, self._step, live.drafted,
+                                        live.accepted, result=live.result()))
         with self._lock:
             self._outbox.extend(events)
 
@@ -596,11 +699,11 @@ class Decoder:
         """Move waiting requests into the batch, up to max_batch_size."""
         with self._lock:
             while self._waiting and len(self._live) < self.max_batch_size:
-                req, keep = self._waiting.popleft()
-                self._live[req.request_id] = self._new_live(req, keep)
+                req = self._waiting.popleft()
+                self._live[req.request_id] = self._new_live(req)
                 logger.debug("step %d: admitted request %s", self._step, req.request_id)
 
-    def _new_live(self, req: GenerationRequest, keep: bool) -> _Live:
+    def _new_live(self, req: GenerationRequest) -> _Live:
         models = set(req.recipe.model_names())
         k = 0
         if req.speculative is not None:
@@ -615,7 +718,6 @@ class Decoder:
             prompts=prompts,
             stop_ids=frozenset(stops),
             generator=gen,
-            keep_result=keep,
             draft_k=k,
             held={m: 0 for m in models},
             valid={m: 0 for m in models},
@@ -647,11 +749,8 @@ class Decoder:
 
     def _plan(self, drafts: Mapping[str, _Draft]) -> _Round:
         """The main round: every row's extends, speculative verifies, and the pending releases."""
-        rnd = _Round()
-        for model, ids in self._releases.items():
-            if ids:
-                rnd.releases[model] = sorted(ids)
-        for live in self._live.values():
+        rnd = self._release_round()
+        for live in self._ready():
             draft = drafts.get(live.rid)
             if draft is None:
                 for m in live.request.recipe.model_names():
@@ -668,41 +767,68 @@ class Decoder:
     # ------------------------------------------------------------------------------------------------ execution
 
     def _execute(self, rnd: _Round) -> dict[tuple[str, str], torch.Tensor]:
-        """Submit every plan, wait on every future, record what each runner now holds.
+        """Submit every plan, wait on the futures, record what each runner now holds.
 
-        Returns (request id, model) -> the kept logits rows [rows, V]. Raises StepFailed after every future has
-        resolved, so no plan is ever in flight when the step returns.
+        Returns (request id, model) -> the kept logits rows [rows, V] of every request that is not parked. A runner
+        that does not answer within stall_timeout_s becomes pending and its requests are parked (see the module
+        docstring); every other future has resolved when this returns. Raises StepFailed after that.
         """
         plans = rnd.plans()
         futures: dict[str, Future] = {m: self._submit(m, plan) for m, plan in plans.items()}
+        started = time.monotonic()
         out: dict[tuple[str, str], torch.Tensor] = {}
         failure: StepFailed | None = None
+        parked: list[_Live] = []
         # the routing model first: its prompts are routed while the larger models still compute
         for m in sorted(futures, key=lambda name: name not in rnd.featured):
             fut = futures[m]
-            try:
-                logits = fut.result()
-            except BaseException as exc:  # noqa: BLE001 - reported as StepFailed below
-                logger.warning("step %d: runner %s failed: %s", self._step, m, exc)
-                failure = failure or StepFailed(m, exc)
-                continue
-            self._releases[m] -= set(plans[m].releases)
-            for (live, held, rows), rows_out in zip(rnd.owners.get(m, ()), logits):
-                live.held[m] = live.valid[m] = held
-                out[(live.rid, m)] = rows_out[-rows:]
-            featured = rnd.featured.get(m, ())
-            try:
-                feats = split_features(m, logits, len(plans[m].extends), len(featured)) if featured else []
-            except Exception as exc:  # noqa: BLE001 - a runner without features: reported like any failure
-                failure = failure or StepFailed(m, exc)
-                for live in featured:
-                    live.valid[m] = 0  # the retry prefills again and asks again
-                continue
-            if featured:
-                self._set_routes(list(zip(featured, feats)))
+            if self.stall_timeout_s is not None:
+                wait([fut], timeout=max(0.0, started + self.stall_timeout_s - time.monotonic()))
+                if not fut.done():
+                    logger.warning("step %d: runner %s has not answered in %.1f s: its requests wait, the others go on",
+                                   self._step, m, self.stall_timeout_s)
+                    owners = rnd.owners.get(m, [])
+                    self._pending[m] = _Pending(fut, plans[m], owners, rnd.featured.get(m, []), started)
+                    parked.extend(live for live, _, _ in owners)
+                    continue
+            failure = self._collect(m, fut, plans[m], rnd.owners.get(m, ()), rnd.featured.get(m, ()), out) or failure
+        if parked:
+            self._forget_drafts(parked)
+            out = {key: rows for key, rows in out.items() if not self._parked(self._live[key[0]])}
         if failure is not None:
             raise failure
         return out
+
+    def _collect(
+        self,
+        m: str,
+        fut: Future,
+        plan: StepPlan,
+        owners: Sequence[tuple[_Live, int, int]],
+        featured: Sequence[_Live],
+        out: dict[tuple[str, str], torch.Tensor],
+    ) -> StepFailed | None:
+        """Record one resolved runner future: what each owner's cache now holds, its kept rows into ``out``, the
+        routes of featured prefills. Returns the failure (not raised, so every other future is still recorded)."""
+        try:
+            logits = fut.result()
+        except BaseException as exc:  # noqa: BLE001 - reported as StepFailed
+            logger.warning("step %d: runner %s failed: %s", self._step, m, exc)
+            return StepFailed(m, exc)
+        self._releases[m] -= set(plan.releases)
+        for (live, held, rows), rows_out in zip(owners, logits):
+            live.held[m] = live.valid[m] = held
+            out[(live.rid, m)] = rows_out[-rows:]
+        if not featured:
+            return None
+        try:
+            feats = split_features(m, logits, len(plan.extends), len(featured))
+        except Exception as exc:  # noqa: BLE001 - a runner without features: reported like any failure
+            for live in featured:
+                live.valid[m] = 0  # the retry prefills again and asks again
+            return StepFailed(m, exc)
+        self._set_routes(list(zip(featured, feats)))
+        return None
 
     def _submit(self, model: str, plan: StepPlan) -> Future:
         """runner.submit, with an exception raised by submit itself turned into a failed future."""
@@ -711,12 +837,17 @@ class Decoder:
         except Exception as exc:  # noqa: BLE001 - reported through the future like any runner failure
             return failed(exc)
 
-    def _flush_releases(self) -> None:
-        """Free finished requests' caches now, with release-only plans."""
+    def _release_round(self) -> _Round:
+        """A round carrying every pending release (a pending runner's wait for its answer)."""
         rnd = _Round()
         for model, ids in self._releases.items():
-            if ids:
+            if ids and model not in self._pending:
                 rnd.releases[model] = sorted(ids)
+        return rnd
+
+    def _flush_releases(self) -> None:
+        """Free finished requests' caches now, with release-only plans."""
+        rnd = self._release_round()
         if rnd.releases:
             self._execute(rnd)
 
@@ -725,7 +856,7 @@ class Decoder:
     def _prepare_routes(self) -> None:
         """Make sure every routed request that still needs its weights has its example table (one runner call per
         new example set, on this step thread, so no other plan is in flight)."""
-        for live in self._live.values():
+        for live in self._ready():
             routing = live.request.recipe.route
             if routing is not None and live.route is None:
                 try:
@@ -757,7 +888,7 @@ class Decoder:
 
     def _draft(self) -> dict[str, _Draft]:
         """Draft rounds: the draft model of each speculative request proposes k tokens, one per round."""
-        drafts = {live.rid: _Draft(k) for live in self._live.values() if (k := self._draft_k(live)) > 0}
+        drafts = {live.rid: _Draft(k) for live in self._ready() if (k := self._draft_k(live)) > 0}
         if not drafts:
             return drafts
         for i in range(max(d.k for d in drafts.values())):
@@ -767,6 +898,12 @@ class Decoder:
                 d = live.request.speculative.draft_model  # type: ignore[union-attr]
                 self._add_extend(rnd, live, d, live.history(d) + tuple(drafts[live.rid].tokens), "last", 1)
             logits = self._execute(rnd)
+            if self._pending:  # the draft model stalled: its requests wait, with no draft
+                for live in [live for live in rows if self._parked(live)]:
+                    del drafts[live.rid]
+                rows = [live for live in rows if live.rid in drafts]
+                if not rows:
+                    continue
             raw = torch.cat(
                 [logits[(live.rid, live.request.speculative.draft_model)] for live in rows]  # type: ignore[union-attr]
             )  # [R, V]
@@ -784,12 +921,12 @@ class Decoder:
     # ------------------------------------------------------------------------------------------------ fuse + update
 
     def _fused_rows(
-        self, logits: Mapping[tuple[str, str], torch.Tensor], drafts: Mapping[str, _Draft]
+        self, lives: Sequence[_Live], logits: Mapping[tuple[str, str], torch.Tensor], drafts: Mapping[str, _Draft]
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Fuse every request's rows, batched per recipe: request id -> (log-probs [r, V], alphas [r, T], the DLF
         loss [r] or None for a static recipe)."""
         groups: dict[Recipe, list[_Live]] = {}
-        for live in self._live.values():
+        for live in lives:
             groups.setdefault(live.request.recipe, []).append(live)
         fused: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         for recipe, lives in groups.items():
@@ -820,13 +957,15 @@ class Decoder:
         self, logits: Mapping[tuple[str, str], torch.Tensor], drafts: Mapping[str, _Draft]
     ) -> list[StepEvent]:
         """Fuse, pick the tokens (sample, or accept/reject a draft), append them and check the stops."""
-        if not self._live:
+        lives = self._ready()  # not those parked by this step's stalls
+        if not lives:
             return []
-        fused = self._fused_rows(logits, drafts)
-        picked = self._sample_plain(fused, [live for live in self._live.values() if live.rid not in drafts])
+        drafts = {rid: d for rid, d in drafts.items() if not self._parked(self._live[rid])}
+        fused = self._fused_rows(lives, logits, drafts)
+        picked = self._sample_plain(fused, [live for live in lives if live.rid not in drafts])
         for rid, draft in drafts.items():
             picked[rid] = self._accept(self._live[rid], draft, *fused[rid])
-        return self._update(picked)
+        return self._update(lives, picked)
 
     @staticmethod
     def _sample_plain(
@@ -863,11 +1002,11 @@ class Decoder:
         return draft.tokens[:n_acc] + [int(nxt)], [alphas[j] for j in kept], [_loss_at(loss, j) for j in kept]
 
     def _update(
-        self, picked: Mapping[str, tuple[list[int], list[torch.Tensor], list[float | None]]]
+        self, lives: Sequence[_Live], picked: Mapping[str, tuple[list[int], list[torch.Tensor], list[float | None]]]
     ) -> list[StepEvent]:
         """Append each request's tokens in order until one of them stops it."""
         events: list[StepEvent] = []
-        for live in list(self._live.values()):
+        for live in lives:
             tokens, alphas, losses = picked[live.rid]
             live.num_steps += 1
             for token, al, lo in zip(tokens, alphas, losses):
@@ -893,6 +1032,8 @@ class Decoder:
             text = live.decoded
             cut = _find_stop(text, live.request.stop_strings, len(live.text))
             if cut >= 0:
+                if reason is None:  # a stop token takes precedence: then no stop string is reported
+                    live.stop = next(s for s in live.request.stop_strings if text.startswith(s, cut))
                 text, reason = text[:cut], FINISH_STOP
             elif reason is None and len(live.generated) < live.request.max_new_tokens:
                 text = _held_back(text, live.request.stop_strings)
@@ -905,7 +1046,7 @@ class Decoder:
             reason = FINISH_LENGTH
         live.finish_reason = reason
         return StepEvent(live.rid, token, delta, tuple(weights), reason is not None, reason, self._step,
-                         live.drafted, live.accepted, loss)
+                         live.drafted, live.accepted, loss, live.result() if reason is not None else None)
 
     def _finish(self, live: _Live) -> None:
         """Take a finished request out of the batch; its caches are freed by the next plans."""
@@ -915,6 +1056,4 @@ class Decoder:
                 self._releases[m].add(live.rid)
         with self._lock:
             self._ids.discard(live.rid)
-            if live.keep_result:
-                self._results[live.rid] = live.result()
         logger.debug("step %d: request %s finished (%s)", self._step, live.rid, live.finish_reason)

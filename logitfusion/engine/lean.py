@@ -24,14 +24,12 @@ compares both forwards once at load.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Rotary types whose cos/sin at a position never change with the sequence length (so one table serves every step).

@@ -123,7 +123,7 @@ def _layers_of(cache) -> list[KV]:
 
 def _pool_features(ops: Sequence[ExtendOp], hidden: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
     """hidden: [B, n, H] last hidden state of the group's new positions -> out[seq_id] = fp32 [H] mean, for the
-    ops that ask for features (the prompt representation a routed recipe compares, ALGORITHMS.md s.8)."""
+    ops that ask for features (the prompt representation a routed recipe compares, docs/algorithms.md §6)."""
     for b, op in enumerate(ops):
         if op.features_tokens:
             out[op.seq_id] = hidden[b, : op.features_tokens].float().mean(dim=0).cpu()
@@ -355,23 +355,8 @@ class LocalRunner(ModelRunner):
         """Check every op against the state the plan will meet, before anything changes."""
         name, limit, vocab = self._info.name, self._info.max_length_tokens, self._info.vocab_size
         with self._lock:
-            lengths = dict(self._lengths)
-        for seq_id in plan.releases:
-            lengths.pop(seq_id, None)
-        for seq_id, length in plan.truncates:
-            if seq_id not in lengths:
-                raise RunnerError(f"{name}: truncate of unknown seq_id {seq_id!r}")
-            if not 0 <= length <= lengths[seq_id]:
-                raise RunnerError(
-                    f"{name}: truncate of {seq_id!r} to length {length} outside 0..{lengths[seq_id]} "
-                    "(its cached length); a truncate never grows a sequence"
-                )
-            lengths[seq_id] = length
-        seen: set[str] = set()
+            after = plan.apply(self._lengths, name)  # refuses bad truncates and a sequence extended twice
         for op in plan.extends:
-            if op.seq_id in seen:
-                raise RunnerError(f"{name}: seq_id {op.seq_id!r} extended twice in one plan")
-            seen.add(op.seq_id)
             if not op.token_ids:
                 raise RunnerError(f"{name}: extend of {op.seq_id!r} has no token_ids")
             if op.want not in ("last", "all"):
@@ -384,10 +369,9 @@ class LocalRunner(ModelRunner):
             bad = [t for t in op.token_ids if not 0 <= t < vocab]
             if bad:
                 raise RunnerError(f"{name}: extend of {op.seq_id!r} has token id {bad[0]} outside 0..{vocab - 1}")
-            total = lengths.get(op.seq_id, 0) + len(op.token_ids)
-            if total > limit:
+            if after[op.seq_id] > limit:
                 raise RunnerError(
-                    f"{name}: extend of {op.seq_id!r} to {total} tokens exceeds max_length_tokens={limit}"
+                    f"{name}: extend of {op.seq_id!r} to {after[op.seq_id]} tokens exceeds max_length_tokens={limit}"
                 )
 
     # ------------------------------------------------------------------------------------------------ cache ops
@@ -443,7 +427,7 @@ class LocalRunner(ModelRunner):
         with self._lock:
             rows = sorted(((self._slot(op.seq_id), op) for op in ops), key=lambda r: r[0])
             starts = [self._lengths.get(op.seq_id, 0) for _, op in rows]
-        keep = [len(op.token_ids) if op.want == "all" else 1 for _, op in rows]
+        keep = [op.rows for _, op in rows]
         pool = [op.features_tokens for _, op in rows] if features is not None else None
         pooled: list[torch.Tensor] = []
         out = self._lean.forward([s for s, _ in rows], starts, [op.token_ids for _, op in rows], keep,

@@ -17,7 +17,7 @@ Decoder never submits a second plan before the future of the first has resolved.
 What the Decoder may assume: each extend returns fp32 logits ``[n, V]`` on the CPU, sliced to the tokenizer's real
 vocabulary size V (never config padding rows); n = 1 for ``want="last"``, n = len(token_ids) for ``want="all"``.
 The logits are read-only for the Decoder: they may be views of one batched output or of a received message.
-An extend with ``features_tokens = k > 0`` (the prefill of a routed request, ALGORITHMS.md s.8) also asks for the
+An extend with ``features_tokens = k > 0`` (the prefill of a routed request, docs/algorithms.md §6) also asks for the
 mean of the model's last hidden state over its first k appended positions (the prompt): those fp32 ``[H]`` vectors
 follow every extend's logits in the result list, one per such extend, in plan order. A runner that cannot give them
 returns the logits alone; the Decoder then fails the step with a clear error.
@@ -26,7 +26,7 @@ returns the logits alone; the Decoder then fails the step with a clear error.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Literal
@@ -49,6 +49,14 @@ class RunnerInfo:
     num_parameters: int = 0
 
 
+class RunnerError(RuntimeError):
+    """A runner could not carry out a plan (bad op, over its limits). Not retried."""
+
+
+class RunnerUnavailable(RuntimeError):
+    """The runner's model is gone (worker dead, stream broken) and could not be recovered."""
+
+
 @dataclass(frozen=True)
 class ExtendOp:
     """Append tokens to a sequence's cache and return logits for the last or for all appended positions."""
@@ -57,6 +65,11 @@ class ExtendOp:
     token_ids: tuple[int, ...]
     want: Want = "last"
     features_tokens: int = 0  # k > 0: also return the mean last hidden state of the first k new positions, fp32 [H]
+
+    @property
+    def rows(self) -> int:
+        """Rows of this extend's logits: len(token_ids) for want="all", else 1."""
+        return len(self.token_ids) if self.want == "all" else 1
 
 
 @dataclass(frozen=True)
@@ -70,13 +83,48 @@ class StepPlan:
     def is_empty(self) -> bool:
         return not (self.extends or self.truncates or self.releases)
 
+    def rows_per_extend(self) -> list[int]:
+        """Rows of each extend's logits, in plan order (ExtendOp.rows)."""
+        return [e.rows for e in self.extends]
 
-class RunnerError(RuntimeError):
-    """A runner could not carry out a plan (bad op, over its limits). Not retried."""
+    def apply(self, lengths: Mapping[str, int], name: str = "plan") -> dict[str, int]:
+        """The cached lengths (seq_id -> tokens) after this plan, in the contract's order: releases, then truncates,
+        then extends. ``lengths`` is not changed. Raises RunnerError, naming ``name`` (the model), for a plan the
+        state cannot take: a truncate of an unknown sequence or one that would grow it, a sequence extended twice.
+        Checks that need the model (vocabulary, maximum length) are the runner's."""
+        after = dict(lengths)
+        for seq_id in self.releases:
+            after.pop(seq_id, None)
+        for seq_id, length in self.truncates:
+            if seq_id not in after:
+                raise RunnerError(f"{name}: truncate of unknown seq_id {seq_id!r}")
+            if not 0 <= length <= after[seq_id]:
+                raise RunnerError(
+                    f"{name}: truncate of {seq_id!r} to length {length} outside 0..{after[seq_id]} "
+                    "(its cached length); a truncate never grows a sequence"
+                )
+            after[seq_id] = length
+        seen: set[str] = set()
+        for op in self.extends:
+            if op.seq_id in seen:
+                raise RunnerError(f"{name}: seq_id {op.seq_id!r} extended twice in one plan")
+            seen.add(op.seq_id)
+            after[op.seq_id] = after.get(op.seq_id, 0) + len(op.token_ids)
+        return after
 
-
-class RunnerUnavailable(RuntimeError):
-    """The runner's model is gone (worker dead, stream broken) and could not be recovered."""
+    def apply_tokens(self, histories: MutableMapping[str, list[int]], name: str = "plan") -> None:
+        """Apply this plan to token histories (seq_id -> tokens) in place, by the same rules and with the same
+        errors as ``apply``; on an error nothing changes. In place because a history is long and a step changes
+        little of it."""
+        after = self.apply({seq_id: len(h) for seq_id, h in histories.items()}, name)
+        for seq_id in histories.keys() - after.keys():
+            del histories[seq_id]
+        added = {op.seq_id: op.token_ids for op in self.extends}
+        for seq_id, length in after.items():
+            new = added.get(seq_id, ())
+            history = histories.setdefault(seq_id, [])
+            del history[length - len(new):]  # a truncate; all of it for a sequence released and extended again
+            history.extend(new)
 
 
 def concat_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:

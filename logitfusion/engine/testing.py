@@ -7,10 +7,14 @@ distributions are peaked, so greedy decoding has no near-ties that batching nois
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
+
+from logitfusion.engine.runner import ModelRunner, RunnerInfo, StepPlan
 
 TINY_VOCAB_SIZE = 97
 # One printable character per token id: a tokenizer double whose decode is exact and invertible.
@@ -88,3 +92,44 @@ def tiny_runner(name: str, spec: TinySpec | None = None, **kwargs):
         max_length_tokens=spec.max_length_tokens,
         **kwargs,
     )
+
+
+class StallingRunner(ModelRunner):
+    """A test double of a worker that stops answering: once ``armed``, the next plan's future resolves only after
+    ``release`` is set (a SIGSTOPped process continued later), with the inner runner's answer, or failing with
+    ``error`` when that is set. The inner runner sees nothing until then, as a stopped worker would."""
+
+    def __init__(self, inner: ModelRunner) -> None:
+        self.inner = inner
+        self.armed = False
+        self.release = threading.Event()
+        self.error: BaseException | None = None
+        self.stalled_plans: list[StepPlan] = []
+
+    def describe(self) -> RunnerInfo:
+        return self.inner.describe()
+
+    def submit(self, plan: StepPlan) -> Future:
+        if not self.armed:
+            return self.inner.submit(plan)
+        self.armed = False
+        self.stalled_plans.append(plan)
+        fut: Future = Future()
+        threading.Thread(target=self._answer_late, args=(plan, fut), daemon=True).start()
+        return fut
+
+    def _answer_late(self, plan: StepPlan, fut: Future) -> None:
+        self.release.wait(timeout=300)
+        if self.error is not None:
+            fut.set_exception(self.error)
+            return
+        try:
+            fut.set_result(self.inner.step(plan))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller like any runner failure
+            fut.set_exception(exc)
+
+    def sequences(self) -> dict[str, int]:
+        return self.inner.sequences()
+
+    def close(self) -> None:
+        self.inner.close()

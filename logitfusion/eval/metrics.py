@@ -1,4 +1,4 @@
-"""Transfer metrics of ALGORITHMS.md section 7, and the report table.
+"""Transfer metrics of docs/algorithms.md §10, and the report table.
 
 Two figures are always shown side by side and never mixed up:
 - gap closed  = (fused - large base) / (large fine-tuned - large base)   (the honest one)

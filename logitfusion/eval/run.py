@@ -1,4 +1,4 @@
-"""Evaluate fusion methods on the zoo tasks and print the table of ALGORITHMS.md section 7.
+"""Evaluate fusion methods on the zoo tasks and print the table of docs/algorithms.md §10.
 
 Per task: large base, small expert, large fine-tuned (the upper bound), static proxy-tuning (alpha = 1), DLF with
 each solver; then the variants: several experts fused with no task label ("multi"), the relation no expert was
@@ -10,6 +10,7 @@ in-process LocalRunners, batched, so the methods share each model's forward.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -134,16 +135,14 @@ def run_requests(decoder, requests: Sequence, *, progress: bool = True, desc: st
     """Drive ``decoder`` until every request finished; returns request_id -> GenerationResult."""
     from tqdm import tqdm
 
-    for req in requests:
-        decoder.add_request(req, keep_result=True)
     results = {}
-    bar = tqdm(total=len(requests), desc=desc, unit="req", disable=not progress, mininterval=1.0)
-    while decoder.has_work():
-        for ev in decoder.step():
-            if ev.finished:
-                results[ev.request_id] = decoder.take_result(ev.request_id)
-                bar.update(1)
-    bar.close()
+    with tqdm(total=len(requests), desc=desc, unit="req", disable=not progress, mininterval=1.0) as bar, \
+            contextlib.closing(decoder.run(requests)) as finished:
+        for res in finished:
+            if res.error:
+                raise ValueError(res.error)
+            results[res.request_id] = res
+            bar.update(1)
     return results
 
 

@@ -1,9 +1,10 @@
 """Pure tensor math of logit fusion on [B, V]: recipes, DLF solvers, sampling, speculative acceptance.
 
 No models and no I/O here: every function takes fp32 log-probs (or raw logits) batched over rows and is testable
-on its own. docs/algorithms.md is the specification, and states the certified candidate support that fuse() solves
-DLF on. methods.py is the table of recipe methods; it imports no torch, so the names below are imported on first
-use (the CLI reads the table without paying for torch).
+on its own. docs/algorithms.md states what each computes: the recipes (§2), the DLF objective and solvers (§3), the
+certified candidate support that fuse() solves DLF on (§4), routing (§6), sampling (§7), speculative acceptance (§8).
+methods.py is the table of recipe methods; it imports no torch, so the names below are imported on first use (the
+CLI reads the table without paying for torch).
 """
 
 from __future__ import annotations

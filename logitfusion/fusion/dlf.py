@@ -1,4 +1,4 @@
-"""Dynamic Logit Fusion (ALGORITHMS.md section 3): the objective and its three solvers, batched over rows.
+"""Dynamic Logit Fusion (docs/algorithms.md §3): the objective and its three solvers, batched over rows.
 
 With P = softmax(l_L), Q = softmax(l_S), Q_t = softmax(l_{E_t}), Delta_t = l_{E_t} - l_S and s = sum_t alpha_t Delta_t,
 the emulated fine-tuned large model is Pt = softmax(l_L + s) and the objective of one row is
@@ -25,9 +25,9 @@ Solvers (every one keeps the best point it evaluated, so none can end worse than
 
 from __future__ import annotations
 
-import logging
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +35,7 @@ import torch
 from .methods import MAX_ALPHA_LIMIT, SOLVERS
 from .support import check_matrix, compute_dtype, restrict, zero_filled
 
-logger = logging.getLogger(__name__)
+
 GRID_STEP = 0.1  # the paper's grid: 0, 0.1, ..., max_alpha
 NEWTON_ITERS = 5  # derivative evaluations per 1-D refinement inside one grid step of the best grid point
 JOINT_ITERS = 6  # projected Newton evaluations after the newton start
@@ -193,6 +193,97 @@ def line_curve(pb: Problem, alpha: torch.Tensor, derivs: bool) -> Curve:
     return Curve(A, g.clamp_min(0.0), dA=alpha * var, d2A=var + alpha * k3, dB=mu, d2B=var)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The line curves from binned moments (docs/algorithms.md §3, "Binned line curves")
+
+BIN_RHO = 0.1  # max_alpha * (bin width) / 2: |alpha u| <= BIN_RHO for every token's offset u from its bin centre
+BIN_ORDER = 5  # terms of exp(alpha u) kept: the truncation error is at most BIN_RHO^6 / 6! * e^(2 BIN_RHO) ~ 2e-9
+_BIN_MOMENTS = BIN_ORDER + 4  # power sums S_0 .. S_{N+3}: the curve needs E[Delta^p exp(alpha Delta)] up to p = 3
+_BIN_PAYS = 4  # binned when bins * moments * _BIN_PAYS <= V: each solver evaluation then costs O(bins), not O(V)
+
+
+def truncation_bound(rho: float = BIN_RHO, order: int = BIN_ORDER) -> float:
+    """Relative error bound of every binned sum E_P[Delta^p exp(alpha Delta)] (see BinnedLines)."""
+    return rho ** (order + 1) / math.factorial(order + 1) * math.exp(2.0 * rho)
+
+
+class BinnedLines:
+    """line_curve(pb, alpha, derivs) for one expert at a time, from per-bin power sums instead of [.., V] passes.
+
+    Along one expert's alpha the curve depends on the tokens only through the measure of Delta_t under P. Tokens
+    are put in bins of width w = 2 BIN_RHO / max_alpha by their Delta (per expert and row); in bin k with centre c_k
+    and offsets u = Delta - c_k (|u| <= w / 2), one pass keeps the power sums S_kj = sum_i P_i u_i^j, j <= N + 3.
+    Then, with exp(alpha u) = sum_{n <= N} (alpha u)^n / n! + R and |R| <= BIN_RHO^(N+1) / (N+1)! e^BIN_RHO,
+
+        Z_p(alpha) = sum_i P_i Delta_i^p e^(alpha Delta_i)
+                   = sum_k e^(alpha c_k) sum_{n <= N} alpha^n / n! sum_{q <= p} C(p, q) c_k^(p-q) S_k,(q+n)
+
+    to a relative error of at most truncation_bound() (~2e-9) for every alpha in [0, max_alpha], and g = log Z_0,
+    E_Pt[Delta] = Z_1 / Z_0, Var and the third central moment from Z_2, Z_3: the same Curve as line_curve, at O(bins)
+    per evaluation. The binning itself is one pass per moment over [T, B, V]; every grid point and Newton iterate
+    after that is free of V.
+    """
+
+    def __init__(self, pb: Problem, max_alpha: float, bins: int, lo: torch.Tensor, width: float) -> None:
+        T, B, V = pb.shape
+        d = pb.deltas  # [T, B, V]
+        idx = torch.sub(d, lo.unsqueeze(-1)).div_(width).floor_().clamp_(0, bins - 1)  # [T, B, V] bin (as float)
+        u = d - (idx + 0.5).mul_(width).add_(lo.unsqueeze(-1))  # [T, B, V]  offset from the bin centre
+        flat = idx.long().add_(torch.arange(T * B, device=d.device).view(T, B, 1) * bins).view(-1)  # [T*B*V]
+        w = pb.l_large.exp().expand(T, B, V).contiguous()  # [T, B, V]  P_i u_i^j; P = 0 where masked
+        sums = torch.zeros(_BIN_MOMENTS, T * B * bins, dtype=d.dtype, device=d.device)
+        for j in range(_BIN_MOMENTS):
+            sums[j].index_add_(0, flat, w.view(-1))
+            if j + 1 < _BIN_MOMENTS:
+                w.mul_(u)
+        S = sums.double().view(_BIN_MOMENTS, T, B, bins).permute(1, 2, 3, 0)  # [T, B, K, J]
+        centre = lo.double().unsqueeze(-1) + (torch.arange(bins, dtype=torch.float64, device=d.device) + 0.5) * width
+        # M[..., p, n] = sum_q C(p, q) c^(p-q) S_(q+n): Z_p's coefficient of alpha^n / n!
+        N = BIN_ORDER + 1
+        M = torch.zeros(T, B, bins, 4, N, dtype=torch.float64, device=d.device)
+        for p in range(4):
+            for q in range(p + 1):
+                M[..., p, :] += math.comb(p, q) * centre.pow(p - q).unsqueeze(-1) * S[..., q : q + N]
+        self.M = M  # [T, B, K, 4, N]
+        self.centre = centre  # [T, B, K]
+        self.empty = S[..., 0] <= 0  # [T, B, K] bins without mass
+        self.log_z0 = S[..., 0].sum(-1).log()  # [T, B]  log sum P (~0)
+        self.dtype = pb.l_large.dtype
+        self._fact = torch.tensor([math.factorial(n) for n in range(N)], dtype=torch.float64, device=d.device)
+
+    @staticmethod
+    def maybe(pb: Problem, max_alpha: float) -> BinnedLines | None:
+        """The binned curves when they cost less than the dense ones (enough tokens per bin), else None."""
+        T, B, V = pb.shape
+        lo, hi = pb.deltas.amin(-1), pb.deltas.amax(-1)  # [T, B]
+        width = 2.0 * BIN_RHO / max_alpha
+        bins = int(((hi - lo).max() / width).floor()) + 1 if V else 1
+        if bins * _BIN_MOMENTS * _BIN_PAYS > V:
+            return None
+        return BinnedLines(pb, max_alpha, bins, lo, width)
+
+    def __call__(self, alpha: torch.Tensor, derivs: bool) -> Curve:
+        """As line_curve(pb, alpha, derivs): alpha [..., T, B] -> fields [..., T, B]."""
+        a = alpha.double()
+        powers = a.unsqueeze(-1).pow(torch.arange(self._fact.shape[0], device=a.device)) / self._fact  # [..., T, B, N]
+        z = torch.einsum("...tbn,tbkpn->...tbkp", powers, self.M)  # [..., T, B, K, 4]
+        e = (a.unsqueeze(-1) * self.centre).masked_fill(self.empty, float("-inf"))  # [..., T, B, K]
+        shift = e.amax(-1, keepdim=True)  # [..., T, B, 1]
+        Z = (z * (e - shift).exp().unsqueeze(-1)).sum(-2)  # [..., T, B, 4]  Z_p e^(-shift)
+        z0 = Z[..., 0]
+        g = (z0.log() + shift.squeeze(-1) - self.log_z0).masked_fill(a == 0, 0.0)  # [..., T, B]; g(0) = 0
+        mu = Z[..., 1] / z0
+        r2, r3 = Z[..., 2] / z0, Z[..., 3] / z0
+        var = (r2 - mu.square()).clamp_min(0.0)
+        A, Bk = (a * mu - g).clamp_min(0.0), g.clamp_min(0.0)
+        dt = self.dtype
+        if not derivs:
+            return Curve(A=A.to(dt), B=Bk.to(dt))
+        k3 = r3 - 3.0 * mu * r2 + 2.0 * mu.pow(3)
+        return Curve(A.to(dt), Bk.to(dt), dA=(a * var).to(dt), d2A=(var + a * k3).to(dt), dB=mu.to(dt),
+                     d2B=var.to(dt))
+
+
 @dataclass(frozen=True)
 class Joint:
     """Loss and (optionally) its gradient and Hessian at a full alpha vector, per row."""
@@ -234,7 +325,7 @@ def dlf_loss(
     l_experts: torch.Tensor | Sequence[torch.Tensor],
     alphas: torch.Tensor,
 ) -> torch.Tensor:
-    """The multi-expert DLF objective (ALGORITHMS.md s.3) at alphas [B, T]; inputs are log-probs. Returns [B]."""
+    """The multi-expert DLF objective (docs/algorithms.md §3) at alphas [B, T]; inputs are log-probs. Returns [B]."""
     pb = problem_from_log_probs(l_large, l_small, l_experts)
     T, B, _ = pb.shape
     if not isinstance(alphas, torch.Tensor) or alphas.shape != (B, T):
@@ -265,23 +356,32 @@ def _pick_expert(best_alpha: torch.Tensor, best_loss: torch.Tensor) -> tuple[tor
     return alphas, best_loss[t, rows]
 
 
-def _grid_losses(pb: Problem, pts: torch.Tensor) -> torch.Tensor:
+Lines = Callable[[torch.Tensor, bool], Curve]  # alpha [..., T, B], derivs -> the one-expert curves
+
+
+def _grid_losses(pb: Problem, pts: torch.Tensor, lines: Lines) -> torch.Tensor:
     """Loss with one expert at a time at every grid point: [G, T, B]. Chunked over grid points, never over rows."""
     T, B, V = pb.shape
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, T * B * V))
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, T * B * V)) if isinstance(lines, functools.partial) else pts.shape[0]
     losses = []
     for start in range(0, pts.shape[0], chunk):
         alpha = pts[start : start + chunk, None, None].expand(-1, T, B)  # [g, T, B]
-        c = line_curve(pb, alpha, derivs=False)
+        c = lines(alpha, False)
         losses.append(targets_loss(c.A, c.B, pb.a, pb.b))  # [g, T, B]
     return torch.cat(losses)  # [G, T, B]
 
 
-def solve_grid(pb: Problem, max_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _lines(pb: Problem, max_alpha: float, curves: str) -> Lines:
+    """The one-expert curves: "exact" (line_curve, [.., V] passes) or "auto" (BinnedLines where they pay)."""
+    binned = BinnedLines.maybe(pb, max_alpha) if curves == "auto" else None
+    return binned if binned is not None else functools.partial(line_curve, pb)
+
+
+def solve_grid(pb: Problem, max_alpha: float, curves: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's search: one expert at a time on the 0.1 grid, the single best (t, alpha) per row."""
     T, B, _ = pb.shape
     pts = grid_points(max_alpha, pb.l_large.dtype, pb.l_large.device)  # [G]
-    flat = _grid_losses(pb, pts).permute(2, 0, 1).reshape(B, -1)  # [B, G*T], grid-major: smallest alpha wins ties
+    flat = _grid_losses(pb, pts, _lines(pb, max_alpha, curves)).permute(2, 0, 1).reshape(B, -1)  # [B, G*T], grid-major: smallest alpha wins ties
     best = flat.argmin(-1)  # [B]
     g, t = best // T, best % T
     rows = torch.arange(B, device=flat.device)
@@ -290,7 +390,7 @@ def solve_grid(pb: Problem, max_alpha: float) -> tuple[torch.Tensor, torch.Tenso
     return alphas, flat[rows, best]
 
 
-def _newton_1d(pb: Problem, max_alpha: float, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _newton_1d(pb: Problem, max_alpha: float, iters: int, lines: Lines) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (t, row): alpha_t alone in [0, max_alpha], the full T-term loss. Returns best alpha and loss, [T, B].
 
     The loss of one expert can have several local minima when the targets are large (a few nats), so the 1-D solve
@@ -299,7 +399,7 @@ def _newton_1d(pb: Problem, max_alpha: float, iters: int) -> tuple[torch.Tensor,
     """
     T, B, _ = pb.shape
     pts = grid_points(max_alpha, pb.l_large.dtype, pb.l_large.device)  # [G]
-    grid = _grid_losses(pb, pts)  # [G, T, B]
+    grid = _grid_losses(pb, pts, lines)  # [G, T, B]
     best_l, g = grid.min(0)  # [T, B]  ties: the smallest alpha
     best_x = pts[g]  # [T, B]
     lo = (best_x - GRID_STEP).clamp_min(0.0)
@@ -307,7 +407,7 @@ def _newton_1d(pb: Problem, max_alpha: float, iters: int) -> tuple[torch.Tensor,
     a_sum, b_sum = pb.a.sum(-1), pb.b.sum(-1)  # [B]
     x = best_x
     for _ in range(iters):
-        c = line_curve(pb, x, derivs=True)
+        c = lines(x, True)
         best_x, best_l = _keep_better(best_x, best_l, x, targets_loss(c.A, c.B, pb.a, pb.b))
         ra, rb = T * c.A - a_sum, T * c.B - b_sum  # [T, B]  sum_t (A - a_t), sum_t (B - b_t)
         d1 = 2.0 * (ra * c.dA + rb * c.dB)  # loss'(x); exactly 0 at x = 0, where the loss falls or stays flat
@@ -320,13 +420,15 @@ def _newton_1d(pb: Problem, max_alpha: float, iters: int) -> tuple[torch.Tensor,
         ok_newton = (d2 > 0) & (newton > lo) & (newton < hi)  # False for NaN
         ok_gauss = (gauss > lo) & (gauss < hi)
         x = torch.where(ok_newton, newton, torch.where(ok_gauss, gauss, 0.5 * (lo + hi)))
-    c = line_curve(pb, x, derivs=False)
+    c = lines(x, False)
     return _keep_better(best_x, best_l, x, targets_loss(c.A, c.B, pb.a, pb.b))
 
 
-def solve_newton(pb: Problem, max_alpha: float, iters: int = NEWTON_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_newton(
+    pb: Problem, max_alpha: float, iters: int = NEWTON_ITERS, curves: str = "exact"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The grid's family (one expert at a time) solved continuously; the best expert per row."""
-    return _pick_expert(*_newton_1d(pb, max_alpha, iters))
+    return _pick_expert(*_newton_1d(pb, max_alpha, iters, _lines(pb, max_alpha, curves)))
 
 
 def projected_newton_step(alpha: torch.Tensor, grad: torch.Tensor, hess: torch.Tensor, max_alpha: float):
@@ -346,9 +448,11 @@ def projected_newton_step(alpha: torch.Tensor, grad: torch.Tensor, hess: torch.T
     return (alpha + step).clamp(0.0, max_alpha)
 
 
-def solve_joint(pb: Problem, max_alpha: float, iters: int = JOINT_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_joint(
+    pb: Problem, max_alpha: float, iters: int = JOINT_ITERS, curves: str = "exact"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Every alpha at once, from the newton (one-at-a-time) solution; the loss never rises above it."""
-    best_a, _ = solve_newton(pb, max_alpha)  # [B, T]
+    best_a, _ = solve_newton(pb, max_alpha, curves=curves)  # [B, T]
     j = joint_terms(pb, best_a, derivs=True)
     best_l, best_g, best_h = j.loss, j.grad, j.hess
     cand = projected_newton_step(best_a, best_g, best_h, max_alpha)
@@ -365,13 +469,22 @@ def solve_joint(pb: Problem, max_alpha: float, iters: int = JOINT_ITERS) -> tupl
     return best_a, best_l
 
 
-def solve_problem(pb: Problem, solver: str, max_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """alphas [B, T] and loss [B] for a prepared problem. Per step: the solver and max_alpha come from a validated
-    recipe (or solve_alphas' checks) and are not checked again; an unknown solver still gets check_solver's error."""
+CURVES = ("exact", "auto")
+
+
+def solve_problem(pb: Problem, solver: str, max_alpha: float, curves: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
+    """alphas [B, T] and loss [B] for a prepared problem. curves: how the one-expert curves of grid and newton
+    (and joint's newton start) are evaluated: "exact" on every token, "auto" from binned moments where that pays
+    (BinnedLines: each sum within truncation_bound() relative; joint's own iterations stay exact).
+
+    Per step: the solver and max_alpha come from a validated recipe (or solve_alphas' checks) and are not checked
+    again; an unknown solver still gets check_solver's error."""
     solve = _SOLVE.get(solver)
     if solve is None:
         check_solver(solver)
-    return solve(pb, float(max_alpha))  # type: ignore[misc]
+    if curves not in CURVES:
+        raise ValueError(f"curves={curves!r}: must be one of {', '.join(CURVES)}")
+    return solve(pb, float(max_alpha), curves=curves)  # type: ignore[misc]
 
 
 _SOLVE = {"grid": solve_grid, "newton": solve_newton, "joint": solve_joint}  # keys: exactly methods.SOLVERS (tested)

@@ -1,5 +1,5 @@
-"""Named recipes: one constructor per method of docs/algorithms.md (the rows of methods.RULES, which say what each
-method reads and takes). Each returns a validated, trusted Recipe (fuse never checks it again).
+"""Named recipes: one constructor per method of docs/algorithms.md §2 and §3 (the rows of methods.RULES, which say
+what each method reads and takes). Each returns a validated, trusted Recipe (fuse never checks it again).
 
     single         l_M
     proxy_tuning   l_L + alpha (l_E - l_S)                               (alpha = 1: proxy-tuning = EFT up-scaling)

@@ -1,6 +1,6 @@
 """Recipes (which models a fusion reads, with which weights) and fuse(): one decoding step of fusion on [B, V].
 
-Every method of ALGORITHMS.md sections 1-3 is one formula over log-probs:
+Every method of docs/algorithms.md §2 and §3 is one formula over log-probs:
 
     fused = sum_m coeffs[m] * l_m  +  sum_t alpha_t * (l_{experts[t]} - l_{small})
 
@@ -195,7 +195,7 @@ def fuse(
     route_weights: [B, T] expert weights of each row, required by (and only used for) a routed recipe.
     The recipe is checked only if it was never validated (presets and the Decoder's add_request validate once);
     the logits are always checked. support: "auto" solves DLF on the certified candidate support where it pays
-    (docs/algorithms.md, at most eps of the mass dropped), "candidates" always does, "dense" is the reference path
+    (docs/algorithms.md §4, at most eps of the mass dropped), "candidates" always does, "dense" is the reference path
     on the whole vocabulary. Logits with a masked (-inf) token always take the dense path.
     """
     if not recipe.validated:

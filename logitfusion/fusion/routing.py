@@ -1,8 +1,8 @@
 """Routed fusion: several experts, no task label; each request picks its experts by its own prompt.
 
-ALGORITHMS.md s.8 scores experts by how much better each explains the prompt than the small base. On the zoo that
-signal drowns (the experts were tuned with loss on the answer only, and their modelling of the prompt's format words
-drifted by several nats), so the representation used here is the one that separates the tasks:
+Scoring experts by how much better each explains the prompt than the small base (docs/algorithms.md §6) fails on
+the zoo: that signal drowns (the experts were tuned with loss on the answer only, and their modelling of the prompt's
+format words drifted by several nats), so the representation used here is the one that separates the tasks:
 
     r(x)        = mean over the prompt's positions of the routing model's last hidden state        # [H]
     c           = mean over experts of the mean of r over that expert's example prompts            # [H] the centre
@@ -21,8 +21,8 @@ and hands the weights in.
 Where this sits among routers: Twin-Merging also routes on hidden states, but with a trained MLP, and merges weights;
 Arrow and LoraHub route among adapters (Arrow from the adapters' own singular vectors, LoraHub with few-shot
 gradient-free search for composition weights); PackLLM weights models by the prompt's perplexity and
-Branch-Train-Merge by the expert posterior from context likelihood, the family of ALGORITHMS.md s.8, which on the
-zoo routes 0/64 colour prompts right (its centred variant: 64/64/54/0 on capital/colour/year/add, and no "none";
+Branch-Train-Merge by the expert posterior from context likelihood, the family of the likelihood score, which on
+the zoo routes 0/64 colour prompts right (its centred variant: 64/64/54/0 on capital/colour/year/add, and no "none";
 bench/routing_variants.py). Here nothing is trained: a few example prompts per expert and one cosine.
 """
 

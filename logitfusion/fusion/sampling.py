@@ -1,4 +1,4 @@
-"""Sampling on the fused distribution (ALGORITHMS.md section 4): greedy, temperature, top-k, top-p, seeded per row.
+"""Sampling on the fused distribution (docs/algorithms.md §7): greedy, temperature, top-k, top-p, seeded per row.
 
 Every row draws its one uniform number from its own torch.Generator, and every other step is row-wise, so a seeded
 request gives the same tokens whatever else shares its batch.

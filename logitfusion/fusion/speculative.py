@@ -1,4 +1,4 @@
-"""Speculative fused decoding, the acceptance rule (ALGORITHMS.md section 5).
+"""Speculative fused decoding, the acceptance rule (docs/algorithms.md §8).
 
 The draft proposed y_1..y_k from q_1..q_k; the target (fused) distributions are p_1..p_{k+1}. Stochastic rule: accept
 y_i with probability min(1, p_i(y_i) / q_i(y_i)); at the first rejection draw a replacement from
@@ -9,13 +9,9 @@ argmax p_i (token-for-token identical to greedy decoding).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from .sampling import draw, uniforms
-
-logger = logging.getLogger(__name__)
 
 
 def _check(p: object, q: object, drafted: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

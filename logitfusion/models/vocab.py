@@ -1,4 +1,4 @@
-"""Vocabulary identity across models (ALGORITHMS.md section 6).
+"""Vocabulary identity across models (docs/algorithms.md §9).
 
 Fusion adds log-probabilities token by token, so every model must map ids to the same tokens. This module gives:
 - ``vocab_fingerprint(tokenizer)``: sha256 over the id -> token map and the special tokens (strings and ids), cheap

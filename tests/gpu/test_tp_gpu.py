@@ -75,7 +75,7 @@ def ray_gpu():
 
 @pytest.mark.timeout(900)
 def test_tp2_on_gpus_matches_one_gpu(ray_gpu, tmp_path_factory: pytest.TempPathFactory) -> None:
-    from logitfusion.cluster.tp import TensorParallelRunner, TPConfig
+    from logitfusion.actors.tp import TensorParallelRunner, TPConfig
     from logitfusion.engine.local import LocalRunner
     from logitfusion.engine.runner import ExtendOp, StepPlan
 

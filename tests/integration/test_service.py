@@ -164,7 +164,7 @@ def test_generate_equals_the_stream_and_carries_weights(client, idle):
 @pytest.mark.parametrize(("preset", "draft", "k", "adaptive"),
                          [("proxy_a", "expert_a", 3, False), ("dlf_multi", "expert_b", 2, True)])
 def test_speculative_request_is_token_identical_and_reports_acceptance(client, idle, preset, draft, k, adaptive):
-    """ALGORITHMS.md s.5 through the service: greedy speculative output equals plain output token for token, each
+    """docs/algorithms.md §8 through the service: greedy speculative output equals plain output token for token, each
     token carries its own solved weights, and usage reports the draft's acceptance."""
     kw = dict(max_new_tokens=16, stop_at_eos=False, preset=preset)
     plain = client.generate("speculate on this", **kw)
@@ -415,7 +415,7 @@ def test_after_every_bad_input_the_service_is_serving_and_answers(client, app, w
 
 
 def test_models_with_different_vocabularies_are_refused_at_start_up(family, tmp_path, service):
-    from logitfusion.cluster.serve_app import Pipeline
+    from logitfusion.cluster.launch import Pipeline
     from logitfusion.cluster.topology import load_topology
     from logitfusion.errors import ConfigError
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from logitfusion.actors.coordinator import Coordinator, RequestStream, TextCodec
-from logitfusion.cluster.topology import Limits
+from logitfusion.limits import Limits
 from logitfusion.engine.decoder import GenerationRequest
 from logitfusion.engine.local import LocalRunner
 from logitfusion.engine.runner import ModelRunner, RunnerError, RunnerInfo, RunnerUnavailable, StepPlan, failed
@@ -229,7 +229,7 @@ def test_different_vocabularies_are_refused_naming_both_models():
 
 
 def test_tokenizer_check_names_the_models_and_the_first_difference(tmp_path):
-    from logitfusion.cluster.serve_app import check_vocabularies
+    from logitfusion.cluster.launch import check_vocabularies
     from logitfusion.cluster.topology import load_topology
     from logitfusion.errors import ConfigError
 
@@ -296,3 +296,35 @@ def test_frontend_bearer_token(monkeypatch):
     monkeypatch.setenv("LF_TEST_TOKEN", "")
     with pytest.raises(ConfigError, match="LF_TEST_TOKEN"):
         frontend(monkeypatch, token="")
+
+
+def test_a_stalled_runner_holds_up_only_what_reads_it_scoring_included():
+    """expert_b stops answering: a generation reading it ends at its deadline, scoring under a recipe that reads
+    it waits and fails at limits.request_timeout_s, scoring and generation on the large model alone go on; once
+    expert_b answers again, everything is freed and scores are what they were."""
+    from logitfusion.engine.testing import StallingRunner
+
+    runners = {n: tiny_runner(n, replace(TINY_FAMILY[n], max_length_tokens=4096)) for n in MODELS}
+    stall = runners["expert_b"] = StallingRunner(runners["expert_b"])
+    limits = Limits(max_concurrent_requests=8, max_batch_size=8, max_new_tokens=LONG, request_timeout_s=3.0)
+    c = Coordinator(runners, codec=CODEC, limits=limits, stall_timeout_s=0.3)
+    try:
+        ids = tiny_encode("scored")
+        ref = c.score(ids, DLF).result(timeout=60)
+        large_ref = tokens(c.submit(request("large_ref", n=20, recipe=LARGE)))
+        stall.armed = True
+        parked = c.submit(request("parked", n=LONG))
+        wait_for(lambda: c.decoder.pending_models() == {"expert_b"}, what="expert_b pending")
+        waiting = c.score(ids, DLF)
+        assert c.score(ids, LARGE).result(timeout=60).token_logprobs  # the large model alone: not held up
+        assert tokens(c.submit(request("large", n=20, recipe=LARGE))) == large_ref
+        with pytest.raises(DeadlineExceeded, match="model 'expert_b', which does not answer"):
+            waiting.result(timeout=60)
+        with pytest.raises(DeadlineExceeded, match="request parked ran longer than its timeout of 3 s"):
+            tokens(parked)
+        stall.release.set()
+        wait_for(lambda: idle(c) and not c.decoder.pending_models(), what="the late answer recorded and freed")
+        again = c.score(ids, DLF).result(timeout=60)
+        assert again.token_logprobs == pytest.approx(ref.token_logprobs, abs=1e-5)
+    finally:
+        c.close()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from logitfusion.cluster.tp import TensorParallelRunner, TPConfig, release_group, shm_segment_path
+from logitfusion.actors.tp import TensorParallelRunner, TPConfig, release_group, shm_segment_path
 from logitfusion.engine.local import LocalRunner
 from logitfusion.engine.runner import ExtendOp, RunnerError, RunnerUnavailable, StepPlan
 from logitfusion.fusion import SamplingParams, presets

@@ -118,9 +118,9 @@ def test_a_killed_worker_restarts_and_greedy_output_is_identical(worker, referen
 
 @pytest.mark.timeout(600)
 def test_speculative_over_remote_zoo_workers_is_token_identical(ray_local):
-    """ALGORITHMS.md s.5, distributed: the zoo's checkpoints in ModelWorker actors, the Decoder driving RemoteRunners.
-    Greedy speculative output (the expert drafts, large + small verify in one extend, truncates after rejections
-    travel in the next plan) equals plain output and the in-process run, for a static and a DLF recipe."""
+    """docs/algorithms.md §8, distributed: the zoo's checkpoints in ModelWorker actors, the Decoder driving
+    RemoteRunners. Greedy speculative output (the expert drafts, large + small verify in one extend, truncates after
+    rejections travel in the next plan) equals plain output and the in-process run, for a static and a DLF recipe."""
     from logitfusion.engine.decoder import Decoder, GenerationRequest, SpeculativeConfig
     from logitfusion.engine.local import LocalRunner
     from logitfusion.fusion import presets
@@ -161,6 +161,75 @@ def test_speculative_over_remote_zoo_workers_is_token_identical(ray_local):
         for r in remote.values():
             r.close()
         for r in local.values():
+            r.close()
+        for a in actors.values():
+            ray.kill(a, no_restart=True)
+
+
+@pytest.mark.timeout(600)
+def test_a_sigstopped_worker_holds_up_only_the_requests_that_read_it(ray_local):
+    """Issue 10: a worker process that stops answering (SIGSTOP: alive, its stream open, no reply). The request
+    that reads it ends with DeadlineExceeded at its deadline; a request that does not read it runs to the end
+    meanwhile; after SIGCONT the late answers are recorded, every sequence table ends empty and the next request
+    reading that model gives the same tokens as before the stall."""
+    import time
+
+    from logitfusion.actors.coordinator import Coordinator, TextCodec
+    from logitfusion.cluster.topology import Limits
+    from logitfusion.engine.decoder import GenerationRequest
+    from logitfusion.engine.testing import tiny_decode, tiny_encode
+    from logitfusion.errors import DeadlineExceeded
+    from logitfusion.fusion import presets
+
+    names = ("large", "small", "expert_a")
+    actors = {n: start_worker(WorkerSpec(name=n, factory=functools.partial(tiny_runner, n, threaded=False)),
+                              num_cpus=0.25, max_restarts=0) for n in names}
+    remote: dict[str, RemoteRunner] = {}
+    c = None
+    try:
+        pids = dict(zip(names, ray.get([a.pid.remote() for a in actors.values()], timeout=300)))
+        remote = {n: RemoteRunner.for_actor(n, a, reconnect_timeout_s=60) for n, a in actors.items()}
+        codec = TextCodec(encode=tiny_encode, decode=tiny_decode, eos_token_ids=())
+        c = Coordinator(remote, codec=codec, limits=Limits(max_concurrent_requests=4, max_batch_size=4,
+                                                           max_new_tokens=64), stall_timeout_s=0.5)
+        proxy, large = presets.proxy_tuning("large", "small", "expert_a"), presets.single("large")
+
+        def req(rid, recipe, n):
+            return GenerationRequest(request_id=rid, prompt_ids=tiny_encode("hello"), recipe=recipe,
+                                     max_new_tokens=n)
+
+        def run(stream):
+            return [t.token_id for chunk in stream for t in chunk.tokens]
+
+        before = run(c.submit(req("before", proxy, 12)))
+        alone_ref = run(c.submit(req("alone_ref", large, 40)))
+        os.kill(pids["expert_a"], signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            stalled = c.submit(req("stalled", proxy, 12), timeout_s=8.0)
+            alone = c.submit(req("alone", large, 40))
+            assert run(alone) == alone_ref  # never reads expert_a: not held up
+            alone_s = time.monotonic() - t0
+            with pytest.raises(DeadlineExceeded, match="request stalled ran longer than its timeout of 8 s"):
+                run(stalled)
+            ended_s = time.monotonic() - t0
+            assert 8.0 <= ended_s < 30.0, ended_s
+            assert c.decoder.pending_models() == {"expert_a"}
+            print(f"\nstalled worker: the other request finished in {alone_s:.1f} s, the stalled one ended "
+                  f"DEADLINE_EXCEEDED after {ended_s:.1f} s (timeout 8 s)")
+        finally:
+            os.kill(pids["expert_a"], signal.SIGCONT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (c.decoder.pending_models() or c.active_requests()
+                                                or any(c.sequences().values())):
+            time.sleep(0.1)
+        assert c.decoder.pending_models() == frozenset() and c.active_requests() == []
+        assert c.sequences() == {n: {} for n in names}  # the late prefill's sequence was released
+        assert run(c.submit(req("after", proxy, 12))) == before
+    finally:
+        if c is not None:
+            c.close()
+        for r in remote.values():
             r.close()
         for a in actors.values():
             ray.kill(a, no_restart=True)

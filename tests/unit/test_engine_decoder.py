@@ -12,7 +12,13 @@ from logitfusion.engine.decoder import Decoder, GenerationRequest, SpeculativeCo
 from logitfusion.engine.local import LocalRunner
 from logitfusion.engine.reference import naive_decode, sequential_decode
 from logitfusion.engine.runner import ModelRunner, RunnerInfo, RunnerUnavailable, StepPlan, failed
-from logitfusion.engine.testing import TINY_FAMILY, TINY_FINGERPRINT, TINY_VOCAB_SIZE, tiny_decode
+from logitfusion.engine.testing import (
+    TINY_FAMILY,
+    TINY_FINGERPRINT,
+    TINY_VOCAB_SIZE,
+    StallingRunner,
+    tiny_decode,
+)
 from logitfusion.fusion import SamplingParams, presets
 
 V = TINY_VOCAB_SIZE
@@ -145,7 +151,7 @@ def test_stop_tokens_and_stop_strings(models, runners) -> None:
     first = ref.index(eos)
     dec = make_decoder(runners, eos_token_ids=[eos])
     res = dec.generate([GenerationRequest("e", PROMPTS[1], recipe, max_new_tokens=12)])[0]
-    assert res.token_ids == ref[: first + 1] and res.finish_reason == "stop"
+    assert res.token_ids == ref[: first + 1] and res.finish_reason == "stop" and res.stop == ""  # a stop token
     assert res.text == tiny_decode(ref[:first])
     # explicit stop_token_ids override the default; () disables it
     res = dec.generate([GenerationRequest("e2", PROMPTS[1], recipe, max_new_tokens=12, stop_token_ids=())])[0]
@@ -154,13 +160,10 @@ def test_stop_tokens_and_stop_strings(models, runners) -> None:
     text = tiny_decode(ref)
     stop = text[6:8]
     cut = text.index(stop)
-    dec.add_request(GenerationRequest("s", PROMPTS[1], recipe, max_new_tokens=12, stop_token_ids=(),
-                                      stop_strings=("zzzz-never", stop)), keep_result=True)
-    evs = []
-    while dec.has_work():
-        evs += dec.step()
-    res = dec.take_result("s")
-    assert res.finish_reason == "stop" and evs[-1].finish_reason == "stop"
+    evs: list = []
+    (res,) = dec.run([GenerationRequest("s", PROMPTS[1], recipe, max_new_tokens=12, stop_token_ids=(),
+                                        stop_strings=("zzzz-never", stop))], on_step=evs.extend)
+    assert res.finish_reason == "stop" and res.stop == stop and evs[-1].result == res
     assert res.token_ids == ref[: cut + 2]
     assert res.text == text[:cut]
     # the first character of the stop string was held back, never streamed
@@ -428,4 +431,142 @@ def test_step_events_carry_the_solved_dlf_loss(models, runners) -> None:
               for m in ("large", "small", "expert_a")}
     loss = dlf_loss(lp["large"], lp["small"], lp["expert_a"].unsqueeze(0), torch.tensor([dlf_events[0].alphas]))
     assert float(loss[0]) == pytest.approx(dlf_events[0].loss, rel=1e-3, abs=1e-6)
+    assert_no_leaks(runners)
+
+
+def run_until(dec: Decoder, done, limit: int = 200) -> list:
+    """Step until ``done(events so far)``; returns those events."""
+    events: list = []
+    for _ in range(limit):
+        if done(events):
+            return events
+        events += dec.step()
+    raise AssertionError("the decoder did not get there in %d steps" % limit)
+
+
+@pytest.mark.parametrize("when", ["prefill", "decode"])
+def test_a_stalled_runner_parks_only_the_requests_that_read_it(models, runners, when) -> None:
+    """Request "b" reads expert_b, which stops answering; "a" does not read it and decodes to the end meanwhile.
+    Once expert_b answers, "b" picks up where it was: both outputs equal their solo references."""
+    ra, rb = RECIPES["proxy"], RECIPES["static2"]
+    ref_a = naive_decode(models, PROMPTS[1], ra, vocab_size=V, max_new_tokens=8).token_ids
+    ref_b = naive_decode(models, PROMPTS[0], rb, vocab_size=V, max_new_tokens=8).token_ids
+    stalled = dict(runners)
+    stall = stalled["expert_b"] = StallingRunner(runners["expert_b"])
+    dec = make_decoder(stalled, stall_timeout_s=0.2)
+    dec.add_request(GenerationRequest("b", PROMPTS[0], rb, max_new_tokens=8, stop_token_ids=()))
+    events = [] if when == "prefill" else dec.step() + dec.step()
+    stall.armed = True
+    dec.add_request(GenerationRequest("a", PROMPTS[1], ra, max_new_tokens=8, stop_token_ids=()))
+    events += run_until(dec, lambda evs: any(e.request_id == "a" and e.finished for e in evs))
+    assert dec.pending_models() == {"expert_b"} and len(stall.stalled_plans) == 1
+    before = [e.token_id for e in events if e.request_id == "b"]
+    assert len(before) == (0 if when == "prefill" else 2)  # nothing for "b" while its expert is stalled
+    stall.release.set()
+    while dec.has_work():
+        events += dec.step()
+    assert dec.pending_models() == frozenset()
+    assert [e.token_id for e in events if e.request_id == "a"] == ref_a
+    assert [e.token_id for e in events if e.request_id == "b"] == ref_b
+    assert_no_leaks(runners)
+
+
+def test_a_request_aborted_while_parked_is_freed_after_the_late_answer(runners) -> None:
+    stalled = dict(runners)
+    stall = stalled["expert_b"] = StallingRunner(runners["expert_b"])
+    dec = make_decoder(stalled, stall_timeout_s=0.2)
+    stall.armed = True  # the prefill of "b" on expert_b never answers in time
+    dec.add_request(GenerationRequest("b", PROMPTS[2], RECIPES["static2"], max_new_tokens=5, stop_token_ids=()))
+    dec.add_request(GenerationRequest("a", PROMPTS[1], RECIPES["proxy"], max_new_tokens=5, stop_token_ids=()))
+    events = run_until(dec, lambda evs: dec.pending_models() == {"expert_b"})
+    assert dec.abort("b") is True
+    events += dec.step()
+    assert ("b", "abort") in [(e.request_id, e.finish_reason) for e in events]
+    assert runners["expert_b"].sequences() == {}  # the stalled worker has not created "b" yet
+    stall.release.set()
+    run_until(dec, lambda evs: not dec.has_work())
+    assert_no_leaks(runners)  # the late prefill created "b" on expert_b; its release followed
+
+
+def test_a_stalled_runner_that_then_fails_is_a_failed_step_and_the_retry_is_exact(models, runners) -> None:
+    recipe = RECIPES["static2"]
+    ref = naive_decode(models, PROMPTS[3], recipe, vocab_size=V, max_new_tokens=6).token_ids
+    stalled = dict(runners)
+    stall = stalled["expert_b"] = StallingRunner(runners["expert_b"])
+    stall.error = RuntimeError("worker lost mid-stall")
+    dec = make_decoder(stalled, stall_timeout_s=0.2)
+    dec.add_request(GenerationRequest("r", PROMPTS[3], recipe, max_new_tokens=6, stop_token_ids=()))
+    tokens = [e.token_id for e in dec.step() + dec.step()]
+    stall.armed = True
+    assert dec.step() == [] and dec.pending_models() == {"expert_b"}
+    stall.release.set()
+    with pytest.raises(StepFailed, match="worker lost mid-stall") as err:
+        for _ in range(100):
+            tokens += [e.token_id for e in dec.step()]
+    assert err.value.model == "expert_b" and dec.pending_models() == frozenset()
+    while dec.has_work():
+        tokens += [e.token_id for e in dec.step()]
+    assert tokens == ref
+    assert_no_leaks(runners)
+
+
+def test_a_stalled_draft_model_parks_its_speculative_request(models, runners) -> None:
+    recipe = RECIPES["proxy"]
+    spec = SpeculativeConfig("expert_a", num_draft_tokens=3)
+    ref = naive_decode(models, PROMPTS[1], recipe, vocab_size=V, max_new_tokens=9).token_ids
+    ref_other = naive_decode(models, PROMPTS[0], RECIPES["single_large"], vocab_size=V, max_new_tokens=9).token_ids
+    stalled = dict(runners)
+    stall = stalled["expert_a"] = StallingRunner(runners["expert_a"])
+    dec = make_decoder(stalled, stall_timeout_s=0.2)
+    dec.add_request(GenerationRequest("s", PROMPTS[1], recipe, max_new_tokens=9, stop_token_ids=(), speculative=spec))
+    events = dec.step() + dec.step()
+    stall.armed = True  # a draft round of the next step stalls
+    dec.add_request(GenerationRequest("o", PROMPTS[0], RECIPES["single_large"], max_new_tokens=9, stop_token_ids=()))
+    events += run_until(dec, lambda evs: any(e.request_id == "o" and e.finished for e in evs))
+    assert dec.pending_models() == {"expert_a"}
+    stall.release.set()
+    while dec.has_work():
+        events += dec.step()
+    assert [e.token_id for e in events if e.request_id == "s"] == ref
+    assert [e.token_id for e in events if e.request_id == "o"] == ref_other
+    assert_no_leaks(runners)
+
+
+def test_stall_timeout_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"stall_timeout_s=0 must be > 0"):
+        Decoder({"m": object()}, stall_timeout_s=0)  # type: ignore[dict-item]
+
+
+def test_run_yields_results_as_they_finish_refuses_bad_requests_and_times_out(models, runners) -> None:
+    """Decoder.run: the one loop to completion. Results in finish order; a refused request is a result
+    ("invalid", the error naming the field); a request past timeout_s is aborted ("timeout") and freed; others'
+    output is unchanged; closing the iterator early aborts what still runs."""
+    recipe = RECIPES["proxy"]
+    ref = naive_decode(models, PROMPTS[0], recipe, vocab_size=V, max_new_tokens=3).token_ids
+    dec = make_decoder(runners)
+    reqs = [GenerationRequest("long", PROMPTS[1], recipe, max_new_tokens=60, stop_token_ids=()),
+            GenerationRequest("bad", PROMPTS[0], recipe, max_new_tokens=65, stop_token_ids=()),
+            GenerationRequest("short", PROMPTS[0], recipe, max_new_tokens=3, stop_token_ids=())]
+    out = list(dec.run(reqs))
+    assert [r.request_id for r in out] == ["bad", "short", "long"]
+    assert out[0].finish_reason == "invalid" and "max_new_tokens" in out[0].error and "64" in out[0].error
+    assert out[1].token_ids == ref and out[2].finish_reason == "length" and len(out[2].token_ids) == 60
+    slow = dict(runners)
+    slow["small"] = StallingRunner(runners["small"])
+    dec = make_decoder(slow, stall_timeout_s=0.05)
+    slow["small"].armed = True  # the first plan never answers in time: "t" cannot finish
+    (res,) = dec.run([GenerationRequest("t", PROMPTS[0], recipe, max_new_tokens=3)], timeout_s=0.5)
+    assert res.finish_reason == "timeout" and res.token_ids == []
+    slow["small"].release.set()
+    while dec.has_work():
+        dec.step()
+    assert_no_leaks(runners)
+    dec = make_decoder(runners)
+    first = dec.run([GenerationRequest("x", PROMPTS[0], recipe, max_new_tokens=3, stop_token_ids=()),
+                     GenerationRequest("y", PROMPTS[1], recipe, max_new_tokens=30, stop_token_ids=())])
+    assert next(first).request_id == "x"
+    first.close()  # "y" still runs: aborted, and its caches freed
+    assert dec.live_request_ids() == []
+    while dec.has_work():
+        dec.step()
     assert_no_leaks(runners)

@@ -183,7 +183,7 @@ def test_an_example_longer_than_the_routing_model_is_refused_at_add_request(zoo,
 
 def test_scoring_a_sequence_under_a_routed_recipe_routes_it_on_the_sequence(zoo, examples, items) -> None:
     from logitfusion.actors.coordinator import Coordinator, TextCodec
-    from logitfusion.cluster.topology import Limits
+    from logitfusion.limits import Limits
 
     paths, _ = zoo
     runners = {n: LocalRunner.from_pretrained(paths.model(n), n) for n in MODELS}

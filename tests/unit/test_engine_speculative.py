@@ -1,4 +1,4 @@
-"""Speculative fused decoding (ALGORITHMS.md s.5): greedy output identical to plain fused decoding, and sampled
+"""Speculative fused decoding (docs/algorithms.md §8): greedy output identical to plain fused decoding, and sampled
 output distributed exactly like it (chi-square over many seeds)."""
 
 from __future__ import annotations

@@ -3,15 +3,21 @@
 IncrementalText: the streamed text of a growing sequence equals decoding the whole sequence at once, for real
 tokenizers with multi-byte characters split over several tokens (byte-level BPE) and with a first-token rule
 (Metaspace drops the leading space of the first token), and each step decodes only a short window.
-concat_rows: no copy for rows that already lie back to back."""
+concat_rows: no copy for rows that already lie back to back.
+StepPlan.apply / apply_tokens / ExtendOp.rows: the one definition of what a plan does to per-sequence state, checked
+against a real LocalRunner on random plans."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from logitfusion.engine.decoder import IncrementalText
+from logitfusion.engine.runner import ExtendOp, RunnerError, StepPlan
+from logitfusion.engine.testing import tiny_runner
 
 CORPUS = [
     "the capital of ondora is vel mar. héllo wörld, naïve café ünïcödé",
@@ -122,3 +128,98 @@ def test_fusion_device_auto_follows_what_the_process_sees(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_fusion_device("auto") == torch.device("cuda")
     assert resolve_fusion_device("cpu") == torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------ a plan applied to state
+
+
+def test_extend_rows_are_all_new_tokens_or_one() -> None:
+    assert ExtendOp("a", (1, 2, 3), "all").rows == 3
+    assert ExtendOp("a", (1, 2, 3)).rows == 1
+    plan = StepPlan(extends=(ExtendOp("a", (1, 2), "all"), ExtendOp("b", (3,)), ExtendOp("c", (4, 5, 6))))
+    assert plan.rows_per_extend() == [2, 1, 1]
+    assert StepPlan().rows_per_extend() == []
+
+
+def test_apply_runs_releases_then_truncates_then_extends() -> None:
+    before = {"a": 3, "b": 1, "gone": 2}
+    plan = StepPlan(
+        extends=(ExtendOp("b", (5,)), ExtendOp("c", (6, 7)), ExtendOp("a", (8,))),
+        truncates=(("a", 1),),
+        releases=("b", "gone", "never-seen"),
+    )
+    assert plan.apply(before) == {"a": 2, "b": 1, "c": 2}  # b released, then created again by its extend
+    assert before == {"a": 3, "b": 1, "gone": 2}  # not changed
+    assert StepPlan().apply(before) == before
+
+
+@pytest.mark.parametrize(
+    ("plan", "message"),
+    [
+        ({"truncates": (("zz", 1),)}, r"^large: truncate of unknown seq_id 'zz'$"),
+        ({"releases": ("a",), "truncates": (("a", 1),)}, r"^large: truncate of unknown seq_id 'a'$"),
+        ({"truncates": (("a", 5),)}, r"^large: truncate of 'a' to length 5 outside 0\.\.4 \(its cached length\); a truncate never grows"),
+        ({"truncates": (("a", -1),)}, r"^large: truncate of 'a' to length -1 outside 0\.\.4"),
+        ({"truncates": (("a", 2), ("a", 3))}, r"to length 3 outside 0\.\.2"),  # the second meets the first's result
+        ({"extends": (ExtendOp("a", (1,)), ExtendOp("a", (2,)))}, r"^large: seq_id 'a' extended twice in one plan$"),
+    ],
+)
+def test_apply_refuses_what_the_state_cannot_take(plan: dict, message: str) -> None:
+    histories = {"a": [1, 2, 3, 4]}
+    with pytest.raises(RunnerError, match=message):
+        StepPlan(**plan).apply({"a": 4}, "large")
+    with pytest.raises(RunnerError, match=message):
+        StepPlan(**plan).apply_tokens(histories, "large")
+    assert histories == {"a": [1, 2, 3, 4]}  # nothing changed
+
+
+def test_apply_tokens_mirrors_the_runner_order_in_place() -> None:
+    a = [1, 2, 3]
+    h = {"a": a, "b": [4], "d": [9, 9]}
+    StepPlan(extends=(ExtendOp("b", (5,)), ExtendOp("c", (6,)), ExtendOp("a", (7, 8))), truncates=(("a", 1),),
+             releases=("b", "d")).apply_tokens(h)
+    assert h == {"a": [1, 7, 8], "b": [5], "c": [6]}
+    assert h["a"] is a  # in place: a long history is not copied
+    StepPlan(truncates=(("a", 0),)).apply_tokens(h)
+    assert h["a"] == []  # truncated to 0: still a live (empty) sequence
+
+
+def _plans(seq_ids: list[str]):
+    """Random plans over a few sequence ids, valid or not (unknown ids, growing truncates, double extends)."""
+    ids = st.sampled_from(seq_ids)
+    extend = st.tuples(ids, st.integers(1, 3), st.sampled_from(["last", "all"]))
+    return st.tuples(
+        st.lists(ids, max_size=2),
+        st.lists(st.tuples(ids, st.integers(-1, 6)), max_size=2),
+        st.lists(extend, max_size=3),
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(steps=st.lists(_plans(["a", "b", "c"]), min_size=1, max_size=4))
+def test_apply_predicts_a_real_runner(steps) -> None:
+    """Lengths, refusals and rows: what StepPlan says a plan does is what a LocalRunner does with it."""
+    runner = tiny_runner("small", threaded=False)
+    histories: dict[str, list[int]] = {}
+    try:
+        for releases, truncates, extends in steps:
+            plan = StepPlan(
+                extends=tuple(ExtendOp(s, tuple(range(1, n + 1)), want) for s, n, want in extends),
+                truncates=tuple(truncates),
+                releases=tuple(releases),
+            )
+            before = runner.sequences()
+            try:
+                predicted = plan.apply(before, "small")
+            except RunnerError as exc:
+                with pytest.raises(RunnerError, match=re.escape(str(exc))):
+                    runner.step(plan)
+                assert runner.sequences() == before
+                continue
+            out = runner.step(plan)
+            assert runner.sequences() == predicted
+            assert [t.shape[0] for t in out] == plan.rows_per_extend()
+            plan.apply_tokens(histories)
+            assert {s: len(h) for s, h in histories.items()} == predicted
+    finally:
+        runner.close()

@@ -1,4 +1,4 @@
-"""The fast path of fuse(): the certified candidate support (docs/algorithms.md), the one-pass static fusion and the
+"""The fast path of fuse(): the certified candidate support (docs/algorithms.md §4), the one-pass static fusion and the
 NaN guard, each checked against the dense reference path (fuse(..., support="dense")) and a float64 reference."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from logitfusion.fusion import Recipe, dlf_loss, fuse, presets
 from logitfusion.fusion import candidates as C
+from logitfusion.fusion import dlf as D
 from logitfusion.fusion import recipe as recipe_module
 
 pytestmark = pytest.mark.timeout(120)
@@ -151,8 +152,17 @@ def test_auto_and_candidates_agree_with_dense_on_random_problems(seed, B, V, T, 
         assert ((res.support_size >= 1) & (res.support_size <= V)).all()
 
 
-def test_flat_rows_fall_back_to_the_dense_solve_row_by_row():
+def exact_curves_only(monkeypatch) -> None:
+    """Make binned line curves never pay, so the dense fallback is the reference's arithmetic op for op."""
+    monkeypatch.setattr(D, "_BIN_PAYS", 1 << 40)
+
+
+@pytest.mark.parametrize("binned", [False, True])
+def test_flat_rows_fall_back_to_the_dense_solve_row_by_row(binned, monkeypatch):
     # Rows 0 and 2 are flat (every token within tau of the top: the bound cannot separate), rows 1 and 3 peaked.
+    # Their solve runs on the binned line curves where those pay (binned), else it is the reference, bit for bit.
+    if not binned:
+        exact_curves_only(monkeypatch)
     V = 2000
     z = peaked_logits(3, B=4, V=V, T=2)
     g = torch.Generator().manual_seed(4)
@@ -168,11 +178,15 @@ def test_flat_rows_fall_back_to_the_dense_solve_row_by_row():
     assert res.support_size[1] < V // 4 and res.support_size[3] < V // 4
     torch.testing.assert_close(res.alphas, dense.alphas, atol=1e-6, rtol=0)
     torch.testing.assert_close(res.logprobs.exp(), dense.logprobs.exp(), atol=1e-9, rtol=1e-6)
+    whole = fuse({n: x[[0, 2]] for n, x in z.items()}, recipe)  # every row flat: the whole batch dense
+    assert (whole.support_size == V).all()
+    if binned:  # the bound of dlf.BinnedLines: the loss within 1e-9 relative of the exact solve's
+        torch.testing.assert_close(res.loss[[0, 2]], dense.loss[[0, 2]], rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(whole.alphas, dense.alphas[[0, 2]], atol=1e-6, rtol=0)
+        return
     for row in (0, 2):  # a row that falls back is the reference's arithmetic: bit for bit
         assert torch.equal(res.alphas[row], dense.alphas[row]) and torch.equal(res.loss[row], dense.loss[row])
         assert torch.equal(res.logprobs[row], dense.logprobs[row])
-    whole = fuse({n: x[[0, 2]] for n, x in z.items()}, recipe)  # every row flat: the whole batch dense
-    assert (whole.support_size == V).all()
     assert torch.equal(whole.alphas, dense.alphas[[0, 2]]) and torch.equal(whole.logprobs, dense.logprobs[[0, 2]])
 
 
@@ -181,6 +195,7 @@ def test_fp32_rows_that_fall_back_equal_the_reference_bit_for_bit(solver, monkey
     # Near-flat fp32 logits (every token within tau: what randomly initialised models give); the dense rows are
     # solved two at a time here, so the chunking itself is checked too.
     monkeypatch.setattr(C, "_DENSE_SOLVE_BYTES", 2 * 3000 * 4 * 2)
+    exact_curves_only(monkeypatch)
     g = torch.Generator().manual_seed(15)
     z = {n: 0.3 * torch.randn(5, 3000, generator=g) for n in ("large", "small", "e0", "e1")}
     res = fuse(z, dlf(2, solver))

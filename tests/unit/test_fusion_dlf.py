@@ -321,3 +321,59 @@ def test_bad_shapes_and_values_name_the_field():
     lS2[0, 0] = NEG_INF
     with pytest.raises(ValueError, match="row 0: no token is allowed by every model"):
         solve_alphas(masked, lS2, lE, "grid")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Binned line curves (D.BinnedLines): the grid and newton solvers' curves from per-bin moments
+
+
+def _random_problem(seed: int, T: int, B: int, V: int, scale: float, mask: bool = False) -> D.Problem:
+    g = torch.Generator().manual_seed(seed)
+    lL = torch.log_softmax(torch.randn(B, V, generator=g, dtype=torch.float64) * scale, -1)
+    lS = torch.log_softmax(torch.randn(B, V, generator=g, dtype=torch.float64) * scale, -1)
+    lE = torch.stack([torch.log_softmax(lS + 0.5 * scale * torch.randn(B, V, generator=g, dtype=torch.float64), -1)
+                      for _ in range(T)])
+    if mask:
+        lL[0, :50] = NEG_INF
+        lE[-1, -1, 7] = NEG_INF
+    return D.problem_from_log_probs(lL, lS, lE)
+
+
+@pytest.mark.parametrize("scale", [0.3, 2.0, 6.0])
+@pytest.mark.parametrize("max_alpha", [0.5, 2.0, 10.0])
+@pytest.mark.parametrize("mask", [False, True])
+def test_binned_line_curves_equal_the_exact_curves_within_the_bound(scale, max_alpha, mask):
+    pb = _random_problem(3, T=2, B=3, V=60000, scale=scale, mask=mask)
+    lines = D.BinnedLines.maybe(pb, max_alpha)
+    assert lines is not None  # 60,000 tokens into at most ~1,500 bins
+    alpha = torch.rand(4, 2, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * max_alpha
+    alpha[0] = 0.0
+    alpha[1] = max_alpha
+    exact, binned = D.line_curve(pb, alpha, True), lines(alpha, True)
+    assert D.truncation_bound() < 1e-8
+    for name in ("A", "B", "dA", "d2A", "dB", "d2B"):
+        e, b = getattr(exact, name), getattr(binned, name)
+        assert ((b - e).abs() <= 1e-7 * (1.0 + e.abs())).all(), (name, float((b - e).abs().max()))
+    assert torch.equal(binned.B[0], torch.zeros_like(binned.B[0]))  # g(0) = 0 exactly, as the exact curve
+
+
+@pytest.mark.parametrize("solver", D.SOLVERS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_solvers_on_binned_curves_find_the_dense_solution(solver, seed):
+    """Exactness target of the fast path: alphas within 1e-4 of the dense solve, or a loss within 1e-6 relative."""
+    pb = _random_problem(seed, T=3, B=4, V=20000, scale=[0.5, 2.0, 4.0][seed])
+    a_exact, l_exact = D.solve_problem(pb, solver, 2.0)
+    a_bin, l_bin = D.solve_problem(pb, solver, 2.0, curves="auto")
+    l_true = D.joint_terms(pb, a_bin, derivs=False).loss  # the binned solution's loss, evaluated exactly
+    close = (a_bin - a_exact).abs().amax(-1) <= 1e-4
+    as_good = l_true <= l_exact * (1 + 1e-6) + 1e-15
+    assert (close | as_good).all(), (a_bin, a_exact, l_true, l_exact)
+    torch.testing.assert_close(l_bin, l_true, rtol=1e-7, atol=1e-14)  # the reported loss is the true one
+
+
+def test_binned_curves_are_used_only_where_they_pay():
+    assert D.BinnedLines.maybe(_random_problem(0, T=1, B=2, V=200, scale=2.0), 2.0) is None  # too few tokens
+    wide = _random_problem(0, T=1, B=2, V=3000, scale=2.0)
+    assert D.BinnedLines.maybe(wide, 2.0) is not None and D.BinnedLines.maybe(wide, 10.0) is None  # 5x the bins
+    with pytest.raises(ValueError, match=r"curves='bogus': must be one of exact, auto"):
+        D.solve_problem(wide, "grid", 2.0, curves="bogus")

@@ -1,4 +1,4 @@
-"""Recipes, presets and fuse(): the formulas of ALGORITHMS.md sections 1-3, masking, validation messages."""
+"""Recipes, presets and fuse(): the formulas of docs/algorithms.md §2 and §3, masking, validation messages."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Speculative acceptance (ALGORITHMS.md section 5): the greedy rule, the stochastic rule's output distribution."""
+"""Speculative acceptance (docs/algorithms.md §8): the greedy rule, the stochastic rule's output distribution."""
 
 from __future__ import annotations
 

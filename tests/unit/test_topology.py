@@ -325,7 +325,7 @@ def test_the_committed_zoo_topology_parses_and_builds_every_preset():
 
 def test_the_coordinator_replica_asks_for_its_gpu_share():
     """Serve's replica (which fuses) gets the coordinator's GPU share; its bundle in the placement group matches."""
-    from logitfusion.cluster.serve_app import deployment_options
+    from logitfusion.cluster.launch import deployment_options
 
     topo = parse_topology(_with())
     for gpus in (0, 1, 5, 6):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from logitfusion.cluster.tp import TPConfig, shard_bundles, shard_env, shm_segment_path, visible_devices
+from logitfusion.actors.tp import TPConfig, shard_bundles, shard_env, shm_segment_path, visible_devices
 
 
 @pytest.mark.parametrize(

@@ -18,9 +18,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from logitfusion import wire
-from logitfusion.actors import remote as remote_mod
 from logitfusion.actors import worker as worker_mod
-from logitfusion.actors.remote import RemoteRunner, apply_plan, replay_plans
+from logitfusion.actors.remote import RemoteRunner, replay_plans
 from logitfusion.actors.worker import (
     HEALTH_SERVICE_NAME,
     STREAM_ID_METADATA_KEY,
@@ -568,12 +567,6 @@ def test_a_plan_that_kills_every_worker_fails_after_max_breaks(reference, served
 # ------------------------------------------------------------------------------------------ pure helpers
 
 
-def test_apply_plan_mirrors_the_runner_order():
-    h = {"a": [1, 2, 3], "b": [4]}
-    apply_plan(h, StepPlan(extends=(_ext("b", [5]), _ext("c", [6])), truncates=(("a", 1),), releases=("b",)))
-    assert h == {"a": [1], "b": [5], "c": [6]}
-
-
 def test_replay_plans_pack_whole_sequences_under_the_budget():
     plans = replay_plans({"a": [1] * 3, "b": [2] * 4, "c": [3] * 10, "d": []}, max_tokens_per_step=8)
     assert [[(e.seq_id, len(e.token_ids)) for e in p.extends] for p in plans] == [[("a", 3), ("b", 4)], [("c", 10)]]
@@ -601,7 +594,6 @@ def test_constructor_checks(server):
         RemoteRunner("small", lambda: server.address)
     with pytest.raises(RunnerUnavailable, match=r"no worker reachable within reconnect_timeout_s=0.3"):
         RemoteRunner("large", lambda: "127.0.0.1:1", reconnect_timeout_s=0.3)
-    assert remote_mod.expected_rows(StepPlan(extends=(_ext("a", [1, 2], "all"), _ext("b", [3])))) == [2, 1]
     assert TINY_FAMILY["large"].max_length_tokens == 256  # the bad-op table above relies on it
 
 
