@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from logitfusion.fusion.methods import INNER_METHODS, SOLVERS  # the recipe table; imports no torch
+
 
 def _threads() -> None:
     # One torch thread per process: on 2 cores, 2 threads under load ran 7x slower.
@@ -99,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-p", type=float, default=1.0)
     ge.add_argument("--top-k", type=int, default=0)
     ge.add_argument("--seed", type=int, default=None)
-    ge.add_argument("--solver", default=None, choices=["grid", "newton", "joint"], help="override the DLF solver")
-    ge.add_argument("--route-inner", default=None, choices=["dlf", "static"], help="routed recipes: inner method")
+    ge.add_argument("--solver", default=None, choices=SOLVERS, help="override the DLF solver")
+    ge.add_argument("--route-inner", default=None, choices=INNER_METHODS,
+                    help="routed recipes: inner method")
     ge.add_argument("--route-tau", type=float, default=None, help="routed recipes: softmax temperature")
     ge.add_argument("--route-top-k", type=int, default=None, help="routed recipes: experts kept (0: all)")
     ge.add_argument("--draft", default=None, metavar="MODEL",

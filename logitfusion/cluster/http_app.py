@@ -30,10 +30,11 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from logitfusion.errors import FusionError, InvalidRequest, MessageTooLarge, Unauthenticated, to_http
+from logitfusion.fusion.methods import FIELDS as RECIPE_FIELDS
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -63,7 +64,7 @@ _CHAT_FIELDS = frozenset({
     "top_logprobs", "logitfusion",
 })
 _EXTENSION_FIELDS = frozenset({"recipe", "speculative", "stop_at_eos"})
-_RECIPE_FIELDS = ("method", "solver", "experts", "alphas", "beta", "interp_lambda", "max_alpha", "model")
+_RECIPE_FIELDS = ("method", *RECIPE_FIELDS)  # logitfusion.recipe: the gRPC RecipeSelection's fields, preset aside
 
 
 # ------------------------------------------------------------------------------------------------ field checks
@@ -349,6 +350,21 @@ class HttpFrontend:
         except FusionError as exc:
             raise _http_field(exc) from None
 
+    def _requests(self, sampling: Sampling, prompts: Sequence[Sequence[int]], cid: str) -> list[GenerationRequest]:
+        """One engine request per prompt (choice). The body's fields are converted and checked once, with the first
+        prompt; the others differ only in their prompt, whose ids parse_prompts checked, so only its length is."""
+        from logitfusion.cluster.serve_app import check_prompt_length
+
+        first = self._request(sampling, prompts[0], f"{cid}-0")
+        out = [first]
+        for i, ids in enumerate(prompts[1:], 1):
+            try:
+                check_prompt_length(ids, "token_ids.ids", self.topology.limits)
+            except FusionError as exc:
+                raise _http_field(exc) from None
+            out.append(replace(first, request_id=f"{cid}-{i}", prompt_ids=tuple(ids)))
+        return out
+
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
@@ -508,7 +524,7 @@ class HttpFrontend:
             if sampling.stream and len(prompts) > 1:
                 raise InvalidRequest(f"prompt: stream=true takes one prompt, got {len(prompts)}", field="prompt")
             cid = f"cmpl-{uuid.uuid4().hex}"
-            reqs = [self._request(sampling, ids, f"{cid}-{i}") for i, (ids, _) in enumerate(prompts)]
+            reqs = self._requests(sampling, [ids for ids, _ in prompts], cid)
             if sampling.stream:
                 (ids, text), req = prompts[0], reqs[0]
                 echo_text = (text if text is not None else self.coordinator.codec.decode(ids)) if echo else None

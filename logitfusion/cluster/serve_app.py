@@ -34,6 +34,7 @@ from ray import serve
 
 from logitfusion.cluster.launch import Pipeline, deployment_options, load_tokenizer
 from logitfusion.cluster.topology import Limits, Topology, load_topology
+from logitfusion.fusion.methods import FIELDS as RECIPE_FIELDS
 from logitfusion.errors import (
     ConfigError,
     FusionError,
@@ -180,26 +181,36 @@ def check_message(msg: Any, limits: Limits) -> None:
 def recipe_overrides(sel: pb.RecipeSelection) -> dict[str, Any]:
     """The fields a request set on its recipe, as topology.RecipeSpec fields."""
     out: dict[str, Any] = {}
-    for name in ("method", "solver", "beta", "interp_lambda", "max_alpha", "model", "inner", "tau", "top_k",
-                 "min_similarity"):
-        if sel.HasField(name):
+    for name in ("method", *RECIPE_FIELDS):  # every field of the recipe table (tested against fusion.proto)
+        if name in ("experts", "alphas"):
+            if getattr(sel, name):
+                out[name] = tuple(getattr(sel, name))
+        elif sel.HasField(name):
             out[name] = getattr(sel, name)
-    if sel.experts:
-        out["experts"] = tuple(sel.experts)
-    if sel.alphas:
-        out["alphas"] = tuple(sel.alphas)
     return out
+
+
+def check_prompt_length(prompt: Sequence[int], where: str, limits: Limits) -> None:
+    """Refuse a prompt over limits.max_prompt_tokens, naming the request field ``where``."""
+    if len(prompt) > limits.max_prompt_tokens:
+        raise InvalidRequest(
+            f"{where}: the prompt has {len(prompt)} tokens, over the limit max_prompt_tokens "
+            f"({limits.max_prompt_tokens})",
+            field=where,
+        )
 
 
 def request_from_pb(
     msg: pb.GenerateRequest, *, topology: Topology, codec: TextCodec, vocab_size: int, request_id: str
 ) -> GenerationRequest:
-    """GenerateRequest -> the engine's GenerationRequest, checking every field against the deployment's limits."""
+    """GenerateRequest -> the engine's GenerationRequest, checking every field against the deployment's limits.
+
+    The message itself passed its edge's size check once already (check_message in FusionFrontend._submit; the
+    HTTP body's in HttpFrontend.read_json), and the recipe comes back validated: the Decoder trusts it."""
     from logitfusion.engine.decoder import GenerationRequest
     from logitfusion.fusion import SamplingParams
 
     limits = topology.limits
-    check_message(msg, limits)
     if len(msg.request_id) > limits.max_request_id_chars:
         raise InvalidRequest(
             f"request_id: {len(msg.request_id)} characters exceed the limit max_request_id_chars "
@@ -222,12 +233,7 @@ def request_from_pb(
         for i, t in enumerate(prompt):
             if not 0 <= t < vocab_size:
                 raise InvalidRequest(f"token_ids.ids[{i}]: {t} is outside [0, vocab_size={vocab_size})", field=where)
-    if len(prompt) > limits.max_prompt_tokens:
-        raise InvalidRequest(
-            f"{where}: the prompt has {len(prompt)} tokens, over the limit max_prompt_tokens "
-            f"({limits.max_prompt_tokens})",
-            field=where,
-        )
+    check_prompt_length(prompt, where, limits)
     max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else limits.default_max_new_tokens
     if not 1 <= max_new <= limits.max_new_tokens:
         raise InvalidRequest(

@@ -16,6 +16,7 @@ change and quotes the values. Per-request recipe overrides go through the very s
 from __future__ import annotations
 
 import math
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -24,6 +25,18 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from logitfusion.errors import ConfigError, InvalidRequest
+from logitfusion.fusion.methods import (
+    FIELDS,
+    INNER_METHODS,
+    MAX_ALPHA_LIMIT,
+    MAX_BETA,
+    METHODS,
+    RULES,
+    SOLVERS,
+    SOLVING_OFF,
+    Choice,
+    takers,
+)
 from logitfusion.limits import Limits
 from logitfusion.limits import StrictModel as _Strict
 
@@ -32,31 +45,15 @@ if TYPE_CHECKING:
     from logitfusion.fusion import Recipe
 
 Role = Literal["large", "small", "expert", "large_ft"]
-Method = Literal["single", "proxy_tuning", "static", "eft_up", "eft_down", "lambda_interp", "dlf", "routed"]
-Inner = Literal["dlf", "static"]
-Solver = Literal["grid", "newton", "joint"]
+Method = Literal[METHODS]  # type: ignore[valid-type]  # the rows of fusion.methods.RULES
+Inner = Literal[INNER_METHODS]  # type: ignore[valid-type]
+Solver = Literal[SOLVERS]  # type: ignore[valid-type]
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 ZOO_PREFIX = "zoo:"  # a model path "zoo:<name>" is the committed zoo model of that name
-MAX_ALPHA_LIMIT = 10.0  # no recipe may weight a delta more than this
-MAX_BETA = 10.0  # EFT amplification bound
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
-
-# Which methods read which base roles. The large base is read by every method except "single"/"eft_down" variants.
-_NEEDS_LARGE = {"proxy_tuning", "static", "eft_up", "eft_down", "lambda_interp", "dlf", "routed"}
-_NEEDS_SMALL = {"proxy_tuning", "static", "eft_up", "eft_down", "lambda_interp", "dlf", "routed"}
-_EXPERT_COUNT: dict[str, tuple[int, int]] = {  # method -> (min, max) experts
-    "single": (0, 0),
-    "proxy_tuning": (1, 1),
-    "static": (1, 64),
-    "eft_up": (1, 1),
-    "eft_down": (0, 0),
-    "lambda_interp": (2, 2),
-    "dlf": (1, 64),
-    "routed": (1, 64),
-}
-ROUTE_FIELDS = ("inner", "tau", "top_k", "min_similarity")  # RecipeSpec fields only a routed recipe takes
 MAX_ROUTE_EXAMPLE_CHARS = 2000
+_NEEDS = {"model": "a model name", "interp_lambda": "interp_lambda in [0, 1]"}  # what a required field must hold
 
 
 class ModelSpec(_Strict):
@@ -118,58 +115,54 @@ class RecipeSpec(_Strict):
 
     @model_validator(mode="after")
     def _shape(self) -> RecipeSpec:
-        lo, hi = _EXPERT_COUNT[self.method]
+        """The method's row of fusion.methods.RULES: its expert count, the parameters it takes and needs."""
+        rule = RULES[self.method]
+        lo, hi = rule.experts
         n = len(self.experts)
         if not lo <= n <= hi:
             want = f"exactly {lo}" if lo == hi else f"{lo} to {hi}"
             raise ValueError(f"experts: method {self.method!r} takes {want} experts, got {n} ({list(self.experts)})")
         if len(set(self.experts)) != n:
             raise ValueError(f"experts: each expert may appear once, got {list(self.experts)}")
-        routed_static = self.method == "routed" and self.inner == "static"
+        for field in FIELDS:
+            if getattr(self, field) in (None, ()) or rule.takes(field, self.inner):
+                continue
+            by_inner = rule.inner and field in ("alphas", "solver")  # routed: its inner method decides these two
+            with_inner = f" with inner {self.inner or rule.inner[0]!r}" if by_inner else ""
+            raise ValueError(f"{field}: {takers(field)}, not {self.method!r}{with_inner}")
+        for field in FIELDS:
+            if rule.needs(field) and getattr(self, field) is None:
+                raise ValueError(f"{field}: method {self.method!r} needs {_NEEDS[field]}")
         if self.alphas:
-            if self.method not in ("proxy_tuning", "static") and not routed_static:
-                raise ValueError(
-                    f"alphas: only methods proxy_tuning, static and routed with inner static take fixed alphas, "
-                    f"not {self.method!r}" + (f" with inner {self.inner or 'dlf'!r}" if self.method == "routed" else "")
-                )
             if len(self.alphas) != n:
                 raise ValueError(f"alphas: one per expert: got {len(self.alphas)} alphas for {n} experts")
             for i, a in enumerate(self.alphas):
                 if not 0.0 <= a <= self.max_alpha:
                     raise ValueError(f"alphas[{i}]: {a} is outside [0, max_alpha={self.max_alpha}]")
-        if self.model is not None and self.method not in ("single", "eft_down"):
-            raise ValueError(f"model: only methods single and eft_down name a model, not {self.method!r}")
-        if self.method in ("single", "eft_down") and self.model is None:
-            raise ValueError(f"model: method {self.method!r} needs a model name")
-        if self.beta is not None and self.method != "eft_up":
-            raise ValueError(f"beta: only method eft_up takes beta, not {self.method!r}")
-        if self.interp_lambda is not None and self.method != "lambda_interp":
-            raise ValueError(f"interp_lambda: only method lambda_interp takes it, not {self.method!r}")
-        if self.method == "lambda_interp" and self.interp_lambda is None:
-            raise ValueError("interp_lambda: method lambda_interp needs interp_lambda in [0, 1]")
-        if self.solver is not None and self.method != "dlf" and not (self.method == "routed" and not routed_static):
-            raise ValueError(f"solver: only method dlf (or routed with inner dlf) solves weights, not {self.method!r}")
-        if self.method != "routed":
-            for name in ROUTE_FIELDS:
-                if getattr(self, name) is not None:
-                    raise ValueError(f"{name}: only method routed takes it, not {self.method!r}")
-        elif self.top_k is not None and self.top_k > n:
+        if self.top_k is not None and self.top_k > n:
             raise ValueError(f"top_k: {self.top_k} exceeds the {n} experts (0 keeps every expert)")
         return self
 
     def merged(self, overrides: dict[str, Any]) -> RecipeSpec:
-        """This spec with the given fields replaced (validated again). A different method starts from scratch."""
+        """This spec with the given fields replaced (validated again): THE override mechanism of presets.
+
+        A different method starts from scratch. Otherwise the preset's values the new choice cannot take are
+        dropped: its alphas when the experts change (they belonged to the old experts), its solver or alphas when
+        a routed recipe switches its inner method.
+        """
         if "method" in overrides and overrides["method"] != self.method:
-            base: dict[str, Any] = {}
-        else:
-            base = self.model_dump(exclude={"description"})
-            if "experts" in overrides and "alphas" not in overrides:
-                base.pop("alphas")  # the preset's alphas belong to the preset's experts
-            if overrides.get("inner") == "static" and "solver" not in overrides:
-                base.pop("solver")  # a routed recipe switched to static alphas solves nothing
-            if overrides.get("inner") == "dlf" and "alphas" not in overrides:
-                base.pop("alphas", None)
+            return RecipeSpec.model_validate(overrides)
+        base = self.model_dump(exclude={"description"})
+        if "experts" in overrides and "alphas" not in overrides:
+            base.pop("alphas")
+        rule, inner = RULES[self.method], overrides.get("inner", self.inner)
+        if inner in INNER_METHODS:  # an unknown inner is refused by name below, with the preset's fields kept
+            base = {k: v for k, v in base.items() if k not in FIELDS or rule.takes(k, inner)}
         return RecipeSpec.model_validate({**base, **overrides})
+
+    def choice(self, large: str | None, small: str | None, examples: tuple = ()) -> Choice:
+        """This spec's parameters for fusion.methods (the roles' model names and the routed examples added)."""
+        return Choice(large=large, small=small, examples=examples, **self.model_dump(include=set(FIELDS)))
 
 
 class WorkerTLSSpec(_Strict):
@@ -251,8 +244,6 @@ class Topology(_Strict):
     @field_validator("presets")
     @classmethod
     def _preset_names(cls, v: dict[str, RecipeSpec]) -> dict[str, RecipeSpec]:
-        import re
-
         for name in v:
             if not re.match(NAME_PATTERN, name):
                 raise ValueError(f"preset name {name!r} must match {NAME_PATTERN}")
@@ -330,14 +321,8 @@ class Topology(_Strict):
         if not overrides:
             return name, self.recipe(name)
         overrides = dict(overrides)
-        routed = overrides.get("method", self.presets[name].method) == "routed"
-        if overrides.get("solver") == "static" and routed:  # routed: static alphas over the routed experts
-            overrides.pop("solver")
-            overrides.setdefault("inner", "static")
-        elif overrides.get("solver") == "static":  # "static" turns solving off: fixed alphas over the same experts
-            overrides.pop("solver")
-            overrides.setdefault("method", "static")
-            overrides.setdefault("experts", self.presets[name].experts)
+        if overrides.get("solver") == SOLVING_OFF:
+            _solving_off(overrides, self.presets[name])
         try:
             spec = self.presets[name].merged(overrides)
         except ValidationError as e:
@@ -431,7 +416,7 @@ def check_recipe_models(spec: RecipeSpec, models: tuple[ModelSpec, ...], where: 
             raise ValueError(f"{where}.experts[{i}]: unknown expert {e!r}; experts served here: {have['expert']}")
         if roles[e] != "expert":
             raise ValueError(f"{where}.experts[{i}]: {e!r} has role {roles[e]!r}, not 'expert'")
-        if spec.method == "routed" and not examples[e]:
+        if RULES[spec.method].route_examples and not examples[e]:
             routable = [m for m in have["expert"] if examples[m]]
             raise ValueError(
                 f"{where}.experts[{i}]: {e!r} has no route_examples, so it cannot be routed to; "
@@ -440,54 +425,34 @@ def check_recipe_models(spec: RecipeSpec, models: tuple[ModelSpec, ...], where: 
     if spec.model is not None:
         if spec.model not in roles:
             raise ValueError(f"{where}.model: unknown model {spec.model!r}; models served here: {sorted(roles)}")
-        if spec.method == "eft_down" and roles[spec.model] != "large_ft":
-            raise ValueError(f"{where}.model: eft_down needs a large_ft model, {spec.model!r} is {roles[spec.model]!r}")
-    if spec.method in _NEEDS_LARGE and not have["large"]:
-        raise ValueError(f"{where}.method: {spec.method!r} needs a model with role 'large'; none is configured")
-    if spec.method in _NEEDS_SMALL and not have["small"]:
-        raise ValueError(f"{where}.method: {spec.method!r} needs a model with role 'small'; none is configured")
+        want = RULES[spec.method].model_role
+        if want not in (None, "any") and roles[spec.model] != want:
+            raise ValueError(
+                f"{where}.model: {spec.method} needs a {want} model, {spec.model!r} is {roles[spec.model]!r}"
+            )
+    for role in RULES[spec.method].reads:
+        if not have[role]:
+            raise ValueError(f"{where}.method: {spec.method!r} needs a model with role {role!r}; none is configured")
+
+
+def _solving_off(overrides: dict[str, Any], preset: RecipeSpec) -> None:
+    """A request's solver "static" (fusion.proto RecipeSelection.solver) is no solver: it turns solving off. It
+    stands for what the method's row says (solving_off): method static over the same experts, or, for routed, inner
+    static. Rewritten here, once, so RecipeSpec.solver only ever holds a real solver."""
+    del overrides["solver"]
+    field, value = RULES[overrides.get("method", preset.method)].solving_off
+    overrides.setdefault(field, value)
+    if field == "method":
+        overrides.setdefault("experts", preset.experts)
 
 
 def build_recipe(spec: RecipeSpec, topo: Topology, name: str) -> Recipe:
-    """RecipeSpec -> fusion.Recipe through fusion.presets (which validates it), named after the preset."""
-    from dataclasses import replace
-
-    from logitfusion.fusion import presets
-
-    large, small = topo.role_model("large"), topo.role_model("small")
-    experts = list(spec.experts)
-    if spec.method == "single":
-        recipe = presets.single(spec.model)
-    elif spec.method == "proxy_tuning":
-        alpha = spec.alphas[0] if spec.alphas else 1.0
-        recipe = presets.proxy_tuning(large, small, experts[0], alpha=alpha, max_alpha=spec.max_alpha)
-    elif spec.method == "static":
-        alphas = list(spec.alphas) if spec.alphas else None
-        recipe = presets.static(large, small, experts, alphas=alphas, max_alpha=spec.max_alpha)
-    elif spec.method == "eft_up":
-        recipe = presets.eft_up(large, small, experts[0], beta=1.0 if spec.beta is None else spec.beta)
-    elif spec.method == "eft_down":
-        recipe = presets.eft_down(small, large, spec.model)
-    elif spec.method == "lambda_interp":
-        recipe = presets.lambda_interp(large, small, experts[0], experts[1], spec.interp_lambda)
-    elif spec.method == "routed":
-        recipe = presets.routed(
-            large,
-            small,
-            experts,
-            [route_example_ids(topo, e) for e in experts],
-            inner=spec.inner or "dlf",
-            solver=spec.solver or "newton",
-            alphas=list(spec.alphas) if spec.alphas else None,
-            tau=0.05 if spec.tau is None else spec.tau,
-            top_k=1 if spec.top_k is None else spec.top_k,
-            min_similarity=0.5 if spec.min_similarity is None else spec.min_similarity,
-            centre=len(experts) >= 2,  # one expert's examples have no common centre to subtract
-            max_alpha=spec.max_alpha,
-        )
-    else:  # dlf
-        recipe = presets.dlf(large, small, experts, solver=spec.solver or "newton", max_alpha=spec.max_alpha)
-    return replace(recipe, name=name)
+    """RecipeSpec -> fusion.Recipe: the constructor of the method's row (which validates it), named after the
+    preset."""
+    rule = RULES[spec.method]
+    examples = tuple(route_example_ids(topo, e) for e in spec.experts) if rule.route_examples else ()
+    recipe = rule.build(spec.choice(topo.role_model("large"), topo.role_model("small"), examples))
+    return recipe.named(name)
 
 
 def route_example_ids(topo: Topology, expert: str) -> tuple[tuple[int, ...], ...]:

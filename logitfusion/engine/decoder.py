@@ -552,7 +552,7 @@ class Decoder:
             raise ValueError("request_id must be a non-empty string")
         if not isinstance(req.recipe, Recipe):
             raise ValueError(f"recipe must be a fusion.Recipe, got {type(req.recipe).__name__}")
-        req.recipe.validate()
+        req.recipe.validate()  # once, here: a recipe from presets or the topology is trusted already
         if not isinstance(req.sampling, SamplingParams):
             raise ValueError(f"sampling must be a fusion.SamplingParams, got {type(req.sampling).__name__}")
         req.sampling.validate()
@@ -945,7 +945,7 @@ class Decoder:
             if recipe.route is not None:  # each row routed on its own request's prompt: [rows, T]
                 weights = torch.cat([live.route.expand(n, -1) for live, n in zip(lives, sizes)]).to(self.fusion_device)
             t0 = time.perf_counter()
-            result = fuse(inputs, recipe, weights, validated=True)  # add_request validated it; fuse checks the logits
+            result = fuse(inputs, recipe, weights)  # add_request validated the recipe (trusted now); fuse checks logits
             self.fusion_time_s += time.perf_counter() - t0
             logprobs, alphas = result.logprobs.cpu(), result.alphas.cpu()  # sampling uses per-request CPU generators
             losses = result.loss.cpu().split(sizes) if result.loss is not None else [None] * len(lives)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from logitfusion.eval.metrics import Row, format_table, make_rows, write_json
 from logitfusion.fusion import Recipe, SamplingParams, presets
+from logitfusion.fusion.methods import SOLVERS
 
 log = logging.getLogger(__name__)
 
-SOLVERS = ("grid", "newton", "joint")
 MERGED = "merged_experts"  # the model name of the task-arithmetic merge of every expert
 
 

@@ -32,11 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .methods import MAX_ALPHA_LIMIT, SOLVERS
 from .support import check_matrix, compute_dtype, restrict, zero_filled
 
 
-SOLVERS = ("grid", "newton", "joint")
-MAX_ALPHA_LIMIT = 10.0  # the largest max_alpha a recipe may ask for
 GRID_STEP = 0.1  # the paper's grid: 0, 0.1, ..., max_alpha
 NEWTON_ITERS = 5  # derivative evaluations per 1-D refinement inside one grid step of the best grid point
 JOINT_ITERS = 6  # projected Newton evaluations after the newton start
@@ -476,16 +475,19 @@ CURVES = ("exact", "auto")
 def solve_problem(pb: Problem, solver: str, max_alpha: float, curves: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
     """alphas [B, T] and loss [B] for a prepared problem. curves: how the one-expert curves of grid and newton
     (and joint's newton start) are evaluated: "exact" on every token, "auto" from binned moments where that pays
-    (BinnedLines: each sum within truncation_bound() relative; joint's own iterations stay exact)."""
-    check_solver(solver)
-    max_alpha = check_max_alpha(max_alpha)
+    (BinnedLines: each sum within truncation_bound() relative; joint's own iterations stay exact).
+
+    Per step: the solver and max_alpha come from a validated recipe (or solve_alphas' checks) and are not checked
+    again; an unknown solver still gets check_solver's error."""
+    solve = _SOLVE.get(solver)
+    if solve is None:
+        check_solver(solver)
     if curves not in CURVES:
         raise ValueError(f"curves={curves!r}: must be one of {', '.join(CURVES)}")
-    if solver == "grid":
-        return solve_grid(pb, max_alpha, curves)
-    if solver == "newton":
-        return solve_newton(pb, max_alpha, curves=curves)
-    return solve_joint(pb, max_alpha, curves=curves)
+    return solve(pb, float(max_alpha), curves=curves)  # type: ignore[misc]
+
+
+_SOLVE = {"grid": solve_grid, "newton": solve_newton, "joint": solve_joint}  # keys: exactly methods.SOLVERS (tested)
 
 
 def solve_alphas(

@@ -1,4 +1,5 @@
-"""Named recipes: one constructor per method of docs/algorithms.md §2 and §3. Each returns a validated Recipe.
+"""Named recipes: one constructor per method of docs/algorithms.md §2 and §3 (the rows of methods.RULES, which say
+what each method reads and takes). Each returns a validated, trusted Recipe (fuse never checks it again).
 
     single         l_M
     proxy_tuning   l_L + alpha (l_E - l_S)                               (alpha = 1: proxy-tuning = EFT up-scaling)
@@ -16,11 +17,9 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 
-from .dlf import SOLVERS
+from .methods import INNER_METHODS, MAX_BETA, METHODS, RULES, rule
 from .recipe import Recipe
 from .routing import Routing
-
-MAX_BETA = 10.0  # the largest EFT amplification a preset accepts
 
 
 def _real_in(field: str, x: object, lo: float, hi: float) -> float:
@@ -38,8 +37,7 @@ def _names(field: str, x: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def _done(recipe: Recipe) -> Recipe:
-    recipe.validate()
-    return recipe
+    return recipe.validate()
 
 
 def single(model: str) -> Recipe:
@@ -146,8 +144,8 @@ def routed(
     ids, one list of prompts per expert), then fuses the routed mixture with the ``inner`` recipe: "dlf" (one alpha
     solved per step by ``solver``) or "static" (``alphas``, default 1.0 each, scaled by the weights)."""
     names = _names("experts", experts)
-    if inner not in ("dlf", "static"):
-        raise ValueError(f"inner={inner!r}: must be 'dlf' or 'static'")
+    if inner not in INNER_METHODS:
+        raise ValueError(f"inner={inner!r}: must be {' or '.join(map(repr, INNER_METHODS))}")
     route = Routing(
         model=small,
         examples=tuple(tuple(tuple(int(x) for x in p) for p in e) for e in examples),
@@ -173,38 +171,13 @@ def routed(
     )
 
 
-PRESETS: dict[str, Callable[..., Recipe]] = {
-    "single": single,
-    "proxy_tuning": proxy_tuning,
-    "static": static,
-    "eft_up": eft_up,
-    "eft_down": eft_down,
-    "lambda_interp": lambda_interp,
-    "dlf": dlf,
-    "routed": routed,
-}
-METHODS = tuple(PRESETS)
-DESCRIPTIONS: dict[str, str] = {
-    "single": "one model alone",
-    "proxy_tuning": "l_L + alpha (l_E - l_S) (proxy-tuning; alpha = 1 equals EFT up-scaling)",
-    "static": "l_L + sum_t alpha_t (l_Et - l_S) with fixed alphas",
-    "eft_up": "l_E + beta (l_L - l_S) (emulated fine-tuning, up-scaling)",
-    "eft_down": "l_S + (l_Lft - l_L) (emulated fine-tuning, down-scaling)",
-    "lambda_interp": "l_L + lambda (l_Ea - l_S) + (1 - lambda) (l_Eb - l_S)",
-    "dlf": "l_L + sum_t alpha_t (l_Et - l_S), alphas solved at every step (Dynamic Logit Fusion; solvers: "
-    + ", ".join(SOLVERS)
-    + ")",
-    "routed": "l_L + alpha sum_t w_t (l_Et - l_S): no task label; w from the prompt's similarity to each expert's "
-    "example prompts (small base's mean last hidden state, centred cosine; softmax(sim / tau) over the top-k; none "
-    "below min_similarity: the large base alone), alpha solved per step for the mixture (inner dlf) or fixed",
-}
+PRESETS: dict[str, Callable[..., Recipe]] = {name: globals()[name] for name in METHODS}  # each row's constructor
+DESCRIPTIONS: dict[str, str] = {name: r.description for name, r in RULES.items()}
 
 
 def build(method: str, **kwargs: object) -> Recipe:
     """PRESETS[method](**kwargs) with a ValueError naming the method or the argument at fault."""
-    if method not in PRESETS:
-        raise ValueError(f"method={method!r}: must be one of {', '.join(METHODS)}")
-    ctor = PRESETS[method]
+    ctor = rule(method).constructor
     params = inspect.signature(ctor).parameters
     unknown = sorted(set(kwargs) - set(params))
     if unknown:

@@ -29,8 +29,6 @@ from .support import check_logits, compute_dtype, joint_log_probs, zero_filled
 
 logger = logging.getLogger(__name__)
 
-_UNSET = object()  # "not given" for with_overrides, so None can be passed on purpose
-
 
 def _is_real(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
@@ -73,8 +71,19 @@ class Recipe:
             names.add(self.small)
         return tuple(sorted(names))
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad field and its limit."""
+    @property
+    def validated(self) -> bool:
+        """True once validate() passed: the recipe is frozen, so it stays valid and is never checked again."""
+        return self.__dict__.get("_validated", False)
+
+    def validate(self) -> Recipe:
+        """Raise ValueError naming the first bad field and its limit; else return this recipe, now trusted.
+
+        The edges validate once (presets, the topology, Decoder.add_request); fuse() and the solvers trust a
+        validated recipe and check only an unvalidated one. dataclasses.replace() gives an unvalidated copy.
+        """
+        if self.validated:
+            return self
         if not _is_name(self.name):
             raise ValueError(f"name={self.name!r}: must be a non-empty string")
         if not _is_name(self.method):
@@ -86,33 +95,17 @@ class Recipe:
         _check_solver_fields(self)
         if self.route is not None:
             check_routing(self.route, self.experts, self.model_names())
+        object.__setattr__(self, "_validated", True)  # not a field: equality, hashing and repr ignore it
+        return self
 
-    def with_overrides(
-        self, *, solver=_UNSET, alphas=_UNSET, experts=_UNSET, max_alpha=_UNSET
-    ) -> Recipe:
-        """A validated copy with some fields replaced (per-request overrides from the serving layer).
-
-        Replacing the experts without alphas gives alpha 1.0 per expert (static) or none (DLF); turning a solver
-        on for a recipe whose only coeff is (m, 1.0) makes m the anchor.
-        """
-        changes: dict = {}
-        if experts is not _UNSET:
-            changes["experts"] = tuple(experts) if isinstance(experts, (list, tuple)) else experts
-        if alphas is not _UNSET:
-            changes["alphas"] = tuple(alphas) if isinstance(alphas, (list, tuple)) else alphas
-        if solver is not _UNSET:
-            changes["solver"] = solver
-        if max_alpha is not _UNSET:
-            changes["max_alpha"] = max_alpha
-        new = replace(self, **changes)
-        if alphas is _UNSET and isinstance(new.experts, tuple) and len(new.alphas) != len(new.experts):
-            new = replace(new, alphas=(1.0,) * len(new.experts) if new.solver is None else ())
-        if new.solver is not None and new.anchor is None and len(new.coeffs) == 1:
-            (only, weight), = new.coeffs
-            if weight == 1.0:
-                new = replace(new, anchor=only)
-        new.validate()
-        return new
+    def named(self, name: str) -> Recipe:
+        """This recipe under another name (a topology preset's), as trusted as this one: a name changes no math."""
+        if not _is_name(name):
+            raise ValueError(f"name={name!r}: must be a non-empty string")
+        copy = replace(self, name=name)
+        if self.validated:
+            object.__setattr__(copy, "_validated", True)
+        return copy
 
 
 def _check_coeffs(coeffs: object) -> None:
@@ -194,20 +187,18 @@ def fuse(
     recipe: Recipe,
     route_weights: torch.Tensor | None = None,
     *,
-    validated: bool = False,
     support: str = "auto",
     eps: float = DEFAULT_EPS,
 ) -> FusionResult:
     """Fuse one step. logits[name]: [B, V] raw logits or log-probs of every model the recipe reads.
 
     route_weights: [B, T] expert weights of each row, required by (and only used for) a routed recipe.
-    validated=True skips recipe.validate() (the caller validated the recipe once, at
-    its edge: the Decoder does at add_request); the logits are always checked. support: "auto" solves DLF on the
-    certified candidate support where it pays (docs/algorithms.md §4, at most eps of the mass dropped), "candidates"
-    always does, "dense" is the reference path on the whole vocabulary. Logits with a masked (-inf) token always take
-    the dense path.
+    The recipe is checked only if it was never validated (presets and the Decoder's add_request validate once);
+    the logits are always checked. support: "auto" solves DLF on the certified candidate support where it pays
+    (docs/algorithms.md §4, at most eps of the mass dropped), "candidates" always does, "dense" is the reference path
+    on the whole vocabulary. Logits with a masked (-inf) token always take the dense path.
     """
-    if not validated:
+    if not recipe.validated:
         recipe.validate()
     support, eps = check_support(support, eps)
     if support != "dense":

@@ -200,6 +200,22 @@ def test_a_batch_of_token_id_prompts_answers_one_choice_each(stack, oai):
         assert c.logprobs.token_logprobs == pytest.approx(greedy, abs=1e-6)  # temperature 0: the top token each time
 
 
+def test_a_batch_converts_its_body_once_and_holds_every_prompt_to_the_limit(stack, oai, monkeypatch):
+    from logitfusion.cluster import serve_app
+
+    _, coordinator, _ = stack
+    ok = coordinator.codec.encode("question: what is the capital of benun? answer:")
+    conversions = []
+    real = serve_app.request_from_pb
+    monkeypatch.setattr(serve_app, "request_from_pb", lambda *a, **k: (conversions.append(1), real(*a, **k))[1])
+    batch = oai.completions.create(model="dlf_capital", temperature=0, max_tokens=2, prompt=[ok, ok])
+    assert len(batch.choices) == 2 and batch.choices[0].text == batch.choices[1].text
+    assert conversions == [1]  # the body's sampling, stops and recipe: checked once for both choices
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.completions.create(model="dlf_capital", max_tokens=1, prompt=[ok, ok * 20])
+    assert info.value.body["param"] == "prompt" and "max_prompt_tokens (160)" in info.value.body["message"]
+
+
 def test_streamed_echo_with_zero_tokens_returns_the_prompt_only(stack, oai):
     _, _, runners = stack
     prompt = "question: what is the capital of benun? answer:"

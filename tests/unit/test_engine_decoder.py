@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import Future
+from dataclasses import replace
 
 import pytest
 import torch
@@ -258,6 +259,26 @@ def test_bad_requests_raise_precise_errors(runners) -> None:
     with pytest.raises(ValueError, match="request_id 'x' is already in use"):
         dec.add_request(ok)
     assert dec.abort("x")
+
+
+def test_the_recipe_is_validated_once_at_add_request_never_per_step(runners, monkeypatch) -> None:
+    from logitfusion.fusion import dlf as dlf_module
+    from logitfusion.fusion import recipe as recipe_module
+
+    checks: list[str] = []
+    real = recipe_module._check_coeffs
+    monkeypatch.setattr(recipe_module, "_check_coeffs", lambda c: (checks.append("recipe"), real(c))[1])
+    monkeypatch.setattr(dlf_module, "check_solver", lambda s: checks.append("solver"))
+    raw = replace(RECIPES["dlf_joint"], name="raw")  # an unvalidated copy, as a library caller may build one
+    assert not raw.validated
+    dec = make_decoder(runners)
+    reqs = [GenerationRequest(f"r{i}", p, raw, max_new_tokens=6, stop_token_ids=()) for i, p in enumerate(PROMPTS)]
+    results = dec.generate(reqs)
+    assert [r.num_steps for r in results] == [6] * len(PROMPTS)
+    assert checks == ["recipe"]  # once, by the first add_request; 6 steps of 4 rows fused and solved unchecked
+    bad = replace(raw, solver="bisect")
+    with pytest.raises(ValueError, match="solver='bisect': must be one of grid, newton, joint"):
+        dec.add_request(GenerationRequest("bad", [1, 2], bad, max_new_tokens=2))
 
 
 def test_mismatched_vocabularies_are_refused_naming_the_models(models) -> None:

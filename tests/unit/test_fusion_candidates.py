@@ -3,6 +3,8 @@ NaN guard, each checked against the dense reference path (fuse(..., support="den
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import math
 
 import numpy as np
@@ -300,13 +302,13 @@ def test_nan_or_inf_anywhere_names_the_model_and_row(V, recipe):
         for bad in (float("nan"), float("inf")):
             x = z["e0"].clone()
             x[2, pos] = bad
-            for validated in (False, True):
+            for r in (recipe, replace(recipe, name="unvalidated")):  # a trusted recipe and an unchecked copy
                 with pytest.raises(ValueError, match=r"logits\['e0'\]: row 2 holds NaN or \+inf"):
-                    fuse({**z, "e0": x}, recipe, validated=validated)
+                    fuse({**z, "e0": x}, r)
     dead = z["small"].clone()
     dead[1] = NEG_INF
     with pytest.raises(ValueError, match=r"logits\['small'\]: row 1 masks every token"):
-        fuse({**z, "small": dead}, recipe, validated=True)
+        fuse({**z, "small": dead}, recipe)
 
 
 def test_the_guard_flags_every_non_finite_case_in_every_chunk(monkeypatch):
@@ -323,19 +325,19 @@ def test_the_guard_flags_every_non_finite_case_in_every_chunk(monkeypatch):
                 assert out is None, (value, row, pos)
 
 
-def test_validated_skips_only_the_recipe_check(monkeypatch):
+def test_a_trusted_recipe_skips_only_the_recipe_check(monkeypatch):
     calls = []
     real = Recipe.validate
     monkeypatch.setattr(Recipe, "validate", lambda self: (calls.append(self.name), real(self))[1])
     z = peaked_logits(12, B=2, V=50, T=1, dtype=torch.float32)
-    recipe = presets.dlf("large", "small", ["e0"], solver="grid")
+    recipe = presets.dlf("large", "small", ["e0"], solver="grid")  # validated by the preset: trusted
     calls.clear()
-    fuse(z, recipe, validated=True)
-    assert calls == []
     fuse(z, recipe)
-    assert calls == ["dlf"]
+    assert calls == []
+    fuse(z, replace(recipe, name="copy"))  # a copy is unchecked until validated
+    assert calls == ["copy"]
     with pytest.raises(ValueError, match="missing model 'e0'"):  # the logits are checked either way
-        fuse({n: x for n, x in z.items() if n != "e0"}, recipe, validated=True)
+        fuse({n: x for n, x in z.items() if n != "e0"}, recipe)
 
 
 def test_fuse_dense_is_the_old_reference_path():

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from logitfusion.fusion import FusionResult, Recipe, dlf_loss, fuse, presets, solve_alphas
+from logitfusion.fusion import FusionResult, Recipe, dlf_loss, fuse, methods, presets, solve_alphas
+from logitfusion.fusion import dlf as dlf_module
+from logitfusion.fusion import recipe as recipe_module
+from logitfusion.fusion.methods import SOLVERS, Choice
 
 pytestmark = pytest.mark.timeout(120)
 torch.set_num_threads(1)
@@ -282,21 +286,134 @@ def test_model_names_sorted_and_lists_become_tuples():
     assert presets.eft_up("large", "small", "ea").model_names() == ("ea", "large", "small")
 
 
-def test_with_overrides():
-    proxy = presets.proxy_tuning("large", "small", "ea")
-    dlf = proxy.with_overrides(solver="joint")
-    assert dlf.solver == "joint" and dlf.anchor == "large" and dlf.name == "proxy_tuning"
-    two = proxy.with_overrides(experts=["ea", "eb"])
-    assert two.experts == ("ea", "eb") and two.alphas == (1.0, 1.0)
-    back = presets.dlf("large", "small", ["ea", "eb"]).with_overrides(solver=None)
-    assert back.solver is None and back.alphas == (1.0, 1.0)
-    assert proxy.with_overrides(max_alpha=5.0, alphas=[4.0]).alphas == (4.0,)
+def test_a_validated_recipe_is_trusted_and_a_changed_copy_is_not(monkeypatch):
+    calls = []
+    real = recipe_module._check_coeffs
+    monkeypatch.setattr(recipe_module, "_check_coeffs", lambda c: (calls.append(c), real(c))[1])
+    raw = Recipe(name="custom", coeffs=(("large", 1.0),), experts=("ea",), small="small", alphas=(0.5,))
+    assert not raw.validated
+    assert raw.validate() is raw and raw.validated and calls == [raw.coeffs]
+    raw.validate()
+    assert len(calls) == 1  # checked once: a frozen recipe that passed stays valid
+    bad = replace(raw, alphas=(3.0,))  # a changed copy is a new, unchecked value
+    assert not bad.validated
     with pytest.raises(ValueError, match=r"alphas\[0\]=3.0: must be finite and in \[0, max_alpha=2.0\]"):
-        proxy.with_overrides(alphas=(3.0,))
-    with pytest.raises(ValueError, match="solver='fast': must be one of grid, newton, joint"):
-        proxy.with_overrides(solver="fast")
-    with pytest.raises(ValueError, match=r"max_alpha=0.5"):
-        proxy.with_overrides(max_alpha=0.5)  # alpha 1.0 would exceed the new bound
+        fuse(make_logits(0, 1, 4), bad)
+    assert bad == Recipe(name="custom", coeffs=(("large", 1.0),), experts=("ea",), small="small", alphas=(3.0,))
+    assert presets.dlf("large", "small", ["ea"]).validated  # every preset comes back trusted
+    calls.clear()
+    renamed = raw.named("my_preset")
+    assert renamed.validated and renamed.name == "my_preset" and calls == []  # a name changes no math
+    assert not bad.named("x").validated
+    with pytest.raises(ValueError, match="name='': must be a non-empty string"):
+        raw.named("")
+
+
+def test_fuse_checks_an_unvalidated_recipe_once_and_never_a_trusted_one(monkeypatch):
+    calls = []
+    real = recipe_module._check_coeffs
+    monkeypatch.setattr(recipe_module, "_check_coeffs", lambda c: (calls.append(c), real(c))[1])
+    solver_checks = []
+    monkeypatch.setattr(dlf_module, "check_solver", lambda s: solver_checks.append(s))
+    z = make_logits(3, 2, 12)
+    trusted = presets.dlf("large", "small", ["ea", "eb"], solver="joint")
+    calls.clear()
+    for _ in range(5):  # five decode steps
+        fuse(z, trusted)
+        fuse(z, trusted, support="dense")
+    assert calls == [] and solver_checks == []  # neither the recipe nor its solver re-checked per step
+    raw = Recipe(name="custom", coeffs=(("large", 1.0),), experts=("ea", "eb"), small="small", solver="grid",
+                 anchor="large")
+    for _ in range(5):
+        fuse(z, raw)
+    assert len(calls) == 1 and raw.validated  # the first call validated it; the next four trusted it
+
+
+def test_solve_problem_trusts_its_solver_but_names_an_unknown_one():
+    assert set(dlf_module._SOLVE) == set(SOLVERS)  # the table's solvers are exactly the implemented ones
+    lp = torch.log_softmax(torch.randn(3, 2, 9, generator=torch.Generator().manual_seed(0)), -1)
+    pb = dlf_module.prepare(lp[0], lp[1], lp[2:], torch.zeros(2, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="solver='bisect': must be one of " + ", ".join(SOLVERS)):
+        dlf_module.solve_problem(pb, "bisect", 2.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The method table (fusion.methods): every rule about a method is read from its row
+
+
+MINIMAL = {  # one valid Choice per method
+    "single": Choice(model="large"),
+    "proxy_tuning": Choice(large="large", small="small", experts=("ea",)),
+    "static": Choice(large="large", small="small", experts=("ea", "eb")),
+    "eft_up": Choice(large="large", small="small", experts=("ea",)),
+    "eft_down": Choice(large="large", small="small", model="large_ft"),
+    "lambda_interp": Choice(large="large", small="small", experts=("ea", "eb"), interp_lambda=0.25),
+    "dlf": Choice(large="large", small="small", experts=("ea",)),
+    "routed": Choice(large="large", small="small", experts=("ea", "eb"), examples=(((1, 2),), ((3,),))),
+}
+
+
+def test_every_row_builds_through_its_constructor_and_reads_what_it_says():
+    assert tuple(methods.RULES) == methods.METHODS == tuple(MINIMAL) == tuple(presets.PRESETS)
+    for name, rule in methods.RULES.items():
+        assert rule.constructor is presets.PRESETS[name] and presets.DESCRIPTIONS[name] == rule.description
+        recipe = rule.build(MINIMAL[name])
+        assert recipe.method == name and recipe.validated
+        choice = MINIMAL[name]
+        lo, hi = rule.experts
+        assert lo <= len(choice.experts) <= hi
+        bases = {getattr(choice, role) for role in rule.reads}
+        assert set(recipe.model_names()) == bases | set(choice.experts) | ({choice.model} - {None}), name
+        assert bool(recipe.solver) == bool(rule.fusing().solvers)
+        assert recipe.solver in (None, *rule.fusing().solvers)
+
+
+@pytest.mark.parametrize("name", methods.METHODS)
+def test_the_topology_reads_each_rule_from_the_table(name):
+    from pydantic import ValidationError
+
+    from logitfusion.cluster.topology import RecipeSpec
+
+    rule = methods.RULES[name]
+    lo, hi = rule.experts
+    with pytest.raises(ValidationError, match=f"method {name!r} takes"):
+        RecipeSpec(method=name, experts=tuple(f"e{i}" for i in range(hi + 1)))
+    values = {"model": "m", "alphas": (0.5,) * max(lo, 1), "beta": 0.5, "interp_lambda": 0.5, "solver": "grid",
+              "inner": "dlf", "tau": 0.1, "top_k": 1, "min_similarity": 0.1}
+    for field, value in values.items():
+        if rule.takes(field):
+            continue
+        with pytest.raises(ValidationError) as info:
+            RecipeSpec(method=name, experts=tuple(f"e{i}" for i in range(lo)), **{field: value})
+        assert f"{field}: {methods.takers(field)}, not {name!r}" in str(info.value)
+
+
+def test_error_messages_list_the_tables_solvers_and_methods(monkeypatch):
+    from pydantic import ValidationError
+
+    from logitfusion.cli import build_parser
+    from logitfusion.cluster.topology import RecipeSpec
+
+    with pytest.raises(ValidationError) as info:
+        RecipeSpec(method="dlf", experts=("e",), solver="bisect")
+    assert all(repr(s) in str(info.value) for s in SOLVERS)
+    with pytest.raises(ValueError, match="must be one of " + ", ".join(SOLVERS)):
+        presets.dlf("l", "s", ["e"], solver="bisect")
+    assert methods.takers("solver") == "only method dlf (or routed with inner dlf) solves weights"
+    gen = build_parser()._subparsers._group_actions[0].choices["generate"]
+    choices = {a.dest: a.choices for a in gen._actions}
+    assert tuple(choices["solver"]) == SOLVERS and tuple(choices["route_inner"]) == methods.INNER_METHODS
+    from logitfusion.v1 import fusion_pb2 as pb  # the request fields of both edges are the table's
+
+    assert {f.name for f in pb.RecipeSelection.DESCRIPTOR.fields} == {"preset", "method", *methods.FIELDS}
+    from logitfusion.cluster import http_app
+
+    assert set(http_app._RECIPE_FIELDS) == {"method", *methods.FIELDS}
+
+
+def test_solver_static_stands_for_the_rows_solving_off():
+    assert methods.RULES["routed"].solving_off == ("inner", methods.SOLVING_OFF)
+    assert {r.solving_off for n, r in methods.RULES.items() if n != "routed"} == {("method", "static")}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -103,6 +103,13 @@ def test_the_grpc_checks_name_http_fields():
     with pytest.raises(errors.InvalidRequest) as info:
         convert({"logitfusion": {"speculative": {"draft_model": "nope"}}})
     assert info.value.field == "logitfusion.speculative.draft_model"
+    for name, value in (("tau", 0.2), ("inner", "static"), ("top_k", 1), ("min_similarity", 0.1)):
+        with pytest.raises(errors.InvalidRequest) as info:  # the routed fields reach the table's check by name
+            convert({"logitfusion": {"recipe": {name: value}}})
+        assert f"{name}: only method routed takes it, not 'dlf'" in info.value.message
+        assert info.value.field.startswith("logitfusion.recipe")
+    static = convert({"logitfusion": {"recipe": {"solver": "static"}}})  # solving off: fixed alphas, same experts
+    assert static.recipe.method == "static" and static.recipe.alphas == (1.0,) and static.recipe.validated
 
 
 def test_score_tokens_reads_the_next_token_of_every_row():

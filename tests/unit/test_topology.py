@@ -286,7 +286,7 @@ def test_yaml_text_with_comments_parses(tmp_path: Path):
 def test_presets_build_fusion_recipes_named_after_the_preset():
     topo = _topo()
     proxy = topo.recipe("proxy_a")
-    assert proxy.name == "proxy_a" and proxy.method == "proxy_tuning"
+    assert proxy.name == "proxy_a" and proxy.method == "proxy_tuning" and proxy.validated  # trusted from here on
     assert proxy.coeffs == (("large", 1.0),) and proxy.experts == ("expert_a",) and proxy.small == "small"
     assert proxy.alphas == (1.0,) and proxy.solver is None
     multi = topo.recipe("dlf_multi")
@@ -299,7 +299,7 @@ def test_presets_build_fusion_recipes_named_after_the_preset():
 def test_overrides_build_a_custom_recipe():
     topo = _topo()
     name, r = topo.resolve_recipe("dlf_multi", {"solver": "grid"})
-    assert name == "custom" and r.solver == "grid" and r.experts == ("expert_a", "expert_b")
+    assert name == "custom" and r.solver == "grid" and r.experts == ("expert_a", "expert_b") and r.validated
     name, r = topo.resolve_recipe("dlf_multi", {"solver": "static"})  # solving off: fixed alphas, same experts
     assert r.solver is None and r.alphas == (1.0, 1.0) and r.experts == ("expert_a", "expert_b")
     _, r = topo.resolve_recipe("proxy_a", {"method": "eft_up", "experts": ("expert_b",), "beta": 0.5})
