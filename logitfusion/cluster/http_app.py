@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import math
 import time
 import uuid
@@ -33,21 +32,32 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from logitfusion.errors import FusionError, InvalidRequest, MessageTooLarge, Unauthenticated, to_http
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from logitfusion.cluster.convert import MAX_TEMPERATURE, check_prompt_length, request_from_pb
+from logitfusion.errors import (
+    DeadlineExceeded,
+    FusionError,
+    InvalidRequest,
+    MessageTooLarge,
+    Unauthenticated,
+    to_http,
+)
 from logitfusion.fusion.methods import FIELDS as RECIPE_FIELDS
+from logitfusion.metrics import CONTENT_TYPE
+from logitfusion.v1 import fusion_pb2 as pb
 
 if TYPE_CHECKING:
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import Response
-
     from logitfusion.actors.coordinator import Coordinator, StreamChunk
     from logitfusion.cluster.topology import Topology
     from logitfusion.engine.decoder import GenerationRequest
     from logitfusion.engine.scoring import SequenceScores
     from logitfusion.metrics import ServiceMetrics
 
-logger = logging.getLogger(__name__)
 
 MAX_LOGPROBS = 20  # most top log-probs per position
 NEG_INF_LOGPROB = -9999.0  # JSON has no -inf: a token the fused distribution excludes reports this
@@ -134,8 +144,6 @@ class Sampling:
 def parse_sampling(body: dict, topology: Topology, *, max_tokens_field: str = "max_tokens",
                    allow_zero_tokens: bool = False) -> Sampling:
     """The fields completions and chat share. Raises InvalidRequest naming the field and the limit."""
-    from logitfusion.cluster.serve_app import MAX_TEMPERATURE
-
     limits = topology.limits
     preset = _want(body, "model", "string", topology.default_preset)
     if preset not in topology.presets:
@@ -192,8 +200,6 @@ def parse_sampling(body: dict, topology: Topology, *, max_tokens_field: str = "m
 
 def build_pb(sampling: Sampling, ids: Sequence[int], request_id: str) -> Any:
     """The checked fields as a GenerateRequest, so serve_app.request_from_pb applies the very checks gRPC gets."""
-    from logitfusion.v1 import fusion_pb2 as pb
-
     msg = pb.GenerateRequest(request_id=request_id)
     msg.token_ids.ids.extend(ids)
     msg.max_new_tokens = max(1, sampling.max_tokens)  # max_tokens 0 (echo): checked, never submitted
@@ -326,8 +332,6 @@ class HttpFrontend:
         return data
 
     def error(self, exc: BaseException, preset: str | None = None, api: str = "http") -> Response:
-        from starlette.responses import JSONResponse
-
         status, kind, err = to_http(exc)
         if self.metrics is not None and api:
             self.metrics.request_done(preset, err.code.name.lower(), api)
@@ -340,8 +344,6 @@ class HttpFrontend:
             self.metrics.request_done(preset, "ok", api)
 
     def _request(self, sampling: Sampling, ids: Sequence[int], rid: str) -> GenerationRequest:
-        from logitfusion.cluster.serve_app import request_from_pb
-
         self.grpc_frontend.check_admitting()  # draining for shutdown: 503 with Retry-After
         msg = build_pb(sampling, ids, rid)
         try:
@@ -353,8 +355,6 @@ class HttpFrontend:
     def _requests(self, sampling: Sampling, prompts: Sequence[Sequence[int]], cid: str) -> list[GenerationRequest]:
         """One engine request per prompt (choice). The body's fields are converted and checked once, with the first
         prompt; the others differ only in their prompt, whose ids parse_prompts checked, so only its length is."""
-        from logitfusion.cluster.serve_app import check_prompt_length
-
         first = self._request(sampling, prompts[0], f"{cid}-0")
         out = [first]
         for i, ids in enumerate(prompts[1:], 1):
@@ -424,8 +424,6 @@ class HttpFrontend:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), timeout=self.topology.limits.request_timeout_s)
         except asyncio.TimeoutError:
-            from logitfusion.errors import DeadlineExceeded
-
             raise DeadlineExceeded(f"scoring ran longer than limits.request_timeout_s "
                                    f"({self.topology.limits.request_timeout_s:g} s)") from None
 
@@ -537,8 +535,6 @@ class HttpFrontend:
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure answers in OpenAI's error JSON
             return self.error(exc, preset)
-        from starlette.responses import JSONResponse
-
         choices = []
         for res, req in zip(results, reqs):
             choices.append({
@@ -577,8 +573,6 @@ class HttpFrontend:
             raise
         except BaseException as exc:  # noqa: BLE001
             return self.error(exc, preset)
-        from starlette.responses import JSONResponse
-
         self._done(preset, "http")
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": int(time.time()), "model": preset,
@@ -622,8 +616,6 @@ class HttpFrontend:
     def _stream(self, cid: str, obj: str, req: GenerationRequest, sampling: Sampling, *, echo_text: str | None,
                 chat: bool) -> Response:
         """Admit now (overload and bad input are a status), then stream server-sent events ending with [DONE]."""
-        from starlette.responses import StreamingResponse
-
         stream = self.coordinator.submit(req) if sampling.max_tokens > 0 else None  # 0: echo only
         created = int(time.time())
         preset = sampling.preset
@@ -678,8 +670,6 @@ class HttpFrontend:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def models(self, request: Request) -> Response:
-        from starlette.responses import JSONResponse
-
         try:
             self.authenticate(request)
         except BaseException as exc:  # noqa: BLE001
@@ -693,14 +683,10 @@ class HttpFrontend:
         return JSONResponse({"object": "list", "data": data})
 
     async def health(self, request: Request) -> Response:
-        from starlette.responses import JSONResponse
-
         ok = self.grpc_frontend.serving and not self.grpc_frontend.draining and self.coordinator.alive()
         return JSONResponse({"status": "ok" if ok else "not serving"}, status_code=200 if ok else 503)
 
     async def tokenize(self, request: Request) -> Response:
-        from starlette.responses import JSONResponse
-
         try:
             self.authenticate(request)
             body = await self.read_json(request)
@@ -721,8 +707,6 @@ class HttpFrontend:
                              "token_strs": strs})
 
     async def detokenize(self, request: Request) -> Response:
-        from starlette.responses import JSONResponse
-
         try:
             self.authenticate(request)
             body = await self.read_json(request)
@@ -740,8 +724,6 @@ class HttpFrontend:
         return JSONResponse({"prompt": text})
 
     async def tokenizer_info(self, request: Request) -> Response:
-        from starlette.responses import JSONResponse
-
         try:
             self.authenticate(request)
         except BaseException as exc:  # noqa: BLE001
@@ -757,16 +739,12 @@ class HttpFrontend:
         })
 
     async def prometheus(self, request: Request) -> Response:
-        from starlette.responses import Response as Plain
-
-        from logitfusion.metrics import CONTENT_TYPE
-
         try:
             self.authenticate(request)
         except BaseException as exc:  # noqa: BLE001
             return self.error(exc, api="")
         body = self.metrics.render() if self.metrics is not None else b""
-        return Plain(body, media_type=CONTENT_TYPE)
+        return Response(body, media_type=CONTENT_TYPE)
 
 
 async def _nothing() -> AsyncIterator[Any]:
@@ -786,11 +764,6 @@ def _usage(results: Sequence[ChoiceResult]) -> dict:
 
 def build_http_app(http: HttpFrontend) -> Starlette:
     """The Starlette application of the HTTP ingress (the replica serves it through Serve's HTTP proxy)."""
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
-
     async def http_error(request: Request, exc: HTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse({"error": {"message": f"{request.method} {request.url.path}: {exc.detail}",

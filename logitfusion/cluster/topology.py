@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from logitfusion.actors.tls import WorkerTLS
 from logitfusion.errors import ConfigError, InvalidRequest
 from logitfusion.fusion.methods import (
     FIELDS,
@@ -39,9 +40,10 @@ from logitfusion.fusion.methods import (
 )
 from logitfusion.limits import Limits
 from logitfusion.limits import StrictModel as _Strict
+from logitfusion.models import zoo
+from logitfusion.models.zoo import tasks as zt
 
 if TYPE_CHECKING:
-    from logitfusion.actors.tls import WorkerTLS
     from logitfusion.fusion import Recipe
 
 Role = Literal["large", "small", "expert", "large_ft"]
@@ -85,8 +87,6 @@ class ModelSpec(_Strict):
             if not text.strip() or len(text) > MAX_ROUTE_EXAMPLE_CHARS:
                 raise ValueError(f"route_examples[{i}]: must be non-empty and at most {MAX_ROUTE_EXAMPLE_CHARS} chars")
             if text.startswith(ZOO_PREFIX):
-                from logitfusion.models.zoo import tasks as zt
-
                 if text[len(ZOO_PREFIX) :] not in zt.task_names():
                     raise ValueError(
                         f"route_examples[{i}]: {text!r} names no zoo task; zoo tasks: {', '.join(zt.task_names())}"
@@ -288,8 +288,6 @@ class Topology(_Strict):
         spec = self.serve.worker_tls
         if spec is None:
             return None
-        from logitfusion.actors.tls import WorkerTLS
-
         def resolve(p: str | None) -> str | None:
             return None if p is None else str(Path(self.base_dir, Path(p).expanduser()))
 
@@ -460,8 +458,6 @@ def route_example_ids(topo: Topology, expert: str) -> tuple[tuple[int, ...], ...
     texts: list[str] = []
     for text in topo.model(expert).route_examples:
         if text.startswith(ZOO_PREFIX):
-            from logitfusion.models.zoo import tasks as zt
-
             texts += zt.route_example_prompts(text[len(ZOO_PREFIX) :])
         else:
             texts.append(text)
@@ -488,8 +484,6 @@ def _tokenizer(tokenizer_dir: str) -> Any:
 def resolve_model_path(path: str, base_dir: Path) -> Path:
     """'zoo:<name>' -> the zoo's directory for that model; a relative path -> against base_dir; absolute kept."""
     if path.startswith(ZOO_PREFIX):
-        from logitfusion.models import zoo
-
         name = path[len(ZOO_PREFIX) :]
         try:
             return Path(zoo.load_zoo().model(name))

@@ -19,9 +19,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
+from logitfusion.engine.decoder import Decoder, GenerationRequest
+from logitfusion.engine.local import LocalRunner
 from logitfusion.eval.metrics import Row, format_table, make_rows, write_json
 from logitfusion.fusion import Recipe, SamplingParams, presets
 from logitfusion.fusion.methods import SOLVERS
+from logitfusion.models.zoo import tasks as zt
+from logitfusion.models.zoo.build import load_zoo
+from logitfusion.models.zoo.merge import merge_experts
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +105,6 @@ def methods_for_task(
 
 def merge_all_experts(zoo, out_dir: Path, lam: float = 0.5) -> Path:
     """Task arithmetic: S + sum_t lam (E_t - S) over every expert of the zoo, written once to ``out_dir``."""
-    from logitfusion.models.zoo.merge import merge_experts
-
     if (out_dir / "config.json").is_file():
         return out_dir
     tasks = sorted(zoo.experts)
@@ -113,16 +118,12 @@ def zoo_route_examples(
     included, exactly as the requests' prompts are encoded)."""
     from transformers import AutoTokenizer
 
-    from logitfusion.models.zoo import tasks as zt
-
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     return tuple(tuple(tuple(tok(p)["input_ids"]) for p in zt.route_example_prompts(t, k)) for t in tasks)
 
 
 def load_zoo_runners(zoo, names: Iterable[str], extra: dict[str, Path] | None = None) -> dict:
     """One in-process LocalRunner per model name (zoo names, or ``extra`` name -> directory)."""
-    from logitfusion.engine.local import LocalRunner
-
     extra = extra or {}
     runners = {}
     for name in names:
@@ -133,8 +134,6 @@ def load_zoo_runners(zoo, names: Iterable[str], extra: dict[str, Path] | None = 
 
 def run_requests(decoder, requests: Sequence, *, progress: bool = True, desc: str = "eval") -> dict:
     """Drive ``decoder`` until every request finished; returns request_id -> GenerationResult."""
-    from tqdm import tqdm
-
     results = {}
     with tqdm(total=len(requests), desc=desc, unit="req", disable=not progress, mininterval=1.0) as bar, \
             contextlib.closing(decoder.run(requests)) as finished:
@@ -157,10 +156,6 @@ def evaluate_zoo(
     on_item: Callable[[EvalItemResult], None] | None = None,
 ) -> tuple[list[Row], list[EvalItemResult]]:
     """Run every method on every zoo task; returns the report rows (and the per-item results if asked)."""
-    from logitfusion.engine.decoder import Decoder, GenerationRequest
-    from logitfusion.models.zoo import tasks as zt
-    from logitfusion.models.zoo.build import load_zoo
-
     zoo = load_zoo()
     all_tasks = list(zt.task_names())
     chosen = list(tasks) if tasks else all_tasks

@@ -10,7 +10,6 @@ in coeffs), or alphas solved per row and step (DLF). Named constructors live in 
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -26,8 +25,6 @@ from .candidates import (
 from .dlf import SOLVERS, check_max_alpha, check_solver, prepare, solve_problem
 from .routing import Routing, check_routing, fuse_routed_fast, routed_alphas
 from .support import check_logits, compute_dtype, joint_log_probs, zero_filled
-
-logger = logging.getLogger(__name__)
 
 
 def _is_real(x: object) -> bool:

@@ -6,7 +6,6 @@ request gives the same tokens whatever else shares its batch.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +14,6 @@ import torch
 
 from .support import check_matrix
 
-logger = logging.getLogger(__name__)
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 

@@ -7,12 +7,9 @@ entries are zero-filled before differences are taken, so inf - inf (NaN) never h
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 
 def check_matrix(field: str, x: object) -> torch.Tensor:

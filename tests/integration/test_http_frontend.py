@@ -201,13 +201,13 @@ def test_a_batch_of_token_id_prompts_answers_one_choice_each(stack, oai):
 
 
 def test_a_batch_converts_its_body_once_and_holds_every_prompt_to_the_limit(stack, oai, monkeypatch):
-    from logitfusion.cluster import serve_app
+    from logitfusion.cluster import http_app
 
     _, coordinator, _ = stack
     ok = coordinator.codec.encode("question: what is the capital of benun? answer:")
     conversions = []
-    real = serve_app.request_from_pb
-    monkeypatch.setattr(serve_app, "request_from_pb", lambda *a, **k: (conversions.append(1), real(*a, **k))[1])
+    real = http_app.request_from_pb
+    monkeypatch.setattr(http_app, "request_from_pb", lambda *a, **k: (conversions.append(1), real(*a, **k))[1])
     batch = oai.completions.create(model="dlf_capital", temperature=0, max_tokens=2, prompt=[ok, ok])
     assert len(batch.choices) == 2 and batch.choices[0].text == batch.choices[1].text
     assert conversions == [1]  # the body's sampling, stops and recipe: checked once for both choices

@@ -76,7 +76,7 @@ def test_defaults_and_echo_allow_zero_tokens():
 
 def test_the_grpc_checks_name_http_fields():
     from logitfusion.actors.coordinator import TextCodec
-    from logitfusion.cluster.serve_app import request_from_pb
+    from logitfusion.cluster.convert import request_from_pb
 
     codec = TextCodec(encode=lambda t: [1] * len(t), decode=lambda ids: "", eos_token_ids=())
 
