@@ -10,8 +10,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
-
 
 def _resolve_model(ref: str, cache_dir: str | None) -> Path:
     """A model directory, or "zoo:<name>" for a model of the zoo (e.g. zoo:small, zoo:expert_capital)."""
