@@ -696,11 +696,14 @@ class Decoder:
             self._outbox.extend(events)
 
     def _admit(self) -> None:
-        """Move waiting requests into the batch, up to max_batch_size."""
+        """Move waiting requests into the batch, up to max_batch_size requests that step (parked ones, waiting on a
+        stalled runner, do not take a place: they run no forward)."""
         with self._lock:
-            while self._waiting and len(self._live) < self.max_batch_size:
+            running = len(self._ready()) if self._pending else len(self._live)
+            while self._waiting and running < self.max_batch_size:
                 req = self._waiting.popleft()
-                self._live[req.request_id] = self._new_live(req)
+                self._live[req.request_id] = live = self._new_live(req)
+                running += not self._parked(live)
                 logger.debug("step %d: admitted request %s", self._step, req.request_id)
 
     def _new_live(self, req: GenerationRequest) -> _Live:

@@ -471,6 +471,23 @@ def test_a_stalled_runner_parks_only_the_requests_that_read_it(models, runners, 
     assert_no_leaks(runners)
 
 
+def test_parked_requests_do_not_take_the_batch_places_of_the_others(models, runners) -> None:
+    """max_batch_size=1: "b" waits on stalled expert_b; "a" (not reading it) is admitted and finishes meanwhile."""
+    ref_a = naive_decode(models, PROMPTS[1], RECIPES["proxy"], vocab_size=V, max_new_tokens=5).token_ids
+    stalled = dict(runners)
+    stall = stalled["expert_b"] = StallingRunner(runners["expert_b"])
+    dec = make_decoder(stalled, stall_timeout_s=0.2, max_batch_size=1)
+    stall.armed = True
+    dec.add_request(GenerationRequest("b", PROMPTS[0], RECIPES["static2"], max_new_tokens=5, stop_token_ids=()))
+    dec.add_request(GenerationRequest("a", PROMPTS[1], RECIPES["proxy"], max_new_tokens=5, stop_token_ids=()))
+    events = run_until(dec, lambda evs: any(e.request_id == "a" and e.finished for e in evs))
+    assert [e.token_id for e in events if e.request_id == "a"] == ref_a
+    assert dec.pending_models() == {"expert_b"} and not [e for e in events if e.request_id == "b"]
+    stall.release.set()
+    run_until(dec, lambda evs: not dec.has_work())
+    assert_no_leaks(runners)
+
+
 def test_a_request_aborted_while_parked_is_freed_after_the_late_answer(runners) -> None:
     stalled = dict(runners)
     stall = stalled["expert_b"] = StallingRunner(runners["expert_b"])
