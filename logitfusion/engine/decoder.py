@@ -785,7 +785,7 @@ class Decoder:
         # the routing model first: its prompts are routed while the larger models still compute
         for m in sorted(futures, key=lambda name: name not in rnd.featured):
             fut = futures[m]
-            if self.stall_timeout_s is not None:
+            if self.stall_timeout_s is not None and not fut.done():  # in-process runners answer at submit
                 wait([fut], timeout=max(0.0, started + self.stall_timeout_s - time.monotonic()))
                 if not fut.done():
                     logger.warning("step %d: runner %s has not answered in %.1f s: its requests wait, the others go on",
