@@ -20,8 +20,9 @@ tokens and tokens; the coordinator works the same without one.
 
 A runner that does not answer a step within serve.stall_timeout_s holds up only the requests that read its model
 (the Decoder parks them until it answers; they end at their deadline if it never does); scoring jobs that read it
-wait the same way, up to limits.request_timeout_s. A runner that fails a step is retried (RemoteRunner has already reconnected to a restarted worker and replayed
-every sequence if it could); a runner that stays unavailable fails only the requests that read its model.
+wait the same way, up to limits.request_timeout_s. A runner that fails a step is retried (RemoteRunner has already
+reconnected to a restarted worker and replayed every sequence if it could); a runner that stays unavailable fails
+only the requests that read its model.
 No Ray and no protobuf here: the Serve deployment (cluster.serve_app) converts at the edge.
 """
 

@@ -359,7 +359,9 @@ class Decoder:
         stall_timeout_s: float | None = 2.0,
     ) -> None:
         """stall_timeout_s: how long a step waits for a runner before it goes on without it and parks the requests
-        that read it (None: wait for every runner, however long). fusion_device: where fusion, the DLF solve and the speculative targets are computed ("auto": the GPU when
+        that read it (None: wait for every runner, however long).
+
+        fusion_device: where fusion, the DLF solve and the speculative targets are computed ("auto": the GPU when
         this process sees one, else the CPU; see ``resolve_fusion_device``). The runner contract
         returns fp32 CPU logits; with "cuda" they are copied to the GPU for fusion (the solver is many [B, V]
         passes, which the GPU does in well under a millisecond) and the fused log-probs come back for sampling."""

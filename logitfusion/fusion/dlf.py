@@ -381,7 +381,8 @@ def solve_grid(pb: Problem, max_alpha: float, curves: str = "exact") -> tuple[to
     """The paper's search: one expert at a time on the 0.1 grid, the single best (t, alpha) per row."""
     T, B, _ = pb.shape
     pts = grid_points(max_alpha, pb.l_large.dtype, pb.l_large.device)  # [G]
-    flat = _grid_losses(pb, pts, _lines(pb, max_alpha, curves)).permute(2, 0, 1).reshape(B, -1)  # [B, G*T], grid-major: smallest alpha wins ties
+    losses = _grid_losses(pb, pts, _lines(pb, max_alpha, curves))  # [G, T, B]
+    flat = losses.permute(2, 0, 1).reshape(B, -1)  # [B, G*T], grid-major: smallest alpha wins ties
     best = flat.argmin(-1)  # [B]
     g, t = best // T, best % T
     rows = torch.arange(B, device=flat.device)
