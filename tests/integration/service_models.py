@@ -8,10 +8,13 @@ per model, with a wide initialiser so greedy decoding has no near-ties that batc
 
 from __future__ import annotations
 
+import contextlib
 import string
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -143,3 +146,26 @@ def worker_actors(app) -> dict:
 
     names = app.workers.remote().result(timeout_s=60)
     return {model: ray.get_actor(name, namespace=ns) for model, (name, ns) in names.items()}
+
+
+@contextlib.contextmanager
+def serving(config: Path) -> Iterator[Any]:
+    """A running service over ``config`` for one test module (embedded local Ray unless one already runs, Serve's
+    gRPC and HTTP ingresses on free loopback ports); afterwards its application is deleted and Serve, and the Ray
+    it started, stopped."""
+    import ray
+    from ray import serve
+
+    from logitfusion.cluster.cli import free_port, run_service
+
+    started_ray = not ray.is_initialized()
+    svc = run_service(config, grpc_port=free_port(), http_port=free_port(), blocking=False, num_cpus=4,
+                      access_log=False)
+    try:
+        yield svc
+    finally:
+        if started_ray:
+            svc.shutdown()
+        else:
+            serve.delete(svc.app_name, _blocking=True)
+            serve.shutdown()

@@ -19,7 +19,8 @@ import pytest
 import requests
 import yaml
 
-from service_models import wait_for, worker_actors  # tests/integration/service_models.py
+import service_models  # tests/integration/service_models.py
+from service_models import wait_for, worker_actors
 
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
@@ -59,22 +60,8 @@ def topology(tmp: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    from logitfusion.cluster.cli import free_port, run_service
-
-    config = topology(tmp_path_factory.mktemp("http"))
-    started_ray = not ray.is_initialized()
-    svc = run_service(config, grpc_port=free_port(), http_port=free_port(), blocking=False, num_cpus=4,
-                      access_log=False)
-    try:
+    with service_models.serving(topology(tmp_path_factory.mktemp("http"))) as svc:
         yield svc
-    finally:
-        from ray import serve
-
-        if started_ray:
-            svc.shutdown()
-        else:
-            serve.delete(svc.app_name, _blocking=True)
-            serve.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,6 @@ TAXONOMY = {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED",
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    from logitfusion.cluster.cli import free_port, run_service
     from logitfusion.cluster.topology import load_topology
 
     root = tmp_path_factory.mktemp("family")
@@ -62,20 +61,9 @@ def service(tmp_path_factory):
                                    "client_key_file": "pki/client.key"}
     config = root / "topology.yaml"
     config.write_text(yaml.safe_dump(topo, sort_keys=False))
-    started_ray = not ray.is_initialized()
-    svc = run_service(config, grpc_port=free_port(), http_port=free_port(), blocking=False, num_cpus=4,
-                      access_log=False)
-    svc.topology = load_topology(config)
-    try:
+    with service_models.serving(config) as svc:
+        svc.topology = load_topology(config)
         yield svc
-    finally:
-        from ray import serve
-
-        if started_ray:
-            svc.shutdown()
-        else:
-            serve.delete(svc.app_name, _blocking=True)
-            serve.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,6 @@ TIMEOUT_S = 12.0  # limits.request_timeout_s of this deployment
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    from logitfusion.cluster.cli import free_port, run_service
-
     root = tmp_path_factory.mktemp("family")
     service_models.write_family(root)
     topo = service_models.topology_dict(root, request_timeout_s=TIMEOUT_S)
@@ -41,19 +39,8 @@ def service(tmp_path_factory):
     topo["serve"]["stall_timeout_s"] = 0.5
     config = root / "topology.yaml"
     config.write_text(yaml.safe_dump(topo, sort_keys=False))
-    started_ray = not ray.is_initialized()
-    svc = run_service(config, grpc_port=free_port(), http_port=free_port(), blocking=False, num_cpus=4,
-                      access_log=False)
-    try:
+    with service_models.serving(config) as svc:
         yield svc
-    finally:
-        from ray import serve
-
-        if started_ray:
-            svc.shutdown()
-        else:
-            serve.delete(svc.app_name, _blocking=True)
-            serve.shutdown()
 
 
 def generate(address: str, preset: str, prompt: str = "the stalled one") -> tuple[str, list[int], float]:
