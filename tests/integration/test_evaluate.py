@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -244,14 +245,7 @@ def test_ray_job_submit_against_a_head(tmp_path):
         assert summary["units"] == n_units and summary["status"][STATUS_OK] == n_units
         assert "# Evaluation summary" in logs
     finally:
-        _kill_group(head, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            _kill_group(head, signal.SIGKILL)
-            head.wait(timeout=30)
-        head_log.close()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        _stop_head(head, head_log, ray_tmp)
 
 
 def _wait_for_dashboard(address: str, head: subprocess.Popen, log_path: Path, env: dict, timeout_s: float) -> None:
@@ -269,6 +263,19 @@ def _wait_for_dashboard(address: str, head: subprocess.Popen, log_path: Path, en
         last = (probe.stdout + probe.stderr)[-1000:]
         time.sleep(1.0)  # polling the head's HTTP endpoint
     pytest.fail(f"the Ray head's dashboard at {address} did not answer within {timeout_s} s: {last}")
+
+
+def _stop_head(head: subprocess.Popen, head_log: Any, ray_tmp: Path) -> None:
+    """Stop a `ray start --block` head (SIGTERM to its process group, SIGKILL after 60 s), close its log, remove
+    its temp dir."""
+    _kill_group(head, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        _kill_group(head, signal.SIGKILL)
+        head.wait(timeout=30)
+    head_log.close()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _kill_group(proc: subprocess.Popen, sig: int) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from test_evaluate import REPO, _config, _env, _free_port, _kill_group, _wait_for_dashboard  # same directory
+from test_evaluate import REPO, _config, _env, _free_port, _stop_head, _wait_for_dashboard  # same directory
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -101,11 +100,4 @@ def test_readme_ray_job_submit_works_without_the_venv_activated(tmp_path):
                                  capture_output=True, text=True, timeout=30)
         assert summary.returncode == 0 and "# Evaluation summary" in summary.stdout, summary.stderr
     finally:
-        _kill_group(head, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            _kill_group(head, signal.SIGKILL)
-            head.wait(timeout=30)
-        head_log.close()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        _stop_head(head, head_log, ray_tmp)

@@ -13,6 +13,8 @@ import pytest
 from logitfusion import errors
 from logitfusion.client import FusionClient
 
+import service_models  # tests/integration/service_models.py
+
 ray = pytest.importorskip("ray")
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -29,20 +31,8 @@ def service():
         load_zoo()
     except ZooNotBuilt as exc:
         pytest.skip(f"zoo not built: {exc}")
-    from logitfusion.cluster.cli import free_port, run_service
-
-    started_ray = not ray.is_initialized()
-    svc = run_service(CONFIG, grpc_port=free_port(), blocking=False, num_cpus=4, access_log=False)
-    try:
+    with service_models.serving(CONFIG) as svc:
         yield svc
-    finally:
-        from ray import serve
-
-        serve.delete(svc.app_name, _blocking=True)
-        if started_ray:
-            svc.shutdown()
-        else:
-            serve.shutdown()
 
 
 @pytest.fixture(scope="module")

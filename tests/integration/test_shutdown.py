@@ -177,6 +177,15 @@ class Stream:
             self._client.close()
 
 
+def streaming(server: Server, max_new_tokens: int) -> tuple[str, Stream]:
+    """Once ``server`` serves: its gRPC address, and a GenerateStream that has received its first token."""
+    line = server.wait_for_line("serving logitfusion.v1.FusionService on", START_TIMEOUT_S)
+    address = line.split(" on ")[1].split()[0]
+    stream = Stream(address, max_new_tokens=max_new_tokens)
+    assert stream.first.wait(120) and not stream.error, stream.error
+    return address, stream
+
+
 def test_sigterm_drains_in_flight_request_refuses_new_ones_and_leaves_nothing(family):
     config = write_config(family, "lfdrain1", drain_timeout_s=240.0)
     server = Server("serve", "--config", str(config))
@@ -219,10 +228,7 @@ def test_sigint_cancels_what_outlives_the_drain_timeout_with_a_clear_status(fami
     config = write_config(family, "lfdrain2", drain_timeout_s=1.0)
     server = Server("serve", "--config", str(config))
     try:
-        line = server.wait_for_line("serving logitfusion.v1.FusionService on", START_TIMEOUT_S)
-        address = line.split(" on ")[1].split()[0]
-        stream = Stream(address, max_new_tokens=1500)
-        assert stream.first.wait(120) and not stream.error, stream.error
+        _, stream = streaming(server, max_new_tokens=1500)
         server.proc.send_signal(signal.SIGINT)
         assert stream.done.wait(120), "the in-flight stream did not end"
         assert isinstance(stream.error, errors.ShuttingDown), stream.error
@@ -238,10 +244,7 @@ def test_second_signal_exits_at_once_and_leaves_nothing(family):
     config = write_config(family, "lfdrain3", drain_timeout_s=240.0)
     server = Server("serve", "--config", str(config))
     try:
-        line = server.wait_for_line("serving logitfusion.v1.FusionService on", START_TIMEOUT_S)
-        address = line.split(" on ")[1].split()[0]
-        stream = Stream(address, max_new_tokens=1500)
-        assert stream.first.wait(120) and not stream.error, stream.error
+        address, stream = streaming(server, max_new_tokens=1500)
         server.proc.send_signal(signal.SIGTERM)
         wait_until(lambda: health(address) == "NOT_SERVING", 15.0, "health NOT_SERVING")  # draining now
         t0 = time.monotonic()
