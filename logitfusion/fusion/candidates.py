@@ -21,13 +21,15 @@ returns None and fuse() takes the dense path, which handles masks and raises the
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .dlf import Problem, _softmax_parts, prepare, solve_problem
+from . import native
+from .dlf import Problem, _softmax_parts, grid_on_lines, joint_from, newton_on_lines, prepare, solve_problem
 
 
 DEFAULT_EPS = 1e-9  # certified bound on the mass the candidate support may drop (of P and of every Pt in the box)
@@ -208,16 +210,53 @@ def candidate_problem(z_large: torch.Tensor, part: DensePart, rows: torch.Tensor
     return _problem(torch.log_softmax(z, dim=-1), d, part.a[rows].double(), part.b[rows].double())
 
 
+def fused_from_logits(
+    z_large: torch.Tensor, z_small: torch.Tensor, z_experts: Sequence[torch.Tensor], alphas: torch.Tensor
+) -> torch.Tensor:
+    """log_softmax(z_L + sum_t alpha_t (z_E,t - z_S)) [R, V] from raw logits (every per-model normalisation is a
+    row constant), in cache-sized row chunks; an expert at alpha 0 in every row of a chunk costs nothing."""
+    R, V = z_large.shape
+    fused = torch.empty_like(z_large)
+    (buf,) = _scratch(z_large, 1)
+    al = alphas.to(z_large.dtype)
+    for rows in row_chunks(R, V, z_large.element_size()):
+        out, b = fused[rows], buf[: rows.stop - rows.start]
+        torch.sub(z_large[rows], z_large[rows].amax(-1, keepdim=True), out=out)
+        for t, z_e in enumerate(z_experts):
+            a = al[rows, t : t + 1]
+            if bool(a.any()):
+                out.addcmul_(torch.sub(z_e[rows], z_small[rows], out=b), a)
+        log_softmax_(out, b)
+    return fused
+
+
 def dense_rows(
     z_large: torch.Tensor, z_small: torch.Tensor, z_experts: Sequence[torch.Tensor], solver: str, max_alpha: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows whose bound does not separate: exactly the dense reference path's arithmetic (fuse_dense on finite
-    logits: log_softmax per model, dlf.prepare, the solver on all V tokens, the fused scores), so these rows come
-    out bit for bit as the reference gives them. A few rows at a time: the solver's [points, T, rows, V]
-    temporaries then stay in cache (1.5-4x less time than the whole batch at once at V = 128k); rows are
-    independent, so the result is the batch's. z_*: finite raw logits [R, V]. -> alphas [R, T], loss [R], [R, V]"""
+    """Rows whose bound does not separate. z_*: finite raw logits [R, V]. -> alphas [R, T], loss [R], [R, V]
+
+    With the native kernels (CPU, fp32, bins that pay: native_lines), grid and newton solve on binned curves built
+    straight from the logits, and joint starts from that newton solution. Otherwise, and for joint's own exact
+    iterations, the dense reference path's arithmetic (fuse_dense on finite logits: log_softmax per model,
+    dlf.prepare, the solver on all V tokens, the fused scores), with grid and newton on dlf.BinnedLines where they
+    pay; a row whose bins do not pay comes out bit for bit as the reference gives it. A few rows at a time: the
+    solver's [points, T, rows, V] temporaries then stay in cache (1.5-4x less time than the whole batch at once at
+    V = 128k); rows are independent, so the result is the batch's."""
     R, V = z_large.shape
     T = len(z_experts)
+    kern = native.usable(z_large, z_small, *z_experts)
+    if kern is not None:
+        dense = native.DenseRows(kern, z_large, z_small, z_experts)
+        lines = dense.lines(max_alpha) if solver != "joint" or dense.fits(max_alpha) else None
+        if lines is not None:
+            if solver == "grid":
+                al, lo = grid_on_lines(lines, max_alpha)
+            else:
+                al, lo = newton_on_lines(lines, max_alpha)
+                if solver == "joint":
+                    al, lo = joint_from(dense.joint_terms, al, max_alpha)
+            dtype = z_large.dtype
+            return al.to(dtype), lo.to(dtype), fused_from_logits(z_large, z_small, z_experts, al)
     step = max(1, _DENSE_SOLVE_BYTES // (T * V * z_large.element_size()))
     alphas, losses, fused = [], [], []
     for i in range(0, R, step):
@@ -244,6 +283,57 @@ class DlfStep:
     support_size: torch.Tensor  # [B] tokens the solve ran on (V for a dense row)
 
 
+def native_split(
+    z_large: torch.Tensor, z_small: torch.Tensor, z_experts: Sequence[torch.Tensor], max_alpha: float, tau: float,
+    limit: int,
+) -> torch.Tensor | bool | None:
+    """Which rows the dense solve takes ([B] bool: more than `limit` certified candidates), by the native count
+    (kernels.c lf_candidate_counts); False when a logit is not finite (the same pass is the guard); None without
+    the kernels (CPU fp32 only)."""
+    kern = native.usable(z_large, z_small, *z_experts)
+    if kern is None:
+        return None
+    B, V = z_large.shape
+    T = len(z_experts)
+    zl, zs = z_large.contiguous(), z_small.contiguous()
+    ze = [x.contiguous() for x in z_experts]
+    ptrs = (ctypes.c_void_p * T)(*[x.data_ptr() for x in ze])
+    counts = torch.empty(B, dtype=torch.int64)
+    bad = kern.lib.lf_candidate_counts(B, T, V, max_alpha, tau + _ROUNDING_MARGIN, zl.data_ptr(), zs.data_ptr(),
+                                       ptrs, counts.data_ptr())
+    return False if bad else counts > limit
+
+
+def _fuse_split(
+    z: Mapping[str, torch.Tensor], large: str, small: str, experts: Sequence[str], solver: str, max_alpha: float,
+    eps: float, dense: torch.Tensor,
+) -> tuple[torch.Tensor, DlfStep]:
+    """fuse_dlf_fast once the rows are split: the dense rows by dense_rows, the others on their candidates."""
+    z_l = z[large]
+    B, V = z_l.shape
+    names = [large, small, *experts]
+    n_dense = int(dense.sum())
+    if n_dense == B:
+        al, lo, lp = dense_rows(z_l, z[small], [z[e] for e in experts], solver, max_alpha)
+        return lp, DlfStep(al, lo, torch.full((B,), V, dtype=torch.int64, device=z_l.device))
+    if n_dense == 0:
+        out = fuse_dlf_fast(z, large, small, experts, solver, max_alpha, "candidates", eps)
+        assert out is not None  # the guard passed
+        return out
+    fused = torch.empty_like(z_l)
+    alphas = torch.zeros(B, len(experts), dtype=z_l.dtype, device=z_l.device)
+    loss = torch.zeros(B, dtype=z_l.dtype, device=z_l.device)
+    size = torch.full((B,), V, dtype=torch.int64, device=z_l.device)
+    rows = dense.nonzero().squeeze(-1)
+    al, lo, lp = dense_rows(z_l[rows], z[small][rows], [z[e][rows] for e in experts], solver, max_alpha)
+    alphas[rows], loss[rows], fused[rows] = al, lo, lp
+    rows = (~dense).nonzero().squeeze(-1)
+    out = fuse_dlf_fast({n: z[n][rows] for n in names}, large, small, experts, solver, max_alpha, "candidates", eps)
+    assert out is not None
+    fused[rows], alphas[rows], loss[rows], size[rows] = out[0], out[1].alphas, out[1].loss, out[1].support_size
+    return fused, DlfStep(alphas, loss, size)
+
+
 def fuse_dlf_fast(
     z: Mapping[str, torch.Tensor], large: str, small: str, experts: Sequence[str], solver: str, max_alpha: float,
     support: str, eps: float, max_fraction: float = MAX_FRACTION,
@@ -255,12 +345,21 @@ def fuse_dlf_fast(
     Then every row whose candidates are at most max_fraction * V (every row, support="candidates") is solved on
     them; the others take the dense reference arithmetic (dense_rows). Pass 2: the fused log-probs of the
     candidate rows.
+
+    With the native kernels (support="auto", CPU fp32), the rows are split first (native_split: the guard, then a
+    candidate count per row), so a row bound for the dense solve never pays for pass 1, and the two kinds of rows go
+    their ways as separate sub-batches.
     """
     z_l, z_s, z_e = z[large], z[small], [z[e] for e in experts]
     B, V = z_l.shape
     T = len(experts)
     dtype, device = z_l.dtype, z_l.device
     tau = tau_for(V, eps)
+    split = native_split(z_l, z_s, z_e, max_alpha, tau, max(1, int(max_fraction * V))) if support == "auto" else None
+    if split is not None:
+        if split is False:
+            return None
+        return _fuse_split(z, large, small, experts, solver, max_alpha, eps, split)
     maxes = torch.empty(T + 2, B, dtype=dtype, device=device)  # rows: large, small, experts
     mins = torch.empty_like(maxes)
     m_l, m_s, m_e = maxes[0], maxes[1], list(maxes[2:])

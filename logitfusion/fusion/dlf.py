@@ -224,7 +224,26 @@ class BinnedLines:
     after that is free of V.
     """
 
-    def __init__(self, pb: Problem, max_alpha: float, bins: int, lo: torch.Tensor, width: float) -> None:
+    def __init__(self, S: torch.Tensor, centre: torch.Tensor, dtype: torch.dtype) -> None:
+        """From the per-bin power sums S [T, B, K, J] (float64, S[..., j] = sum P u^j, P normalised) and the bin
+        centres [T, B, K] (float64, in the centred frame: E_P[Delta] = 0); dtype: of the curves returned."""
+        T, B, bins, _ = S.shape
+        # M[..., p, n] = sum_q C(p, q) c^(p-q) S_(q+n): Z_p's coefficient of alpha^n / n!
+        N = BIN_ORDER + 1
+        M = torch.zeros(T, B, bins, 4, N, dtype=torch.float64, device=S.device)
+        for p in range(4):
+            for q in range(p + 1):
+                M[..., p, :] += math.comb(p, q) * centre.pow(p - q).unsqueeze(-1) * S[..., q : q + N]
+        self.M = M  # [T, B, K, 4, N]
+        self.centre = centre  # [T, B, K]
+        self.empty = S[..., 0] <= 0  # [T, B, K] bins without mass
+        self.log_z0 = S[..., 0].sum(-1).log()  # [T, B]  log sum P (~0)
+        self.dtype = dtype
+        self._fact = torch.tensor([math.factorial(n) for n in range(N)], dtype=torch.float64, device=S.device)
+
+    @classmethod
+    def from_problem(cls, pb: Problem, bins: int, lo: torch.Tensor, width: float) -> BinnedLines:
+        """Bin a prepared problem's centred deltas (torch: one pass per moment over [T, B, V])."""
         T, B, V = pb.shape
         d = pb.deltas  # [T, B, V]
         idx = torch.sub(d, lo.unsqueeze(-1)).div_(width).floor_().clamp_(0, bins - 1)  # [T, B, V] bin (as float)
@@ -238,29 +257,28 @@ class BinnedLines:
                 w.mul_(u)
         S = sums.double().view(_BIN_MOMENTS, T, B, bins).permute(1, 2, 3, 0)  # [T, B, K, J]
         centre = lo.double().unsqueeze(-1) + (torch.arange(bins, dtype=torch.float64, device=d.device) + 0.5) * width
-        # M[..., p, n] = sum_q C(p, q) c^(p-q) S_(q+n): Z_p's coefficient of alpha^n / n!
-        N = BIN_ORDER + 1
-        M = torch.zeros(T, B, bins, 4, N, dtype=torch.float64, device=d.device)
-        for p in range(4):
-            for q in range(p + 1):
-                M[..., p, :] += math.comb(p, q) * centre.pow(p - q).unsqueeze(-1) * S[..., q : q + N]
-        self.M = M  # [T, B, K, 4, N]
-        self.centre = centre  # [T, B, K]
-        self.empty = S[..., 0] <= 0  # [T, B, K] bins without mass
-        self.log_z0 = S[..., 0].sum(-1).log()  # [T, B]  log sum P (~0)
-        self.dtype = pb.l_large.dtype
-        self._fact = torch.tensor([math.factorial(n) for n in range(N)], dtype=torch.float64, device=d.device)
+        return cls(S, centre, pb.l_large.dtype)
+
+    @staticmethod
+    def bins_for(span: float, max_alpha: float) -> tuple[int, float]:
+        """(bins, width) covering a delta span of `span` nats with bins of width 2 BIN_RHO / max_alpha."""
+        width = 2.0 * BIN_RHO / max_alpha
+        return int(math.floor(span / width)) + 1, width
+
+    @staticmethod
+    def pays(bins: int, vocab: int) -> bool:
+        """Whether binned curves cost less than exact ones: enough tokens per bin."""
+        return bins * _BIN_MOMENTS * _BIN_PAYS <= vocab
 
     @staticmethod
     def maybe(pb: Problem, max_alpha: float) -> BinnedLines | None:
         """The binned curves when they cost less than the dense ones (enough tokens per bin), else None."""
         T, B, V = pb.shape
         lo, hi = pb.deltas.amin(-1), pb.deltas.amax(-1)  # [T, B]
-        width = 2.0 * BIN_RHO / max_alpha
-        bins = int(((hi - lo).max() / width).floor()) + 1 if V else 1
-        if bins * _BIN_MOMENTS * _BIN_PAYS > V:
+        bins, width = BinnedLines.bins_for(float((hi - lo).max()) if V else 0.0, max_alpha)
+        if not BinnedLines.pays(bins, V):
             return None
-        return BinnedLines(pb, max_alpha, bins, lo, width)
+        return BinnedLines.from_problem(pb, bins, lo, width)
 
     def __call__(self, alpha: torch.Tensor, derivs: bool) -> Curve:
         """As line_curve(pb, alpha, derivs): alpha [..., T, B] -> fields [..., T, B]."""
@@ -359,29 +377,43 @@ def _pick_expert(best_alpha: torch.Tensor, best_loss: torch.Tensor) -> tuple[tor
 Lines = Callable[[torch.Tensor, bool], Curve]  # alpha [..., T, B], derivs -> the one-expert curves
 
 
-def _grid_losses(pb: Problem, pts: torch.Tensor, lines: Lines) -> torch.Tensor:
+@dataclass(frozen=True)
+class LineProblem:
+    """What grid and newton read: the targets and the one-expert curves (from a Problem, or from the native
+    kernels' binned moments, which never build the [T, B, V] deltas)."""
+
+    a: torch.Tensor  # [B, T] targets KL(Q_t || Q)
+    b: torch.Tensor  # [B, T] targets KL(Q || Q_t)
+    lines: Lines
+    chunk: int | None = None  # grid points per curve call (exact curves: bounds the [g, T, B, V] temporaries)
+
+    @staticmethod
+    def of(pb: Problem, max_alpha: float, curves: str) -> LineProblem:
+        """The curves "exact" (line_curve, [.., V] passes) or "auto" (BinnedLines where they pay)."""
+        binned = BinnedLines.maybe(pb, max_alpha) if curves == "auto" else None
+        if binned is not None:
+            return LineProblem(pb.a, pb.b, binned)
+        T, B, V = pb.shape
+        return LineProblem(pb.a, pb.b, functools.partial(line_curve, pb), max(1, _CHUNK_ELEMENTS // max(1, T * B * V)))
+
+
+def _grid_losses(lp: LineProblem, pts: torch.Tensor) -> torch.Tensor:
     """Loss with one expert at a time at every grid point: [G, T, B]. Chunked over grid points, never over rows."""
-    T, B, V = pb.shape
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, T * B * V)) if isinstance(lines, functools.partial) else pts.shape[0]
+    B, T = lp.a.shape
+    chunk = lp.chunk or pts.shape[0]
     losses = []
     for start in range(0, pts.shape[0], chunk):
         alpha = pts[start : start + chunk, None, None].expand(-1, T, B)  # [g, T, B]
-        c = lines(alpha, False)
-        losses.append(targets_loss(c.A, c.B, pb.a, pb.b))  # [g, T, B]
+        c = lp.lines(alpha, False)
+        losses.append(targets_loss(c.A, c.B, lp.a, lp.b))  # [g, T, B]
     return torch.cat(losses)  # [G, T, B]
 
 
-def _lines(pb: Problem, max_alpha: float, curves: str) -> Lines:
-    """The one-expert curves: "exact" (line_curve, [.., V] passes) or "auto" (BinnedLines where they pay)."""
-    binned = BinnedLines.maybe(pb, max_alpha) if curves == "auto" else None
-    return binned if binned is not None else functools.partial(line_curve, pb)
-
-
-def solve_grid(pb: Problem, max_alpha: float, curves: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
-    """The paper's search: one expert at a time on the 0.1 grid, the single best (t, alpha) per row."""
-    T, B, _ = pb.shape
-    pts = grid_points(max_alpha, pb.l_large.dtype, pb.l_large.device)  # [G]
-    losses = _grid_losses(pb, pts, _lines(pb, max_alpha, curves))  # [G, T, B]
+def grid_on_lines(lp: LineProblem, max_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid search on prepared curves: alphas [B, T] (one expert active) and loss [B]."""
+    B, T = lp.a.shape
+    pts = grid_points(max_alpha, lp.a.dtype, lp.a.device)  # [G]
+    losses = _grid_losses(lp, pts)  # [G, T, B]
     flat = losses.permute(2, 0, 1).reshape(B, -1)  # [B, G*T], grid-major: smallest alpha wins ties
     best = flat.argmin(-1)  # [B]
     g, t = best // T, best % T
@@ -391,25 +423,31 @@ def solve_grid(pb: Problem, max_alpha: float, curves: str = "exact") -> tuple[to
     return alphas, flat[rows, best]
 
 
-def _newton_1d(pb: Problem, max_alpha: float, iters: int, lines: Lines) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_grid(pb: Problem, max_alpha: float, curves: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's search: one expert at a time on the 0.1 grid, the single best (t, alpha) per row."""
+    return grid_on_lines(LineProblem.of(pb, max_alpha, curves), max_alpha)
+
+
+def _newton_1d(lp: LineProblem, max_alpha: float, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (t, row): alpha_t alone in [0, max_alpha], the full T-term loss. Returns best alpha and loss, [T, B].
 
     The loss of one expert can have several local minima when the targets are large (a few nats), so the 1-D solve
     is seeded by the grid's values: safeguarded Newton then runs inside one grid step either side of the best grid
     point. The result is never worse than the grid and never more than one grid step from it.
     """
-    T, B, _ = pb.shape
-    pts = grid_points(max_alpha, pb.l_large.dtype, pb.l_large.device)  # [G]
-    grid = _grid_losses(pb, pts, lines)  # [G, T, B]
+    B, T = lp.a.shape
+    lines = lp.lines
+    pts = grid_points(max_alpha, lp.a.dtype, lp.a.device)  # [G]
+    grid = _grid_losses(lp, pts)  # [G, T, B]
     best_l, g = grid.min(0)  # [T, B]  ties: the smallest alpha
     best_x = pts[g]  # [T, B]
     lo = (best_x - GRID_STEP).clamp_min(0.0)
     hi = (best_x + GRID_STEP).clamp_max(max_alpha)
-    a_sum, b_sum = pb.a.sum(-1), pb.b.sum(-1)  # [B]
+    a_sum, b_sum = lp.a.sum(-1), lp.b.sum(-1)  # [B]
     x = best_x
     for _ in range(iters):
         c = lines(x, True)
-        best_x, best_l = _keep_better(best_x, best_l, x, targets_loss(c.A, c.B, pb.a, pb.b))
+        best_x, best_l = _keep_better(best_x, best_l, x, targets_loss(c.A, c.B, lp.a, lp.b))
         ra, rb = T * c.A - a_sum, T * c.B - b_sum  # [T, B]  sum_t (A - a_t), sum_t (B - b_t)
         d1 = 2.0 * (ra * c.dA + rb * c.dB)  # loss'(x); exactly 0 at x = 0, where the loss falls or stays flat
         d2 = 2.0 * (T * (c.dA.square() + c.dB.square()) + ra * c.d2A + rb * c.d2B)  # loss''(x)
@@ -422,14 +460,19 @@ def _newton_1d(pb: Problem, max_alpha: float, iters: int, lines: Lines) -> tuple
         ok_gauss = (gauss > lo) & (gauss < hi)
         x = torch.where(ok_newton, newton, torch.where(ok_gauss, gauss, 0.5 * (lo + hi)))
     c = lines(x, False)
-    return _keep_better(best_x, best_l, x, targets_loss(c.A, c.B, pb.a, pb.b))
+    return _keep_better(best_x, best_l, x, targets_loss(c.A, c.B, lp.a, lp.b))
+
+
+def newton_on_lines(lp: LineProblem, max_alpha: float, iters: int = NEWTON_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The newton solve on prepared curves: alphas [B, T] (the best expert per row) and loss [B]."""
+    return _pick_expert(*_newton_1d(lp, max_alpha, iters))
 
 
 def solve_newton(
     pb: Problem, max_alpha: float, iters: int = NEWTON_ITERS, curves: str = "exact"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The grid's family (one expert at a time) solved continuously; the best expert per row."""
-    return _pick_expert(*_newton_1d(pb, max_alpha, iters, _lines(pb, max_alpha, curves)))
+    return newton_on_lines(LineProblem.of(pb, max_alpha, curves), max_alpha, iters)
 
 
 def projected_newton_step(alpha: torch.Tensor, grad: torch.Tensor, hess: torch.Tensor, max_alpha: float):
@@ -453,12 +496,24 @@ def solve_joint(
     pb: Problem, max_alpha: float, iters: int = JOINT_ITERS, curves: str = "exact"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every alpha at once, from the newton (one-at-a-time) solution; the loss never rises above it."""
-    best_a, _ = solve_newton(pb, max_alpha, curves=curves)  # [B, T]
-    j = joint_terms(pb, best_a, derivs=True)
+    start, _ = solve_newton(pb, max_alpha, curves=curves)  # [B, T]
+    return joint_from(functools.partial(joint_terms, pb), start, max_alpha, iters)
+
+
+JointTerms = Callable[[torch.Tensor, bool], Joint]  # alphas [B, T], derivs -> the loss (and its derivatives)
+
+
+def joint_from(
+    terms: JointTerms, start: torch.Tensor, max_alpha: float, iters: int = JOINT_ITERS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected Newton from `start` [B, T] on the loss `terms` evaluates (joint_terms of a Problem, or the native
+    kernels' exact passes); every row keeps its best point, so the loss never rises above the start's."""
+    best_a = start
+    j = terms(best_a, True)
     best_l, best_g, best_h = j.loss, j.grad, j.hess
     cand = projected_newton_step(best_a, best_g, best_h, max_alpha)
     for _ in range(iters):
-        j = joint_terms(pb, cand, derivs=True)
+        j = terms(cand, True)
         better = j.loss < best_l  # [B]
         b1, b2 = better[:, None], better[:, None, None]
         best_a = torch.where(b1, cand, best_a)

@@ -1,0 +1,292 @@
+/* The CPU kernels of the DLF fast path (docs/algorithms.md §3 "Binned line curves", §4 "Dense rows").
+
+   Built on first use by logitfusion/fusion/native.py with the machine's C compiler and loaded with ctypes; no
+   Python or torch headers. Every function reads finite fp32 logits (the caller's guard has checked them) and
+   writes float64 results. Two passes per row replace the ~30 tensor passes of the same arithmetic in torch, and
+   the bin scatter (index_add_ in torch, 1.2 ns per element and moment) becomes a loop into an L1-resident table.
+
+   Layout: a row is V contiguous floats; expert logits come as T separate [R, V] matrices (one pointer each).
+*/
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LF_MOMENTS 9 /* power sums S_0 .. S_8 per bin: dlf._BIN_MOMENTS (checked by native.py) */
+#define LF_BLOCK 1024 /* elements per inner block: every block buffer stays in L1 */
+#define LF_COPIES 4   /* interleaved bin tables: consecutive tokens in one bin do not wait on each other's store */
+
+int lf_abi_version(void) { return 4; }
+int lf_moments(void) { return LF_MOMENTS; }
+
+static float row_max(const float* x, int64_t n) {
+  float m = x[0];
+  for (int64_t i = 1; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+static int64_t non_finite(const float* x, int64_t n) {
+  const uint32_t* b = (const uint32_t*)x;
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += (b[i] & 0x7f800000u) == 0x7f800000u;
+  return c;
+}
+
+/* Pass 1, per row r of R: with d_t = z_E,t - z_S (raw logits, so Delta_t = d_t + k_t for a per-row constant k_t),
+   writes
+     w[r, v]          = exp(z_L - max z_L)                 (unnormalised P; the row sum is out[r, T, 0])
+     out[r, t, 0..4]  = KL(Q_t || Q), KL(Q || Q_t), E_P[d_t], min_v d_t, max_v d_t
+     out[r, T, 0]     = sum_v w[r, v]
+   out is [R, T + 1, 5] float64. The exps are float (vectorised), every product and sum float64. */
+void lf_dlf_pass1(int64_t R, int64_t T, int64_t V, const float* zl, const float* zs, const float* const* ze,
+                  float* w, double* out) {
+  float* es = (float*)malloc(sizeof(float) * LF_BLOCK);
+  float* ee = (float*)malloc(sizeof(float) * LF_BLOCK);
+  double* acc = (double*)malloc(sizeof(double) * (size_t)(4 * T + 2));
+  float* lo = (float*)malloc(sizeof(float) * (size_t)T);
+  float* hi = (float*)malloc(sizeof(float) * (size_t)T);
+  float* me = (float*)malloc(sizeof(float) * (size_t)T);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* l = zl + r * V;
+    const float* s = zs + r * V;
+    float* wr = w + r * V;
+    const float ml = row_max(l, V), ms = row_max(s, V);
+    for (int64_t t = 0; t < T; ++t) {
+      me[t] = row_max(ze[t] + r * V, V);
+      lo[t] = hi[t] = ze[t][r * V] - s[0]; /* not +-INFINITY: built with -ffast-math, which assumes no inf */
+    }
+    memset(acc, 0, sizeof(double) * (size_t)(4 * T + 2));
+    double* n_e = acc;          /* [T] sum exp(z_E - max) */
+    double* s_ed = acc + T;     /* [T] sum exp(z_E - max) d */
+    double* s_sd = acc + 2 * T; /* [T] sum exp(z_S - max) d */
+    double* s_ld = acc + 3 * T; /* [T] sum exp(z_L - max) d */
+    double n_s = 0.0, n_l = 0.0;
+    for (int64_t i0 = 0; i0 < V; i0 += LF_BLOCK) {
+      const int64_t n = V - i0 < LF_BLOCK ? V - i0 : LF_BLOCK;
+      double bs = 0.0, bl = 0.0;
+      for (int64_t i = 0; i < n; ++i) {
+        const float x = expf(s[i0 + i] - ms), y = expf(l[i0 + i] - ml);
+        es[i] = x;
+        wr[i0 + i] = y;
+        bs += x;
+        bl += y;
+      }
+      n_s += bs;
+      n_l += bl;
+      for (int64_t t = 0; t < T; ++t) {
+        const float* e = ze[t] + r * V + i0;
+        const float m = me[t];
+        double be = 0.0, bed = 0.0, bsd = 0.0, bld = 0.0;
+        float blo = lo[t], bhi = hi[t];
+        for (int64_t i = 0; i < n; ++i) ee[i] = expf(e[i] - m);
+        for (int64_t i = 0; i < n; ++i) {
+          const double d = (double)e[i] - (double)s[i0 + i];
+          const float df = e[i] - s[i0 + i];
+          be += ee[i];
+          bed += ee[i] * d;
+          bsd += es[i] * d;
+          bld += wr[i0 + i] * d;
+          blo = df < blo ? df : blo;
+          bhi = df > bhi ? df : bhi;
+        }
+        n_e[t] += be;
+        s_ed[t] += bed;
+        s_sd[t] += bsd;
+        s_ld[t] += bld;
+        lo[t] = blo;
+        hi[t] = bhi;
+      }
+    }
+    double* o = out + r * (T + 1) * 5;
+    for (int64_t t = 0; t < T; ++t) {
+      /* Delta_t = d_t + k_t with k_t = -(max z_E - max z_S) - (log n_E - log n_S) */
+      const double k = -((double)me[t] - (double)ms) - (log(n_e[t]) - log(n_s));
+      const double a = s_ed[t] / n_e[t] + k, b = -(s_sd[t] / n_s + k);
+      o[t * 5 + 0] = a > 0.0 ? a : 0.0;
+      o[t * 5 + 1] = b > 0.0 ? b : 0.0;
+      o[t * 5 + 2] = s_ld[t] / n_l;
+      /* the float extremes, widened by their rounding, bound the float64 d used by the bins */
+      o[t * 5 + 3] = (double)lo[t] - 1e-6 * (1.0 + fabs((double)lo[t]));
+      o[t * 5 + 4] = (double)hi[t] + 1e-6 * (1.0 + fabs((double)hi[t]));
+    }
+    o[T * 5 + 0] = n_l;
+  }
+  free(es);
+  free(ee);
+  free(acc);
+  free(lo);
+  free(hi);
+  free(me);
+}
+
+/* Pass 2, per expert t and row r: tokens binned by d_t = z_E,t - z_S (float64) into bins of `width` from lo[t, r],
+   with u = d_t - (lo + (k + 1/2) width) the offset from the bin centre:
+     out[t, r, k, j] = sum_{v in bin k} w[r, v] u_v^j,   j < LF_MOMENTS
+   out is [T, R, bins, LF_MOMENTS] float64 and is overwritten. */
+void lf_bin_moments(int64_t R, int64_t T, int64_t V, int64_t bins, double width, const float* zs,
+                    const float* const* ze, const float* w, const double* lo, double* out) {
+  const size_t table = (size_t)bins * LF_MOMENTS;
+  double* h = (double*)malloc(sizeof(double) * table * LF_COPIES);
+  int32_t* kk = (int32_t*)malloc(sizeof(int32_t) * LF_BLOCK);
+  double* uu = (double*)malloc(sizeof(double) * LF_BLOCK);
+  const double inv = 1.0 / width, top = (double)(bins - 1);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t r = 0; r < R; ++r) {
+      const float* e = ze[t] + r * V;
+      const float* s = zs + r * V;
+      const float* wr = w + r * V;
+      const double base = lo[t * R + r];
+      memset(h, 0, sizeof(double) * table * LF_COPIES);
+      for (int64_t i0 = 0; i0 < V; i0 += LF_BLOCK) {
+        const int64_t n = V - i0 < LF_BLOCK ? V - i0 : LF_BLOCK;
+        for (int64_t i = 0; i < n; ++i) {
+          const double d = (double)e[i0 + i] - (double)s[i0 + i];
+          double f = floor((d - base) * inv);
+          f = f < 0.0 ? 0.0 : (f > top ? top : f);
+          uu[i] = d - (base + (f + 0.5) * width);
+          kk[i] = (int32_t)f * LF_MOMENTS;
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          double p = wr[i0 + i];
+          const double u = uu[i];
+          double* q = h + (size_t)(i & (LF_COPIES - 1)) * table + kk[i];
+          q[0] += p; p *= u; q[1] += p; p *= u; q[2] += p; p *= u; q[3] += p; p *= u; q[4] += p;
+          p *= u; q[5] += p; p *= u; q[6] += p; p *= u; q[7] += p; p *= u; q[8] += p;
+        }
+      }
+      double* o = out + ((size_t)t * R + r) * table;
+      for (size_t k = 0; k < table; ++k) {
+        double x = 0.0;
+        for (int c = 0; c < LF_COPIES; ++c) x += h[c * table + k];
+        o[k] = x;
+      }
+    }
+  }
+  free(h);
+  free(kk);
+  free(uu);
+}
+
+/* The certified candidate count of each row (candidates._bound's arithmetic, in float): with
+   d_t = z_E,t - z_S - (max z_E,t - max z_S),
+     U_v = z_L,v + A sum_t max(d_t,v, 0),   L = max_v [z_L,v + A sum_t min(d_t,v, 0)],
+     counts[r] = #{v : U_v >= L - slack}     (slack = tau + the rounding margin).
+   Used only to send each row to the candidate solve or to the dense one, so its rounding may differ from torch's
+   by an ulp: either path is exact for any row. */
+int64_t lf_candidate_counts(int64_t R, int64_t T, int64_t V, double max_alpha, double slack, const float* zl,
+                             const float* zs, const float* const* ze, int64_t* counts) {
+  /* Returns the number of non-finite logits it read (NaN or +-inf: every exponent bit set; an integer test, which
+     -ffast-math leaves alone), after which the counts mean nothing. */
+  int64_t bad = 0;
+  float* up = (float*)malloc(sizeof(float) * (size_t)V);
+  float* shift = (float*)malloc(sizeof(float) * (size_t)T);
+  const float A = (float)max_alpha;
+  for (int64_t r = 0; r < R; ++r) {
+    const float* l = zl + r * V;
+    const float* s = zs + r * V;
+    bad += non_finite(l, V) + non_finite(s, V);
+    for (int64_t t = 0; t < T; ++t) bad += non_finite(ze[t] + r * V, V);
+    if (bad) break;
+    const float ms = row_max(s, V);
+    for (int64_t t = 0; t < T; ++t) shift[t] = row_max(ze[t] + r * V, V) - ms;
+    float best = -3.0e38f;
+    for (int64_t i0 = 0; i0 < V; i0 += LF_BLOCK) {
+      const int64_t n = V - i0 < LF_BLOCK ? V - i0 : LF_BLOCK;
+      float pos[LF_BLOCK], neg[LF_BLOCK];
+      for (int64_t i = 0; i < n; ++i) pos[i] = neg[i] = 0.f;
+      for (int64_t t = 0; t < T; ++t) {
+        const float* e = ze[t] + r * V + i0;
+        const float c = shift[t];
+        for (int64_t i = 0; i < n; ++i) {
+          const float d = (e[i] - s[i0 + i]) - c;
+          pos[i] += d > 0.f ? d : 0.f;
+          neg[i] += d < 0.f ? d : 0.f;
+        }
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const float lower = l[i0 + i] + A * neg[i];
+        best = lower > best ? lower : best;
+        up[i0 + i] = l[i0 + i] + A * pos[i];
+      }
+    }
+    const float threshold = (float)((double)best - slack);
+    int64_t c = 0;
+    for (int64_t i = 0; i < V; ++i) c += up[i] >= threshold;
+    counts[r] = c;
+  }
+  free(up);
+  free(shift);
+  return bad;
+}
+
+/* Joint DLF at alphas[r, :] (every expert active), per row r: with Delta_t = d_t - mean[r, t] (d_t = z_E,t - z_S in
+   float64, mean = E_P[d_t], so E_P[Delta_t] = 0), s = sum_t alpha_t Delta_t and e = w exp(s):
+     out[r, 0]                 = sum e
+     out[r, 1 + t]             = sum e Delta_t
+     out[r, 1 + T + t T + q]   = sum e Delta_t Delta_q          (q >= t; the rest is left 0)
+     out[r, 1 + T + T^2 + ...] = sum e s Delta_t Delta_q        (q >= t)
+   With derivs = 0 only out[r, 0..T] are written (the loss needs sum e and sum e s = sum_t alpha_t out[r, 1 + t]).
+   out is [R, 1 + T + 2 T^2] float64, overwritten. The caller keeps max_alpha * sum_t max|Delta_t| below ~600
+   (no overflow of exp in float64). */
+void lf_joint_moments(int64_t R, int64_t T, int64_t V, const float* zs, const float* const* ze, const float* w,
+                      const double* mean, const double* alphas, int derivs, double* out) {
+  const int64_t width = 1 + T + 2 * T * T;
+  double* delta = (double*)malloc(sizeof(double) * (size_t)(T * LF_BLOCK));
+  double* q = (double*)malloc(sizeof(double) * (size_t)(T * LF_BLOCK));
+  double* e = (double*)malloc(sizeof(double) * LF_BLOCK);
+  double* sv = (double*)malloc(sizeof(double) * LF_BLOCK);
+  for (int64_t r = 0; r < R; ++r) {
+    double* o = out + r * width;
+    memset(o, 0, sizeof(double) * (size_t)width);
+    const double* a = alphas + r * T;
+    const double* m = mean + r * T;
+    const float* s = zs + r * V;
+    const float* wr = w + r * V;
+    for (int64_t i0 = 0; i0 < V; i0 += LF_BLOCK) {
+      const int64_t n = V - i0 < LF_BLOCK ? V - i0 : LF_BLOCK;
+      for (int64_t i = 0; i < n; ++i) sv[i] = 0.0;
+      for (int64_t t = 0; t < T; ++t) {
+        const float* x = ze[t] + r * V + i0;
+        double* dt = delta + t * LF_BLOCK;
+        const double mt = m[t], at = a[t];
+        for (int64_t i = 0; i < n; ++i) {
+          dt[i] = ((double)x[i] - (double)s[i0 + i]) - mt;
+          sv[i] += at * dt[i];
+        }
+      }
+      for (int64_t i = 0; i < n; ++i) e[i] = (double)wr[i0 + i] * exp(sv[i]);
+      double z = 0.0;
+      for (int64_t i = 0; i < n; ++i) z += e[i];
+      o[0] += z;
+      for (int64_t t = 0; t < T; ++t) {
+        const double* dt = delta + t * LF_BLOCK;
+        double* qt = q + t * LF_BLOCK;
+        double acc = 0.0;
+        for (int64_t i = 0; i < n; ++i) {
+          qt[i] = e[i] * dt[i];
+          acc += qt[i];
+        }
+        o[1 + t] += acc;
+      }
+      if (!derivs) continue;
+      for (int64_t t = 0; t < T; ++t) {
+        const double* qt = q + t * LF_BLOCK;
+        for (int64_t u = t; u < T; ++u) {
+          const double* du = delta + u * LF_BLOCK;
+          double m2 = 0.0, m3 = 0.0;
+          for (int64_t i = 0; i < n; ++i) {
+            const double y = qt[i] * du[i];
+            m2 += y;
+            m3 += y * sv[i];
+          }
+          o[1 + T + t * T + u] += m2;
+          o[1 + T + T * T + t * T + u] += m3;
+        }
+      }
+    }
+  }
+  free(delta);
+  free(q);
+  free(e);
+  free(sv);
+}
