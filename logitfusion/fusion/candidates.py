@@ -247,7 +247,10 @@ def dense_rows(
     kern = native.usable(z_large, z_small, *z_experts)
     if kern is not None:
         dense = native.DenseRows(kern, z_large, z_small, z_experts)
-        lines = dense.lines(max_alpha) if solver != "joint" or dense.fits(max_alpha) else None
+        if solver == "grid" and dense.fits(max_alpha):
+            lines = dense.grid_lines(max_alpha)
+        else:
+            lines = dense.lines(max_alpha) if solver != "joint" or dense.fits(max_alpha) else None
         if lines is not None:
             if solver == "grid":
                 al, lo = grid_on_lines(lines, max_alpha)

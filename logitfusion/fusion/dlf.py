@@ -284,19 +284,19 @@ class BinnedLines:
         """As line_curve(pb, alpha, derivs): alpha [..., T, B] -> fields [..., T, B]."""
         a = alpha.double()
         powers = a.unsqueeze(-1).pow(torch.arange(self._fact.shape[0], device=a.device)) / self._fact  # [..., T, B, N]
-        z = torch.einsum("...tbn,tbkpn->...tbkp", powers, self.M)  # [..., T, B, K, 4]
         e = (a.unsqueeze(-1) * self.centre).masked_fill(self.empty, float("-inf"))  # [..., T, B, K]
         shift = e.amax(-1, keepdim=True)  # [..., T, B, 1]
-        Z = (z * (e - shift).exp().unsqueeze(-1)).sum(-2)  # [..., T, B, 4]  Z_p e^(-shift)
+        weights = torch.einsum("...tbk,tbkpn->...tbpn", (e - shift).exp(), self.M if derivs else self.M[..., :2, :])
+        Z = (weights * powers.unsqueeze(-2)).sum(-1)  # [..., T, B, 4 (2 without derivs)]  Z_p e^(-shift)
         z0 = Z[..., 0]
         g = (z0.log() + shift.squeeze(-1) - self.log_z0).masked_fill(a == 0, 0.0)  # [..., T, B]; g(0) = 0
         mu = Z[..., 1] / z0
-        r2, r3 = Z[..., 2] / z0, Z[..., 3] / z0
-        var = (r2 - mu.square()).clamp_min(0.0)
         A, Bk = (a * mu - g).clamp_min(0.0), g.clamp_min(0.0)
         dt = self.dtype
         if not derivs:
             return Curve(A=A.to(dt), B=Bk.to(dt))
+        r2, r3 = Z[..., 2] / z0, Z[..., 3] / z0
+        var = (r2 - mu.square()).clamp_min(0.0)
         k3 = r3 - 3.0 * mu * r2 + 2.0 * mu.pow(3)
         return Curve(A.to(dt), Bk.to(dt), dA=(a * var).to(dt), d2A=(var + a * k3).to(dt), dB=mu.to(dt),
                      d2B=var.to(dt))
@@ -384,8 +384,9 @@ class LineProblem:
 
     a: torch.Tensor  # [B, T] targets KL(Q_t || Q)
     b: torch.Tensor  # [B, T] targets KL(Q || Q_t)
-    lines: Lines
+    lines: Lines | None  # None: only the grid's curves are known (enough for solve="grid")
     chunk: int | None = None  # grid points per curve call (exact curves: bounds the [g, T, B, V] temporaries)
+    grid: Curve | None = None  # A, B [G, T, B] at grid_points(max_alpha), when computed beforehand
 
     @staticmethod
     def of(pb: Problem, max_alpha: float, curves: str) -> LineProblem:
@@ -400,6 +401,9 @@ class LineProblem:
 def _grid_losses(lp: LineProblem, pts: torch.Tensor) -> torch.Tensor:
     """Loss with one expert at a time at every grid point: [G, T, B]. Chunked over grid points, never over rows."""
     B, T = lp.a.shape
+    if lp.grid is not None:
+        return targets_loss(lp.grid.A, lp.grid.B, lp.a, lp.b)  # [G, T, B]
+    assert lp.lines is not None
     chunk = lp.chunk or pts.shape[0]
     losses = []
     for start in range(0, pts.shape[0], chunk):
@@ -437,6 +441,7 @@ def _newton_1d(lp: LineProblem, max_alpha: float, iters: int) -> tuple[torch.Ten
     """
     B, T = lp.a.shape
     lines = lp.lines
+    assert lines is not None, "newton needs the curves between grid points"
     pts = grid_points(max_alpha, lp.a.dtype, lp.a.device)  # [G]
     grid = _grid_losses(lp, pts)  # [G, T, B]
     best_l, g = grid.min(0)  # [T, B]  ties: the smallest alpha

@@ -16,8 +16,40 @@
 #define LF_BLOCK 1024 /* elements per inner block: every block buffer stays in L1 */
 #define LF_COPIES 4   /* interleaved bin tables: consecutive tokens in one bin do not wait on each other's store */
 
-int lf_abi_version(void) { return 4; }
+int lf_abi_version(void) { return 6; }
 int lf_moments(void) { return LF_MOMENTS; }
+
+/* exp(x) in float64 for |x| <= 700, relative error below 1e-15, written so that the compiler vectorises it (glibc's
+   vector exp costs about 1.3 ns a value on this machine; this about a quarter of that): x = k ln 2 + f with
+   |f| <= ln 2 / 2, exp(f) by its Taylor polynomial of degree 12 (remainder (ln 2 / 2)^13 / 13! < 2e-16), and 2^k
+   written into the exponent bits. Arguments outside [-700, 700] are clamped (the callers keep them inside). */
+static inline double lf_exp(double x) {
+  x = x < -700.0 ? -700.0 : (x > 700.0 ? 700.0 : x);
+  const double k = __builtin_rint(x * 1.4426950408889634);
+  const double f = (x - k * 0.6931471803691238) - k * 1.9082149292705877e-10;
+  double p = 1.0 / 479001600.0;
+  p = p * f + 1.0 / 39916800.0;
+  p = p * f + 1.0 / 3628800.0;
+  p = p * f + 1.0 / 362880.0;
+  p = p * f + 1.0 / 40320.0;
+  p = p * f + 1.0 / 5040.0;
+  p = p * f + 1.0 / 720.0;
+  p = p * f + 1.0 / 120.0;
+  p = p * f + 1.0 / 24.0;
+  p = p * f + 1.0 / 6.0;
+  p = p * f + 0.5;
+  p = p * f + 1.0;
+  p = p * f + 1.0;
+  const int64_t bits = ((int64_t)k + 1023) << 52;
+  double two_k;
+  memcpy(&two_k, &bits, sizeof two_k);
+  return p * two_k;
+}
+
+int lf_exp_check(int64_t n, const double* x, double* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = lf_exp(x[i]);
+  return 0;
+}
 
 static float row_max(const float* x, int64_t n) {
   float m = x[0];
@@ -254,7 +286,7 @@ void lf_joint_moments(int64_t R, int64_t T, int64_t V, const float* zs, const fl
           sv[i] += at * dt[i];
         }
       }
-      for (int64_t i = 0; i < n; ++i) e[i] = (double)wr[i0 + i] * exp(sv[i]);
+      for (int64_t i = 0; i < n; ++i) e[i] = (double)wr[i0 + i] * lf_exp(sv[i]);
       double z = 0.0;
       for (int64_t i = 0; i < n; ++i) z += e[i];
       o[0] += z;
@@ -289,4 +321,86 @@ void lf_joint_moments(int64_t R, int64_t T, int64_t V, const float* zs, const fl
   free(q);
   free(e);
   free(sv);
+}
+
+/* The grid's one-expert curves, exactly: for expert t, row r and the uniform grid alpha_g = g h (g < G), with
+   Delta = d_t - mean[r, t] and e = w exp(alpha_g Delta):
+     out[t, r, g, 0] = sum e,   out[t, r, g, 1] = sum e Delta
+   exp(alpha_g Delta) is exp(h Delta)^g, one multiplication per grid point, so the whole grid costs about one exp
+   and three vector operations per point and token (no bins, no scatter). out is [T, R, G, 2] float64, overwritten.
+   The caller keeps (G - 1) h max |Delta| below ~600 (no overflow in float64). */
+typedef double lf_v8 __attribute__((vector_size(64)));
+#if defined(__AVX512F__)
+#define LF_GROUP 7 /* grid points per sweep: 2 accumulators each + 4 operands within 32 vector registers */
+#else
+#define LF_GROUP 3 /* 16 registers of half the width: each lf_v8 takes two */
+#endif
+
+void lf_grid_curves(int64_t R, int64_t T, int64_t V, int64_t G, double h, const float* zs, const float* const* ze,
+                    const float* w, const double* mean, double* out) {
+  double* delta = (double*)aligned_alloc(64, sizeof(double) * LF_BLOCK);
+  double* pw = (double*)aligned_alloc(64, sizeof(double) * LF_BLOCK);
+  double* pd = (double*)aligned_alloc(64, sizeof(double) * LF_BLOCK);
+  double* ratio = (double*)aligned_alloc(64, sizeof(double) * LF_BLOCK);
+  double* e = (double*)aligned_alloc(64, sizeof(double) * LF_BLOCK);
+  lf_v8* acc = (lf_v8*)aligned_alloc(64, sizeof(lf_v8) * (size_t)(2 * G));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t r = 0; r < R; ++r) {
+      const float* x = ze[t] + r * V;
+      const float* s = zs + r * V;
+      const float* wr = w + r * V;
+      const double m = mean[r * T + t];
+      memset(acc, 0, sizeof(lf_v8) * (size_t)(2 * G));
+      for (int64_t i0 = 0; i0 < V; i0 += LF_BLOCK) {
+        int64_t n = V - i0 < LF_BLOCK ? V - i0 : LF_BLOCK;
+        for (int64_t i = 0; i < n; ++i) {
+          delta[i] = ((double)x[i0 + i] - (double)s[i0 + i]) - m;
+          pw[i] = (double)wr[i0 + i];
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          pd[i] = pw[i] * delta[i];
+          ratio[i] = lf_exp(h * delta[i]);
+          e[i] = 1.0;
+        }
+        const int64_t n8 = (n + 7) & ~(int64_t)7;
+        for (int64_t i = n; i < n8; ++i) pw[i] = pd[i] = 0.0, ratio[i] = e[i] = 1.0; /* padding adds nothing */
+        for (int64_t g0 = 0; g0 < G; g0 += LF_GROUP) {
+          const int64_t ng = G - g0 < LF_GROUP ? G - g0 : LF_GROUP;
+          lf_v8 a0[LF_GROUP], a1[LF_GROUP];
+          for (int k = 0; k < LF_GROUP; ++k) a0[k] = a1[k] = (lf_v8){0, 0, 0, 0, 0, 0, 0, 0};
+          for (int64_t i = 0; i < n8; i += 8) {
+            lf_v8 ev, rv, wv, dv;
+            memcpy(&ev, e + i, sizeof ev);
+            memcpy(&rv, ratio + i, sizeof rv);
+            memcpy(&wv, pw + i, sizeof wv);
+            memcpy(&dv, pd + i, sizeof dv);
+#pragma GCC unroll 8
+            for (int k = 0; k < LF_GROUP; ++k) {
+              a0[k] += wv * ev;
+              a1[k] += dv * ev;
+              ev *= rv;
+            }
+            memcpy(e + i, &ev, sizeof ev);
+          }
+          for (int64_t k = 0; k < ng; ++k) {
+            acc[2 * (g0 + k)] += a0[k];
+            acc[2 * (g0 + k) + 1] += a1[k];
+          }
+          if (ng < LF_GROUP) break;
+        }
+      }
+      double* o = out + ((size_t)t * R + r) * (size_t)(2 * G);
+      for (int64_t k = 0; k < 2 * G; ++k) {
+        double x8 = 0.0;
+        for (int l = 0; l < 8; ++l) x8 += acc[k][l];
+        o[k] = x8;
+      }
+    }
+  }
+  free(delta);
+  free(pw);
+  free(pd);
+  free(ratio);
+  free(e);
+  free(acc);
 }

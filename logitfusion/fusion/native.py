@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 
-from .dlf import BinnedLines, Joint, LineProblem, targets_loss
+from .dlf import GRID_STEP, BinnedLines, Curve, Joint, LineProblem, grid_points, targets_loss
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
-ABI_VERSION = 4  # lf_abi_version() of the source this module binds
+ABI_VERSION = 6  # lf_abi_version() of the source this module binds
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC")  # compiling
 LINK = ("-shared",)  # linking: no -ffast-math (see build)
 _P = ctypes.c_void_p
@@ -114,6 +114,10 @@ class Kernels:
         lib.lf_candidate_counts.restype = ctypes.c_int64
         lib.lf_joint_moments.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, ctypes.c_int, _P]
         lib.lf_joint_moments.restype = None
+        lib.lf_grid_curves.argtypes = [_I, _I, _I, _I, ctypes.c_double, _P, _P, _P, _P, _P]
+        lib.lf_grid_curves.restype = None
+        lib.lf_exp_check.argtypes = [_I, _P, _P]
+        lib.lf_exp_check.restype = ctypes.c_int
         self.lib = lib
         self.path = path
         self.moments = int(lib.lf_moments())
@@ -190,6 +194,30 @@ class DenseRows:
         offsets = (torch.arange(bins, dtype=torch.float64) + 0.5) * width  # [K]
         centre = self.lo.unsqueeze(-1) + offsets - self.mean.T.unsqueeze(-1)  # [T, R, K] in the centred frame
         return LineProblem(self.a, self.b, BinnedLines(S, centre, torch.float64))
+
+    def grid_lines(self, max_alpha: float) -> LineProblem:
+        """The one-expert curves at every point of grid_points(max_alpha), exactly (kernels.c lf_grid_curves: one
+        exp per token, then a multiplication per grid point), for the grid solver. Needs fits(max_alpha)."""
+        T, R = self.T, self.R
+        pts = grid_points(max_alpha, torch.float64, torch.device("cpu"))  # [G]: 0, h, 2h, ... (+ max_alpha)
+        uniform = int(round(float(pts[-1]) / GRID_STEP)) + 1 if abs(float(pts[-1]) / GRID_STEP - round(
+            float(pts[-1]) / GRID_STEP)) < 1e-9 else pts.shape[0] - 1
+        parts = [self._grid_sums(uniform, GRID_STEP)]
+        if uniform < pts.shape[0]:  # max_alpha itself, off the grid: the points 0 and max_alpha
+            parts.append(self._grid_sums(2, float(pts[-1]))[:, :, 1:])
+        sums = torch.cat(parts, dim=2)  # [T, R, G, 2]
+        z0 = sums[..., 0]
+        g = (z0 / self.norm.view(1, R, 1)).log().permute(2, 0, 1)  # [G, T, R]  log E_P[exp(alpha Delta)]
+        g[0] = 0.0  # alpha = 0: exactly
+        mu = (sums[..., 1] / z0).permute(2, 0, 1)  # [G, T, R]  E_Pt[Delta]
+        A = (pts.view(-1, 1, 1) * mu - g).clamp_min(0.0)
+        return LineProblem(self.a, self.b, None, grid=Curve(A=A, B=g.clamp_min(0.0)))
+
+    def _grid_sums(self, points: int, step: float) -> torch.Tensor:
+        out = torch.empty(self.T, self.R, points, 2, dtype=torch.float64)
+        self.kern.lib.lf_grid_curves(self.R, self.T, self.V, points, step, self.zs.data_ptr(), self._ptrs,
+                                     self.w.data_ptr(), self.mean.data_ptr(), out.data_ptr())
+        return out
 
     def joint_terms(self, alphas: torch.Tensor, derivs: bool) -> Joint:
         """dlf.joint_terms at alphas [R, T], exactly (one pass over V per call, float64)."""
