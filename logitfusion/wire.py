@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -110,8 +110,11 @@ def decode_tensor(msg: pb.Tensor, *, copy: bool = True, field: str = "Tensor") -
 # ------------------------------------------------------------------------------------------------- plans / requests
 
 
-def plan_to_request(plan: StepPlan, step_id: int, logits_dtype: str = "float32") -> pb.StepRequest:
-    """The StepRequest for one plan (no validation: the worker validates what it receives)."""
+def plan_to_request(
+    plan: StepPlan, step_id: int, logits_dtype: str = "float32", shared_memory: bool = False
+) -> pb.StepRequest:
+    """The StepRequest for one plan (no validation: the worker validates what it receives). shared_memory: the
+    client can read the logits from the worker's shared memory (actors/shm.py)."""
     return pb.StepRequest(
         step_id=step_id,
         extends=[
@@ -121,6 +124,7 @@ def plan_to_request(plan: StepPlan, step_id: int, logits_dtype: str = "float32")
         truncates=[pb.Truncate(seq_id=s, length_tokens=n) for s, n in plan.truncates],
         releases=list(plan.releases),
         logits_dtype=logits_dtype_code(logits_dtype),
+        shared_memory=shared_memory,
     )
 
 
@@ -182,11 +186,13 @@ def check_plan_limits(plan: StepPlan, vocab_size: int) -> None:
 
 
 def logits_response(
-    step_id: int, logits: Sequence[torch.Tensor], dtype: torch.dtype, vocab_size: int, n_extends: int | None = None
+    step_id: int, logits: Sequence[torch.Tensor], dtype: torch.dtype, vocab_size: int, n_extends: int | None = None,
+    shared: Callable[[torch.Tensor], str] | None = None,
 ) -> pb.StepResponse:
     """One StepResponse carrying every extend's [n_i, V] logits as one [sum n_i, V] tensor. With ``n_extends``,
     ``logits`` is a runner's whole result: the entries after the first n_extends are [H] feature vectors, sent
-    fp32 as StepLogits.features [n, H]."""
+    fp32 as StepLogits.features [n, H]. shared: writes the logits tensor into shared memory and returns its file
+    (actors/shm.Ring.write); the message then carries only their dtype, shape and that path."""
     feats: Sequence[torch.Tensor] = ()
     if n_extends is not None:
         logits, feats = logits[:n_extends], logits[n_extends:]
@@ -194,7 +200,13 @@ def logits_response(
         joined = concat_rows([t.reshape(t.shape[0], vocab_size) for t in logits])  # [sum n_i, V], no copy if in order
     else:
         joined = torch.empty(0, vocab_size)  # [0, V]
-    msg = pb.StepLogits(logits=encode_tensor(joined, dtype), rows_per_extend=[int(t.shape[0]) for t in logits])
+    rows = [int(t.shape[0]) for t in logits]
+    if shared is not None and joined.numel() and dtype in _TO_PROTO and not _BIG_ENDIAN_HOST:
+        t = joined.detach().to(device="cpu", dtype=dtype)
+        header = pb.Tensor(dtype=_TO_PROTO[dtype], shape=list(t.shape))
+        msg = pb.StepLogits(logits=header, rows_per_extend=rows, shared_memory_path=shared(t))
+    else:
+        msg = pb.StepLogits(logits=encode_tensor(joined, dtype), rows_per_extend=rows)
     if feats:
         msg.features.CopyFrom(encode_tensor(torch.stack([f.reshape(-1) for f in feats]), torch.float32))  # [n, H]
     return pb.StepResponse(step_id=step_id, logits=msg)
@@ -208,13 +220,17 @@ def error_response(step_id: int, code: int, message: str, *, sequences_changed: 
 
 
 def split_logits(
-    msg: pb.StepLogits, expected_rows: Sequence[int], vocab_size: int, expected_features: int = 0
+    msg: pb.StepLogits, expected_rows: Sequence[int], vocab_size: int, expected_features: int = 0,
+    shared: Callable[[str, torch.dtype, tuple[int, ...]], torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """The per-extend fp32 [n_i, V] tensors of a response, checked against the rows the request asked for, then
-    the ``expected_features`` fp32 [H] feature vectors (runner contract)."""
+    the ``expected_features`` fp32 [H] feature vectors (runner contract). shared: reads logits that came in shared
+    memory (actors/shm.Reader.read: path, dtype, shape -> a tensor it owns); None: such a response is refused."""
     rows = [int(r) for r in msg.rows_per_extend]
     if rows != list(expected_rows):
         raise WireError(f"StepLogits.rows_per_extend: got {rows}, the request asked for {list(expected_rows)}")
+    if msg.shared_memory_path:
+        return _shared_logits(msg, rows, vocab_size, expected_features, shared)
     dtype, shape = _check_tensor_header(msg.logits, "StepLogits.logits")
     if dtype not in (torch.float32, torch.bfloat16) or len(shape) != 2 or shape[0] != sum(rows):
         raise WireError(
@@ -226,6 +242,27 @@ def split_logits(
     # fp32: a read-only view of the message's bytes (the runner contract's logits are read-only; at V = 128k and 16
     # rows a copy is 8 MB per model per step); bf16: the upcast is the one copy.
     joined = decode_tensor(msg.logits, copy=False, field="StepLogits.logits").float()  # [sum n, V]
+    out = list(torch.split(joined, rows, dim=0)) if rows else []
+    return out + _split_features(msg, expected_features)
+
+
+def _shared_logits(
+    msg: pb.StepLogits, rows: list[int], vocab_size: int, expected_features: int,
+    shared: Callable[[str, torch.dtype, tuple[int, ...]], torch.Tensor] | None,
+) -> list[torch.Tensor]:
+    if shared is None:
+        raise WireError("StepLogits.shared_memory_path: set, but this client did not ask for shared memory")
+    if msg.logits.data:
+        raise WireError("StepLogits.logits.data: must be empty when shared_memory_path is set")
+    if msg.logits.dtype not in (pb.Tensor.DTYPE_FLOAT32, pb.Tensor.DTYPE_BFLOAT16):
+        raise WireError(f"StepLogits.logits.dtype: {dtype_name(msg.logits.dtype)} is not float32 or bfloat16")
+    shape = tuple(int(d) for d in msg.logits.shape)
+    if shape != (sum(rows), vocab_size):
+        raise WireError(f"StepLogits.logits: shape {list(shape)}, expected [{sum(rows)}, {vocab_size}]")
+    try:
+        joined = shared(msg.shared_memory_path, _FROM_PROTO[msg.logits.dtype], shape).float()  # [sum n, V]
+    except ValueError as exc:
+        raise WireError(str(exc)) from None
     out = list(torch.split(joined, rows, dim=0)) if rows else []
     return out + _split_features(msg, expected_features)
 

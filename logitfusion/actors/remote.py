@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 
 from logitfusion import wire
+from logitfusion.actors import shm
 from logitfusion.actors.tls import WorkerTLS
 from logitfusion.actors.worker import DEFAULT_MAX_MESSAGE_BYTES, STREAM_ID_METADATA_KEY, grpc_channel_options
 from logitfusion.engine.runner import (
@@ -114,6 +115,13 @@ class _Connection:
     stream_id: str
     requests: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # StepRequest, or None to half-close
     call: Any = None  # the Step call: an iterator of StepResponse, also a grpc.Future (cancel())
+    shared: bool = False  # the worker's probe was readable here: its logits may come in shared memory (shm.py)
+
+    def send(self, request: pb.StepRequest, in_flight: Iterable[pb.StepRequest]) -> None:
+        """Queue a step request, asking for shared memory when this connection can use it and fewer than the
+        worker's ring of slots (shm.SLOTS) are already out: a slot is rewritten only after its logits were read."""
+        request.shared_memory = self.shared and sum(r.shared_memory for r in in_flight) < shm.SLOTS
+        self.requests.put(request)
 
     def open_stream(self) -> None:
         def pump() -> Iterator[pb.StepRequest]:
@@ -160,6 +168,8 @@ class RemoteRunner(ModelRunner):
     halve traffic (the Decoder still gets fp32 tensors). info: the RunnerInfo to expect; None asks the worker now.
     max_breaks_per_step: a plan whose in-flight stream broke this many times fails with RunnerError (a plan that
     crashes its worker every time must not loop until the timeout). tls: dial the worker over TLS (actors.tls).
+    shared_memory: take the logits from the worker's shared memory when its probe is readable here (same host and
+    memory filesystem: actors/shm.py), instead of in the messages; LOGITFUSION_SHM=0 turns it off everywhere.
     """
 
     def __init__(
@@ -175,6 +185,7 @@ class RemoteRunner(ModelRunner):
         max_breaks_per_step: int = 3,
         info: RunnerInfo | None = None,
         tls: WorkerTLS | None = None,
+        shared_memory: bool = True,
     ) -> None:
         wire.logits_dtype_code(logits_dtype)  # validates the name
         if reconnect_timeout_s <= 0 or call_timeout_s <= 0:
@@ -197,6 +208,8 @@ class RemoteRunner(ModelRunner):
         self._replay_tokens_per_step = replay_tokens_per_step
         self._max_breaks_per_step = max_breaks_per_step
         self._info = info
+        self._shared_memory = shared_memory and shm.enabled()
+        self._reader = shm.Reader()
         self._cond = threading.Condition()  # guards everything below
         self._pending: dict[int, _Pending] = {}  # step_id -> plan in flight, in submission order
         self._histories: dict[str, list[int]] = {}  # seq_id -> tokens the worker has acknowledged
@@ -246,9 +259,9 @@ class RemoteRunner(ModelRunner):
         with self._cond:
             if self._closed:
                 return failed(RunnerUnavailable(f"{self.name}: the remote runner is closed"))
-            self._pending[step_id] = _Pending(plan, request, future, plan.rows_per_extend())
             if self._conn is not None:
-                self._conn.requests.put(request)
+                self._conn.send(request, (p.request for p in self._pending.values()))
+            self._pending[step_id] = _Pending(plan, request, future, plan.rows_per_extend())
             self._cond.notify_all()  # wakes a supervisor that gave up and waits for work
         return future
 
@@ -286,6 +299,7 @@ class RemoteRunner(ModelRunner):
         self._supervisor.join(timeout=self._call_timeout_s)
         if conn is not None:
             conn.close()
+        self._reader.close()
         self._fail_pending(RunnerUnavailable(f"{self.name}: the remote runner was closed"))
 
     # ------------------------------------------------------------------------------------------------ connecting
@@ -305,7 +319,8 @@ class RemoteRunner(ModelRunner):
                 stub = worker_pb2_grpc.WorkerStub(channel)
                 try:
                     remaining = max(0.1, min(self._call_timeout_s, deadline - time.monotonic()))
-                    info = wire.info_from_proto(stub.Describe(pb.DescribeRequest(), timeout=remaining))
+                    described = stub.Describe(pb.DescribeRequest(), timeout=remaining)
+                    info = wire.info_from_proto(described)
                 except BaseException:
                     channel.close()
                     raise
@@ -319,7 +334,8 @@ class RemoteRunner(ModelRunner):
                 elif (diff := same_model(self._info, info)) is not None:
                     channel.close()
                     raise RunnerUnavailable(f"{self.name}: the worker at {address} serves another model ({diff})")
-                return _Connection(address, channel, stub, stream_id=uuid.uuid4().hex)
+                shared = self._shared_memory and shm.probe_ok(described.shm_probe_path, described.shm_probe_token)
+                return _Connection(address, channel, stub, stream_id=uuid.uuid4().hex, shared=shared)
             except RunnerUnavailable:
                 raise
             except Exception as exc:  # noqa: BLE001 - address_fn and Describe may fail while a worker restarts
@@ -372,8 +388,10 @@ class RemoteRunner(ModelRunner):
                     if self._closed:
                         conn.close()
                         return
+                    sent: list[pb.StepRequest] = []
                     for p in self._pending.values():  # in submission order
-                        conn.requests.put(p.request)
+                        conn.send(p.request, sent)
+                        sent.append(p.request)
                     self._conn = conn
                 live = True
                 if replayed:
@@ -441,7 +459,9 @@ class RemoteRunner(ModelRunner):
 
     def _on_response(self, conn: _Connection, resp: pb.StepResponse) -> None:
         with self._cond:
-            pending = self._pending.pop(resp.step_id, None)
+            pending = self._pending.get(resp.step_id)
+            if pending is not None and resp.WhichOneof("outcome") == "error":
+                del self._pending[resp.step_id]
         if pending is None:
             logger.warning("%s: response for unknown step_id %d ignored", self.name, resp.step_id)
             return
@@ -453,11 +473,20 @@ class RemoteRunner(ModelRunner):
                 # the worker has applied it: its stream took the plan by the same rules from the same lengths
                 pending.plan.apply_tokens(self._histories, self.name)
             n_features = sum(1 for e in pending.plan.extends if e.features_tokens)
-            out = wire.split_logits(resp.logits, pending.rows, self.describe().vocab_size, n_features)
+            # Logits in shared memory are copied out while the step still counts as pending, so no request sent
+            # meanwhile can make the worker reuse their slot (_Connection.send allows two shared in flight).
+            out = wire.split_logits(resp.logits, pending.rows, self.describe().vocab_size, n_features,
+                                    shared=self._reader.read)
         except (RunnerError, wire.WireError) as exc:
+            self._forget_pending(resp.step_id)
             pending.future.set_exception(RunnerError(f"{self.name}: bad response from {conn.address}: {exc}"))
             return
+        self._forget_pending(resp.step_id)
         pending.future.set_result(out)
+
+    def _forget_pending(self, step_id: int) -> None:
+        with self._cond:
+            self._pending.pop(step_id, None)
 
     def _on_step_error(self, conn: _Connection, error: pb.StepError, pending: _Pending) -> None:
         code = pb.StepError.Code.Name(error.code).removeprefix("CODE_")

@@ -27,6 +27,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from logitfusion import wire
+from logitfusion.actors import shm
 from logitfusion.actors.tls import WorkerTLS
 from logitfusion.engine.runner import ExtendOp, ModelRunner, RunnerError, RunnerInfo, RunnerUnavailable, StepPlan
 from logitfusion.v1 import worker_pb2 as pb
@@ -100,6 +101,7 @@ class _Stream:
     lengths: dict[str, int] = field(default_factory=dict)  # scoped seq id -> cached tokens, as this stream's
     # successful steps left them (no runner call per step; re-read from the runner only after a failed step)
     closed: bool = False
+    ring: shm.Ring | None = None  # the stream's shared-memory slots, made on its first shared_memory request
 
 
 class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -114,6 +116,27 @@ class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._streams_lock = threading.Condition()
         self._streams: dict[str, _Stream] = {}
         self.steps_served = 0
+        self.shared_steps = 0  # steps whose logits went back in shared memory
+        self.probe = self._make_probe()
+
+    def _make_probe(self) -> shm.Probe | None:
+        """The shared-memory probe (actors/shm.py), or None where shared memory is off or unavailable."""
+        if not shm.enabled():
+            return None
+        try:
+            swept = shm.sweep_stale()
+            if swept:
+                logger.info("worker %s: removed %d shared-memory files of dead processes", self._info.name, swept)
+            return shm.Probe()
+        except OSError as exc:
+            logger.warning("worker %s: no shared memory for logits (%s); they travel in the messages",
+                           self._info.name, exc)
+            return None
+
+    def close(self) -> None:
+        """Remove the probe (streams remove their own files when they close)."""
+        if self.probe is not None:
+            self.probe.close()
 
     # ------------------------------------------------------------------------------------------- streams
 
@@ -153,6 +176,8 @@ class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     self._runner.submit(StepPlan(releases=tuple(leftover))).result()
         except Exception:  # noqa: BLE001 - a closed runner has nothing left to release; never kill the server
             logger.warning("worker %s: releasing stream %s failed", self._info.name, stream.stream_id, exc_info=True)
+        if stream.ring is not None:
+            stream.ring.close()
         with self._streams_lock:
             self._streams.pop(stream.stream_id, None)
             self._streams_lock.notify_all()
@@ -181,7 +206,10 @@ class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
             self._close_stream(stream)
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.RunnerInfo:
-        return wire.info_to_proto(self._info, pid=os.getpid())
+        msg = wire.info_to_proto(self._info, pid=os.getpid())
+        if self.probe is not None:
+            msg.shm_probe_path, msg.shm_probe_token = str(self.probe.path), self.probe.token
+        return msg
 
     def Sequences(self, request: pb.SequencesRequest, context: grpc.ServicerContext) -> pb.SequencesResponse:
         live = self._runner.sequences()
@@ -200,9 +228,11 @@ class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def _step(self, stream: _Stream, request: pb.StepRequest) -> pb.StepResponse:
         step_id = request.step_id
         vocab = self._info.vocab_size
+        shared = request.shared_memory and self.probe is not None  # then the logits are not in the message
         try:
             plan, dtype = wire.request_to_plan(request)
             wire.check_plan_limits(plan, vocab)
+            # in shared memory too: the limit also bounds the memory one response may take
             check_response_size(plan, vocab, dtype, self._max_message_bytes)
         except _TooLarge as exc:
             return wire.error_response(step_id, pb.StepError.CODE_RESOURCE_EXHAUSTED, str(exc))
@@ -225,7 +255,12 @@ class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.steps_served += 1
         try:
             # encoding runs outside the runner lock; entries past the extends are feature vectors
-            return wire.logits_response(step_id, logits, dtype, vocab, n_extends=len(plan.extends))
+            if shared and stream.ring is None:
+                stream.ring = shm.Ring(stream.stream_id)
+            response = wire.logits_response(step_id, logits, dtype, vocab, n_extends=len(plan.extends),
+                                            shared=stream.ring.write if shared else None)
+            self.shared_steps += bool(response.logits.shared_memory_path)
+            return response
         except Exception as exc:  # noqa: BLE001 - a runner answered the wrong shape: the step ran, its logits are lost
             return self._failure(stream, step_id, exc, changed=True)
 
@@ -306,6 +341,7 @@ class WorkerServer:
         self._stopped = True
         self._health.enter_graceful_shutdown()
         done = self._server.stop(grace).wait(timeout=wait_s)
+        self.servicer.close()
         if not done:
             logger.warning("worker server %s: handlers still running %.1f s after stop", self.address, wait_s)
         return done

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blogitfusion/v1/worker.proto\x12\x0elogitfusion.v1\"\xaa\x01\n\x06Tensor\x12+\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1c.logitfusion.v1.Tensor.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"V\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x0f\n\x0b\x44TYPE_INT64\x10\x03\"V\n\x06\x45xtend\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08want_all\x18\x03 \x01(\x08\x12\x17\n\x0f\x66\x65\x61tures_tokens\x18\x04 \x01(\r\"1\n\x08Truncate\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x15\n\rlength_tokens\x18\x02 \x01(\x03\"\xba\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\'\n\x07\x65xtends\x18\x02 \x03(\x0b\x32\x16.logitfusion.v1.Extend\x12+\n\ttruncates\x18\x03 \x03(\x0b\x32\x18.logitfusion.v1.Truncate\x12\x10\n\x08releases\x18\x04 \x03(\t\x12\x32\n\x0clogits_dtype\x18\x05 \x01(\x0e\x32\x1c.logitfusion.v1.Tensor.DType\"w\n\nStepLogits\x12&\n\x06logits\x18\x01 \x01(\x0b\x32\x16.logitfusion.v1.Tensor\x12\x17\n\x0frows_per_extend\x18\x02 \x03(\r\x12(\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x16.logitfusion.v1.Tensor\"7\n\x0eSequenceLength\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x15\n\rlength_tokens\x18\x02 \x01(\x03\"\xe4\x01\n\tStepError\x12,\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1e.logitfusion.v1.StepError.Code\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x19\n\x11sequences_changed\x18\x03 \x01(\x08\"}\n\x04\x43ode\x12\x14\n\x10\x43ODE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43ODE_INVALID_ARGUMENT\x10\x01\x12\x1b\n\x17\x43ODE_RESOURCE_EXHAUSTED\x10\x02\x12\x11\n\rCODE_INTERNAL\x10\x03\x12\x14\n\x10\x43ODE_UNAVAILABLE\x10\x04\"\x84\x01\n\x0cStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12,\n\x06logits\x18\x02 \x01(\x0b\x32\x1a.logitfusion.v1.StepLogitsH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.logitfusion.v1.StepErrorH\x00\x42\t\n\x07outcome\"\x11\n\x0f\x44\x65scribeRequest\"\xa8\x01\n\nRunnerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x03\x12\x19\n\x11vocab_fingerprint\x18\x03 \x01(\t\x12\x19\n\x11max_length_tokens\x18\x04 \x01(\x03\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x16\n\x0enum_parameters\x18\x07 \x01(\x03\x12\x0b\n\x03pid\x18\x08 \x01(\x03\"%\n\x10SequencesRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\"F\n\x11SequencesResponse\x12\x31\n\tsequences\x18\x01 \x03(\x0b\x32\x1e.logitfusion.v1.SequenceLength2\xea\x01\n\x06Worker\x12\x45\n\x04Step\x12\x1b.logitfusion.v1.StepRequest\x1a\x1c.logitfusion.v1.StepResponse(\x01\x30\x01\x12G\n\x08\x44\x65scribe\x12\x1f.logitfusion.v1.DescribeRequest\x1a\x1a.logitfusion.v1.RunnerInfo\x12P\n\tSequences\x12 .logitfusion.v1.SequencesRequest\x1a!.logitfusion.v1.SequencesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blogitfusion/v1/worker.proto\x12\x0elogitfusion.v1\"\xaa\x01\n\x06Tensor\x12+\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1c.logitfusion.v1.Tensor.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"V\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x0f\n\x0b\x44TYPE_INT64\x10\x03\"V\n\x06\x45xtend\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08want_all\x18\x03 \x01(\x08\x12\x17\n\x0f\x66\x65\x61tures_tokens\x18\x04 \x01(\r\"1\n\x08Truncate\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x15\n\rlength_tokens\x18\x02 \x01(\x03\"\xd1\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\'\n\x07\x65xtends\x18\x02 \x03(\x0b\x32\x16.logitfusion.v1.Extend\x12+\n\ttruncates\x18\x03 \x03(\x0b\x32\x18.logitfusion.v1.Truncate\x12\x10\n\x08releases\x18\x04 \x03(\t\x12\x32\n\x0clogits_dtype\x18\x05 \x01(\x0e\x32\x1c.logitfusion.v1.Tensor.DType\x12\x15\n\rshared_memory\x18\x06 \x01(\x08\"\x93\x01\n\nStepLogits\x12&\n\x06logits\x18\x01 \x01(\x0b\x32\x16.logitfusion.v1.Tensor\x12\x17\n\x0frows_per_extend\x18\x02 \x03(\r\x12(\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x16.logitfusion.v1.Tensor\x12\x1a\n\x12shared_memory_path\x18\x04 \x01(\t\"7\n\x0eSequenceLength\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x15\n\rlength_tokens\x18\x02 \x01(\x03\"\xe4\x01\n\tStepError\x12,\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1e.logitfusion.v1.StepError.Code\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x19\n\x11sequences_changed\x18\x03 \x01(\x08\"}\n\x04\x43ode\x12\x14\n\x10\x43ODE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43ODE_INVALID_ARGUMENT\x10\x01\x12\x1b\n\x17\x43ODE_RESOURCE_EXHAUSTED\x10\x02\x12\x11\n\rCODE_INTERNAL\x10\x03\x12\x14\n\x10\x43ODE_UNAVAILABLE\x10\x04\"\x84\x01\n\x0cStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12,\n\x06logits\x18\x02 \x01(\x0b\x32\x1a.logitfusion.v1.StepLogitsH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.logitfusion.v1.StepErrorH\x00\x42\t\n\x07outcome\"\x11\n\x0f\x44\x65scribeRequest\"\xd9\x01\n\nRunnerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x03\x12\x19\n\x11vocab_fingerprint\x18\x03 \x01(\t\x12\x19\n\x11max_length_tokens\x18\x04 \x01(\x03\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x16\n\x0enum_parameters\x18\x07 \x01(\x03\x12\x0b\n\x03pid\x18\x08 \x01(\x03\x12\x16\n\x0eshm_probe_path\x18\t \x01(\t\x12\x17\n\x0fshm_probe_token\x18\n \x01(\t\"%\n\x10SequencesRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\"F\n\x11SequencesResponse\x12\x31\n\tsequences\x18\x01 \x03(\x0b\x32\x1e.logitfusion.v1.SequenceLength2\xea\x01\n\x06Worker\x12\x45\n\x04Step\x12\x1b.logitfusion.v1.StepRequest\x1a\x1c.logitfusion.v1.StepResponse(\x01\x30\x01\x12G\n\x08\x44\x65scribe\x12\x1f.logitfusion.v1.DescribeRequest\x1a\x1a.logitfusion.v1.RunnerInfo\x12P\n\tSequences\x12 .logitfusion.v1.SequencesRequest\x1a!.logitfusion.v1.SequencesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,25 +40,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRUNCATE']._serialized_start=308
   _globals['_TRUNCATE']._serialized_end=357
   _globals['_STEPREQUEST']._serialized_start=360
-  _globals['_STEPREQUEST']._serialized_end=546
-  _globals['_STEPLOGITS']._serialized_start=548
-  _globals['_STEPLOGITS']._serialized_end=667
-  _globals['_SEQUENCELENGTH']._serialized_start=669
-  _globals['_SEQUENCELENGTH']._serialized_end=724
-  _globals['_STEPERROR']._serialized_start=727
-  _globals['_STEPERROR']._serialized_end=955
-  _globals['_STEPERROR_CODE']._serialized_start=830
-  _globals['_STEPERROR_CODE']._serialized_end=955
-  _globals['_STEPRESPONSE']._serialized_start=958
-  _globals['_STEPRESPONSE']._serialized_end=1090
-  _globals['_DESCRIBEREQUEST']._serialized_start=1092
-  _globals['_DESCRIBEREQUEST']._serialized_end=1109
-  _globals['_RUNNERINFO']._serialized_start=1112
-  _globals['_RUNNERINFO']._serialized_end=1280
-  _globals['_SEQUENCESREQUEST']._serialized_start=1282
-  _globals['_SEQUENCESREQUEST']._serialized_end=1319
-  _globals['_SEQUENCESRESPONSE']._serialized_start=1321
-  _globals['_SEQUENCESRESPONSE']._serialized_end=1391
-  _globals['_WORKER']._serialized_start=1394
-  _globals['_WORKER']._serialized_end=1628
+  _globals['_STEPREQUEST']._serialized_end=569
+  _globals['_STEPLOGITS']._serialized_start=572
+  _globals['_STEPLOGITS']._serialized_end=719
+  _globals['_SEQUENCELENGTH']._serialized_start=721
+  _globals['_SEQUENCELENGTH']._serialized_end=776
+  _globals['_STEPERROR']._serialized_start=779
+  _globals['_STEPERROR']._serialized_end=1007
+  _globals['_STEPERROR_CODE']._serialized_start=882
+  _globals['_STEPERROR_CODE']._serialized_end=1007
+  _globals['_STEPRESPONSE']._serialized_start=1010
+  _globals['_STEPRESPONSE']._serialized_end=1142
+  _globals['_DESCRIBEREQUEST']._serialized_start=1144
+  _globals['_DESCRIBEREQUEST']._serialized_end=1161
+  _globals['_RUNNERINFO']._serialized_start=1164
+  _globals['_RUNNERINFO']._serialized_end=1381
+  _globals['_SEQUENCESREQUEST']._serialized_start=1383
+  _globals['_SEQUENCESREQUEST']._serialized_end=1420
+  _globals['_SEQUENCESRESPONSE']._serialized_start=1422
+  _globals['_SEQUENCESRESPONSE']._serialized_end=1492
+  _globals['_WORKER']._serialized_start=1495
+  _globals['_WORKER']._serialized_end=1729
 # @@protoc_insertion_point(module_scope)

@@ -48,28 +48,32 @@ class Truncate(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., length_tokens: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step_id", "extends", "truncates", "releases", "logits_dtype")
+    __slots__ = ("step_id", "extends", "truncates", "releases", "logits_dtype", "shared_memory")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     EXTENDS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATES_FIELD_NUMBER: _ClassVar[int]
     RELEASES_FIELD_NUMBER: _ClassVar[int]
     LOGITS_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     extends: _containers.RepeatedCompositeFieldContainer[Extend]
     truncates: _containers.RepeatedCompositeFieldContainer[Truncate]
     releases: _containers.RepeatedScalarFieldContainer[str]
     logits_dtype: Tensor.DType
-    def __init__(self, step_id: _Optional[int] = ..., extends: _Optional[_Iterable[_Union[Extend, _Mapping]]] = ..., truncates: _Optional[_Iterable[_Union[Truncate, _Mapping]]] = ..., releases: _Optional[_Iterable[str]] = ..., logits_dtype: _Optional[_Union[Tensor.DType, str]] = ...) -> None: ...
+    shared_memory: bool
+    def __init__(self, step_id: _Optional[int] = ..., extends: _Optional[_Iterable[_Union[Extend, _Mapping]]] = ..., truncates: _Optional[_Iterable[_Union[Truncate, _Mapping]]] = ..., releases: _Optional[_Iterable[str]] = ..., logits_dtype: _Optional[_Union[Tensor.DType, str]] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
 
 class StepLogits(_message.Message):
-    __slots__ = ("logits", "rows_per_extend", "features")
+    __slots__ = ("logits", "rows_per_extend", "features", "shared_memory_path")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     ROWS_PER_EXTEND_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_PATH_FIELD_NUMBER: _ClassVar[int]
     logits: Tensor
     rows_per_extend: _containers.RepeatedScalarFieldContainer[int]
     features: Tensor
-    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., rows_per_extend: _Optional[_Iterable[int]] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    shared_memory_path: str
+    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., rows_per_extend: _Optional[_Iterable[int]] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., shared_memory_path: _Optional[str] = ...) -> None: ...
 
 class SequenceLength(_message.Message):
     __slots__ = ("seq_id", "length_tokens")
@@ -116,7 +120,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RunnerInfo(_message.Message):
-    __slots__ = ("name", "vocab_size", "vocab_fingerprint", "max_length_tokens", "dtype", "device", "num_parameters", "pid")
+    __slots__ = ("name", "vocab_size", "vocab_fingerprint", "max_length_tokens", "dtype", "device", "num_parameters", "pid", "shm_probe_path", "shm_probe_token")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +129,8 @@ class RunnerInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    SHM_PROBE_PATH_FIELD_NUMBER: _ClassVar[int]
+    SHM_PROBE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     vocab_size: int
     vocab_fingerprint: str
@@ -133,7 +139,9 @@ class RunnerInfo(_message.Message):
     device: str
     num_parameters: int
     pid: int
-    def __init__(self, name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., vocab_fingerprint: _Optional[str] = ..., max_length_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_parameters: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+    shm_probe_path: str
+    shm_probe_token: str
+    def __init__(self, name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., vocab_fingerprint: _Optional[str] = ..., max_length_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_parameters: _Optional[int] = ..., pid: _Optional[int] = ..., shm_probe_path: _Optional[str] = ..., shm_probe_token: _Optional[str] = ...) -> None: ...
 
 class SequencesRequest(_message.Message):
     __slots__ = ("stream_id",)
