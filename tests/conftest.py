@@ -17,3 +17,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the shared-memory files (actors/shm.py) of worker processes the tests killed: a SIGKILLed worker
+    cannot unlink its own; a later worker on the machine would sweep them, the suite does not leave that to it."""
+    from logitfusion.actors import shm
+
+    shm.sweep_stale()

@@ -41,7 +41,7 @@ import torch
 
 from logitfusion.engine.routing import RouteTables, split_features
 from logitfusion.engine.runner import ExtendOp, ModelRunner, RunnerInfo, StepPlan, Want, concat_rows, failed
-from logitfusion.fusion import Recipe, SamplingParams, fuse, make_generator, sample, speculative_accept, to_probs
+from logitfusion.fusion import Recipe, SamplingParams, fuse, make_generator, native, sample, speculative_accept, to_probs
 from logitfusion.fusion.routing import Routing, route
 
 logger = logging.getLogger(__name__)
@@ -373,6 +373,8 @@ class Decoder:
             raise ValueError(f"fusion_device={fusion_device!r} is not a torch device: {exc}") from None
         if self.fusion_device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"fusion_device={fusion_device!r}: CUDA is not available on this machine")
+        if self.fusion_device.type == "cpu":
+            native.kernels()  # build / load the DLF kernels now, not inside the first request's step (once a process)
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
         if max_new_tokens_limit < 1:

@@ -11,11 +11,12 @@ probability below exp(-tau) too (alpha = 0 is in the box). With tau = ln(V / eps
 at most eps of the mass of P and of every Pt the solver can visit. The DLF problem is solved on the kept tokens only
 (P renormalised on them, deltas centred under that P), in float64; the targets KL(Q_t || Q), KL(Q || Q_t) involve
 only the small models and come from the one dense pass. Rows whose bound does not separate (more than
-max_fraction * V candidates: flat distributions, and the bulk of trained models) take the dense reference
-arithmetic, bit for bit.
+max_fraction * V candidates: flat distributions, and the bulk of trained models) are solved on the whole vocabulary
+(dense_rows): on CPU fp32 by the native kernels (native.py), else by the dense reference arithmetic.
 
 The fast path needs finite logits everywhere (no masked token): one amax and one amin per model and row decide that
-(taken chunk by chunk with the other passes), and double as the NaN guard. Anything else (a -inf mask, NaN, +inf)
+(taken chunk by chunk with the other passes; with the native kernels, inside their candidate count), and double as
+the NaN guard. Anything else (a -inf mask, NaN, +inf)
 returns None and fuse() takes the dense path, which handles masks and raises the precise error naming the model.
 """
 
@@ -231,22 +232,25 @@ def fused_from_logits(
 
 
 def dense_rows(
-    z_large: torch.Tensor, z_small: torch.Tensor, z_experts: Sequence[torch.Tensor], solver: str, max_alpha: float
+    z_large: torch.Tensor, z_small: torch.Tensor, z_experts: Sequence[torch.Tensor], solver: str, max_alpha: float,
+    prepared: native.DenseRows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows whose bound does not separate. z_*: finite raw logits [R, V]. -> alphas [R, T], loss [R], [R, V]
 
-    With the native kernels (CPU, fp32, bins that pay: native_lines), grid and newton solve on binned curves built
-    straight from the logits, and joint starts from that newton solution. Otherwise, and for joint's own exact
-    iterations, the dense reference path's arithmetic (fuse_dense on finite logits: log_softmax per model,
+    With the native kernels (CPU fp32: native.DenseRows, docs/algorithms.md §4 "Dense rows on the native CPU
+    kernels"; `prepared`: their pass 1 of exactly these rows, when the caller already ran it), straight from the
+    logits: grid on its exact grid curves, newton on binned curves (where the bins
+    pay), joint from that newton solution by exact native passes (where exp cannot overflow: DenseRows.fits).
+    Otherwise the dense reference path's arithmetic (fuse_dense on finite logits: log_softmax per model,
     dlf.prepare, the solver on all V tokens, the fused scores), with grid and newton on dlf.BinnedLines where they
     pay; a row whose bins do not pay comes out bit for bit as the reference gives it. A few rows at a time: the
     solver's [points, T, rows, V] temporaries then stay in cache (1.5-4x less time than the whole batch at once at
     V = 128k); rows are independent, so the result is the batch's."""
     R, V = z_large.shape
     T = len(z_experts)
-    kern = native.usable(z_large, z_small, *z_experts)
+    kern = native.usable(z_large, z_small, *z_experts) if prepared is None else prepared.kern
     if kern is not None:
-        dense = native.DenseRows(kern, z_large, z_small, z_experts)
+        dense = prepared or native.DenseRows(kern, z_large, z_small, z_experts)
         if solver == "grid" and dense.fits(max_alpha):
             lines = dense.grid_lines(max_alpha)
         else:
@@ -286,54 +290,52 @@ class DlfStep:
     support_size: torch.Tensor  # [B] tokens the solve ran on (V for a dense row)
 
 
-def native_split(
-    z_large: torch.Tensor, z_small: torch.Tensor, z_experts: Sequence[torch.Tensor], max_alpha: float, tau: float,
-    limit: int,
-) -> torch.Tensor | bool | None:
-    """Which rows the dense solve takes ([B] bool: more than `limit` certified candidates), by the native count
-    (kernels.c lf_candidate_counts); False when a logit is not finite (the same pass is the guard); None without
-    the kernels (CPU fp32 only)."""
-    kern = native.usable(z_large, z_small, *z_experts)
-    if kern is None:
-        return None
-    B, V = z_large.shape
-    T = len(z_experts)
-    zl, zs = z_large.contiguous(), z_small.contiguous()
-    ze = [x.contiguous() for x in z_experts]
-    ptrs = (ctypes.c_void_p * T)(*[x.data_ptr() for x in ze])
-    counts = torch.empty(B, dtype=torch.int64)
-    bad = kern.lib.lf_candidate_counts(B, T, V, max_alpha, tau + _ROUNDING_MARGIN, zl.data_ptr(), zs.data_ptr(),
-                                       ptrs, counts.data_ptr())
-    return False if bad else counts > limit
+def native_candidate_problem(rows: native.DenseRows, which: torch.Tensor) -> Problem:
+    """The DLF problem of rows `which` of a native pass 1 restricted to their certified candidates (its indices),
+    in float64, as candidate_problem builds it from the torch pass."""
+    counts = rows.counts[which]
+    K = int(counts.max())
+    assert rows.idx is not None and K <= rows.limit
+    valid = torch.arange(K).unsqueeze(0) < counts.unsqueeze(1)  # [R, K]
+    ids = rows.idx[which, :K].long().masked_fill(~valid, 0)  # [R, K]
+    z = rows.zl[which].gather(1, ids).double().masked_fill(~valid, float("-inf"))  # [R, K]
+    zs = rows.zs[which].gather(1, ids).double()
+    d = torch.stack([x[which].gather(1, ids).double() - zs for x in rows.ze]).masked_fill(~valid, 0.0)  # [T, R, K]
+    return _problem(torch.log_softmax(z, dim=-1), d, rows.a[which], rows.b[which])
 
 
-def _fuse_split(
-    z: Mapping[str, torch.Tensor], large: str, small: str, experts: Sequence[str], solver: str, max_alpha: float,
-    eps: float, dense: torch.Tensor,
-) -> tuple[torch.Tensor, DlfStep]:
-    """fuse_dlf_fast once the rows are split: the dense rows by dense_rows, the others on their candidates."""
-    z_l = z[large]
+def _fuse_native(
+    kern: native.Kernels, z: Mapping[str, torch.Tensor], large: str, small: str, experts: Sequence[str], solver: str,
+    max_alpha: float, tau: float, limit: int,
+) -> tuple[torch.Tensor, DlfStep] | None:
+    """fuse_dlf_fast on the native kernels: pass 1 (the guard, the targets, each row's candidate count and indices)
+    sends every row with more than `limit` candidates to dense_rows, and solves the others on their candidates;
+    None when a logit is not finite."""
+    z_l, z_s, z_e = z[large], z[small], [z[e] for e in experts]
     B, V = z_l.shape
-    names = [large, small, *experts]
+    rows = native.DenseRows(kern, z_l, z_s, z_e, max_alpha=max_alpha, slack=tau + _ROUNDING_MARGIN, limit=limit)
+    if rows.bad:
+        return None
+    dense = rows.counts > limit
     n_dense = int(dense.sum())
     if n_dense == B:
-        al, lo, lp = dense_rows(z_l, z[small], [z[e] for e in experts], solver, max_alpha)
-        return lp, DlfStep(al, lo, torch.full((B,), V, dtype=torch.int64, device=z_l.device))
-    if n_dense == 0:
-        out = fuse_dlf_fast(z, large, small, experts, solver, max_alpha, "candidates", eps)
-        assert out is not None  # the guard passed
-        return out
+        al, lo, lp = dense_rows(z_l, z_s, z_e, solver, max_alpha, prepared=rows)
+        return lp, DlfStep(al, lo, torch.full((B,), V, dtype=torch.int64))
     fused = torch.empty_like(z_l)
-    alphas = torch.zeros(B, len(experts), dtype=z_l.dtype, device=z_l.device)
-    loss = torch.zeros(B, dtype=z_l.dtype, device=z_l.device)
-    size = torch.full((B,), V, dtype=torch.int64, device=z_l.device)
-    rows = dense.nonzero().squeeze(-1)
-    al, lo, lp = dense_rows(z_l[rows], z[small][rows], [z[e][rows] for e in experts], solver, max_alpha)
-    alphas[rows], loss[rows], fused[rows] = al, lo, lp
-    rows = (~dense).nonzero().squeeze(-1)
-    out = fuse_dlf_fast({n: z[n][rows] for n in names}, large, small, experts, solver, max_alpha, "candidates", eps)
-    assert out is not None
-    fused[rows], alphas[rows], loss[rows], size[rows] = out[0], out[1].alphas, out[1].loss, out[1].support_size
+    alphas = torch.zeros(B, len(experts), dtype=z_l.dtype)
+    loss = torch.zeros(B, dtype=z_l.dtype)
+    size = torch.where(dense, torch.full_like(rows.counts, V), rows.counts)
+    if n_dense:
+        which = dense.nonzero().squeeze(-1)
+        al, lo, lp = dense_rows(z_l[which], z_s[which], [x[which] for x in z_e], solver, max_alpha)
+        alphas[which], loss[which], fused[which] = al, lo, lp
+    which = (~dense).nonzero().squeeze(-1)
+    al, lo = solve_problem(native_candidate_problem(rows, which), solver, max_alpha)
+    alphas[which], loss[which] = al.to(z_l.dtype), lo.to(z_l.dtype)
+    if n_dense:
+        fused[which] = fused_from_logits(z_l[which], z_s[which], [x[which] for x in z_e], al)
+    else:
+        fused = fused_from_logits(z_l, z_s, z_e, al)
     return fused, DlfStep(alphas, loss, size)
 
 
@@ -349,20 +351,17 @@ def fuse_dlf_fast(
     them; the others take the dense reference arithmetic (dense_rows). Pass 2: the fused log-probs of the
     candidate rows.
 
-    With the native kernels (support="auto", CPU fp32), the rows are split first (native_split: the guard, then a
-    candidate count per row), so a row bound for the dense solve never pays for pass 1, and the two kinds of rows go
-    their ways as separate sub-batches.
+    With the native kernels (support="auto", CPU fp32) pass 1 is kernels.c's (_fuse_native): the guard, the
+    targets and each row's candidates in one read of the logits, and no [T, B, V] deltas.
     """
     z_l, z_s, z_e = z[large], z[small], [z[e] for e in experts]
     B, V = z_l.shape
     T = len(experts)
     dtype, device = z_l.dtype, z_l.device
     tau = tau_for(V, eps)
-    split = native_split(z_l, z_s, z_e, max_alpha, tau, max(1, int(max_fraction * V))) if support == "auto" else None
-    if split is not None:
-        if split is False:
-            return None
-        return _fuse_split(z, large, small, experts, solver, max_alpha, eps, split)
+    kern = native.usable(z_l, z_s, *z_e) if support == "auto" else None
+    if kern is not None:
+        return _fuse_native(kern, z, large, small, experts, solver, max_alpha, tau, max(1, int(max_fraction * V)))
     maxes = torch.empty(T + 2, B, dtype=dtype, device=device)  # rows: large, small, experts
     mins = torch.empty_like(maxes)
     m_l, m_s, m_e = maxes[0], maxes[1], list(maxes[2:])

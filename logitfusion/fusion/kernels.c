@@ -16,7 +16,7 @@
 #define LF_BLOCK 1024 /* elements per inner block: every block buffer stays in L1 */
 #define LF_COPIES 4   /* interleaved bin tables: consecutive tokens in one bin do not wait on each other's store */
 
-int lf_abi_version(void) { return 6; }
+int lf_abi_version(void) { return 7; }
 int lf_moments(void) { return LF_MOMENTS; }
 
 /* exp(x) in float64 for |x| <= 700, relative error below 1e-15, written so that the compiler vectorises it (glibc's
@@ -69,19 +69,36 @@ static int64_t non_finite(const float* x, int64_t n) {
      w[r, v]          = exp(z_L - max z_L)                 (unnormalised P; the row sum is out[r, T, 0])
      out[r, t, 0..4]  = KL(Q_t || Q), KL(Q || Q_t), E_P[d_t], min_v d_t, max_v d_t
      out[r, T, 0]     = sum_v w[r, v]
-   out is [R, T + 1, 5] float64. The exps are float (vectorised), every product and sum float64. */
-void lf_dlf_pass1(int64_t R, int64_t T, int64_t V, const float* zl, const float* zs, const float* const* ze,
-                  float* w, double* out) {
+   and, in the same pass, the certified candidate support of docs/algorithms.md §4 (candidates._bound's arithmetic,
+   in float; c_t = max z_E,t - max z_S):
+     U_v = z_L,v + A sum_t max(d_t,v - c_t, 0),   L = max_v [z_L,v + A sum_t min(d_t,v - c_t, 0)],
+     counts[r] = #{v : U_v >= L - slack},  idx[r, :counts[r]] = those v in order when counts[r] <= limit.
+   The count only sends a row to the candidate solve or to the dense one (either is exact for any row), so its
+   rounding may differ from torch's by an ulp. out is [R, T + 1, 5] float64; idx is [R, limit] int32 (may be NULL).
+   The exps are float (vectorised), every product and sum float64. Returns the number of non-finite logits read
+   (NaN or +-inf: every exponent bit set, an integer test that -ffast-math leaves alone); when it is not 0 nothing
+   written means anything, and the rows after the first bad one are not read. */
+int64_t lf_dlf_pass1(int64_t R, int64_t T, int64_t V, const float* zl, const float* zs, const float* const* ze,
+                     float* w, double* out, double max_alpha, double slack, int64_t limit, int64_t* counts,
+                     int32_t* idx) {
   float* es = (float*)malloc(sizeof(float) * LF_BLOCK);
   float* ee = (float*)malloc(sizeof(float) * LF_BLOCK);
+  float* pos = (float*)malloc(sizeof(float) * LF_BLOCK);
+  float* neg = (float*)malloc(sizeof(float) * LF_BLOCK);
+  float* up = (float*)malloc(sizeof(float) * (size_t)V);
   double* acc = (double*)malloc(sizeof(double) * (size_t)(4 * T + 2));
   float* lo = (float*)malloc(sizeof(float) * (size_t)T);
   float* hi = (float*)malloc(sizeof(float) * (size_t)T);
   float* me = (float*)malloc(sizeof(float) * (size_t)T);
-  for (int64_t r = 0; r < R; ++r) {
+  const float A = (float)max_alpha;
+  int64_t bad = 0;
+  for (int64_t r = 0; r < R && !bad; ++r) {
     const float* l = zl + r * V;
     const float* s = zs + r * V;
     float* wr = w + r * V;
+    bad += non_finite(l, V) + non_finite(s, V);
+    for (int64_t t = 0; t < T; ++t) bad += non_finite(ze[t] + r * V, V);
+    if (bad) break;
     const float ml = row_max(l, V), ms = row_max(s, V);
     for (int64_t t = 0; t < T; ++t) {
       me[t] = row_max(ze[t] + r * V, V);
@@ -93,6 +110,7 @@ void lf_dlf_pass1(int64_t R, int64_t T, int64_t V, const float* zl, const float*
     double* s_sd = acc + 2 * T; /* [T] sum exp(z_S - max) d */
     double* s_ld = acc + 3 * T; /* [T] sum exp(z_L - max) d */
     double n_s = 0.0, n_l = 0.0;
+    float best = l[0] - 3.0e38f;
     for (int64_t i0 = 0; i0 < V; i0 += LF_BLOCK) {
       const int64_t n = V - i0 < LF_BLOCK ? V - i0 : LF_BLOCK;
       double bs = 0.0, bl = 0.0;
@@ -102,24 +120,28 @@ void lf_dlf_pass1(int64_t R, int64_t T, int64_t V, const float* zl, const float*
         wr[i0 + i] = y;
         bs += x;
         bl += y;
+        pos[i] = neg[i] = 0.f;
       }
       n_s += bs;
       n_l += bl;
       for (int64_t t = 0; t < T; ++t) {
         const float* e = ze[t] + r * V + i0;
-        const float m = me[t];
+        const float m = me[t], c = me[t] - ms;
         double be = 0.0, bed = 0.0, bsd = 0.0, bld = 0.0;
         float blo = lo[t], bhi = hi[t];
         for (int64_t i = 0; i < n; ++i) ee[i] = expf(e[i] - m);
         for (int64_t i = 0; i < n; ++i) {
           const double d = (double)e[i] - (double)s[i0 + i];
           const float df = e[i] - s[i0 + i];
+          const float db = df - c;
           be += ee[i];
           bed += ee[i] * d;
           bsd += es[i] * d;
           bld += wr[i0 + i] * d;
           blo = df < blo ? df : blo;
           bhi = df > bhi ? df : bhi;
+          pos[i] += db > 0.f ? db : 0.f;
+          neg[i] += db < 0.f ? db : 0.f;
         }
         n_e[t] += be;
         s_ed[t] += bed;
@@ -127,6 +149,11 @@ void lf_dlf_pass1(int64_t R, int64_t T, int64_t V, const float* zl, const float*
         s_ld[t] += bld;
         lo[t] = blo;
         hi[t] = bhi;
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const float lower = l[i0 + i] + A * neg[i];
+        best = lower > best ? lower : best;
+        up[i0 + i] = l[i0 + i] + A * pos[i];
       }
     }
     double* o = out + r * (T + 1) * 5;
@@ -142,13 +169,27 @@ void lf_dlf_pass1(int64_t R, int64_t T, int64_t V, const float* zl, const float*
       o[t * 5 + 4] = (double)hi[t] + 1e-6 * (1.0 + fabs((double)hi[t]));
     }
     o[T * 5 + 0] = n_l;
+    const float threshold = (float)((double)best - slack);
+    int64_t count = 0;
+    for (int64_t i = 0; i < V; ++i) count += up[i] >= threshold;
+    counts[r] = count;
+    if (idx != NULL && count <= limit) {
+      int32_t* ir = idx + r * limit;
+      int64_t k = 0;
+      for (int64_t i = 0; i < V; ++i)
+        if (up[i] >= threshold) ir[k++] = (int32_t)i;
+    }
   }
   free(es);
   free(ee);
+  free(pos);
+  free(neg);
+  free(up);
   free(acc);
   free(lo);
   free(hi);
   free(me);
+  return bad;
 }
 
 /* Pass 2, per expert t and row r: tokens binned by d_t = z_E,t - z_S (float64) into bins of `width` from lo[t, r],
@@ -197,58 +238,6 @@ void lf_bin_moments(int64_t R, int64_t T, int64_t V, int64_t bins, double width,
   free(h);
   free(kk);
   free(uu);
-}
-
-/* The certified candidate count of each row (candidates._bound's arithmetic, in float): with
-   d_t = z_E,t - z_S - (max z_E,t - max z_S),
-     U_v = z_L,v + A sum_t max(d_t,v, 0),   L = max_v [z_L,v + A sum_t min(d_t,v, 0)],
-     counts[r] = #{v : U_v >= L - slack}     (slack = tau + the rounding margin).
-   Used only to send each row to the candidate solve or to the dense one, so its rounding may differ from torch's
-   by an ulp: either path is exact for any row. */
-int64_t lf_candidate_counts(int64_t R, int64_t T, int64_t V, double max_alpha, double slack, const float* zl,
-                             const float* zs, const float* const* ze, int64_t* counts) {
-  /* Returns the number of non-finite logits it read (NaN or +-inf: every exponent bit set; an integer test, which
-     -ffast-math leaves alone), after which the counts mean nothing. */
-  int64_t bad = 0;
-  float* up = (float*)malloc(sizeof(float) * (size_t)V);
-  float* shift = (float*)malloc(sizeof(float) * (size_t)T);
-  const float A = (float)max_alpha;
-  for (int64_t r = 0; r < R; ++r) {
-    const float* l = zl + r * V;
-    const float* s = zs + r * V;
-    bad += non_finite(l, V) + non_finite(s, V);
-    for (int64_t t = 0; t < T; ++t) bad += non_finite(ze[t] + r * V, V);
-    if (bad) break;
-    const float ms = row_max(s, V);
-    for (int64_t t = 0; t < T; ++t) shift[t] = row_max(ze[t] + r * V, V) - ms;
-    float best = -3.0e38f;
-    for (int64_t i0 = 0; i0 < V; i0 += LF_BLOCK) {
-      const int64_t n = V - i0 < LF_BLOCK ? V - i0 : LF_BLOCK;
-      float pos[LF_BLOCK], neg[LF_BLOCK];
-      for (int64_t i = 0; i < n; ++i) pos[i] = neg[i] = 0.f;
-      for (int64_t t = 0; t < T; ++t) {
-        const float* e = ze[t] + r * V + i0;
-        const float c = shift[t];
-        for (int64_t i = 0; i < n; ++i) {
-          const float d = (e[i] - s[i0 + i]) - c;
-          pos[i] += d > 0.f ? d : 0.f;
-          neg[i] += d < 0.f ? d : 0.f;
-        }
-      }
-      for (int64_t i = 0; i < n; ++i) {
-        const float lower = l[i0 + i] + A * neg[i];
-        best = lower > best ? lower : best;
-        up[i0 + i] = l[i0 + i] + A * pos[i];
-      }
-    }
-    const float threshold = (float)((double)best - slack);
-    int64_t c = 0;
-    for (int64_t i = 0; i < V; ++i) c += up[i] >= threshold;
-    counts[r] = c;
-  }
-  free(up);
-  free(shift);
-  return bad;
 }
 
 /* Joint DLF at alphas[r, :] (every expert active), per row r: with Delta_t = d_t - mean[r, t] (d_t = z_E,t - z_S in

@@ -22,6 +22,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -37,7 +38,7 @@ from .dlf import GRID_STEP, BinnedLines, Curve, Joint, LineProblem, grid_points,
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
-ABI_VERSION = 6  # lf_abi_version() of the source this module binds
+ABI_VERSION = 7  # lf_abi_version() of the source this module binds
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC")  # compiling
 LINK = ("-shared",)  # linking: no -ffast-math (see build)
 _P = ctypes.c_void_p
@@ -106,12 +107,10 @@ class Kernels:
         lib.lf_moments.restype = ctypes.c_int
         if lib.lf_abi_version() != ABI_VERSION:
             raise RuntimeError(f"{path}: ABI {lib.lf_abi_version()}, this module binds {ABI_VERSION}")
-        lib.lf_dlf_pass1.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P]
-        lib.lf_dlf_pass1.restype = None
+        lib.lf_dlf_pass1.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, ctypes.c_double, ctypes.c_double, _I, _P, _P]
+        lib.lf_dlf_pass1.restype = ctypes.c_int64
         lib.lf_bin_moments.argtypes = [_I, _I, _I, _I, ctypes.c_double, _P, _P, _P, _P, _P]
         lib.lf_bin_moments.restype = None
-        lib.lf_candidate_counts.argtypes = [_I, _I, _I, ctypes.c_double, ctypes.c_double, _P, _P, _P, _P]
-        lib.lf_candidate_counts.restype = ctypes.c_int64
         lib.lf_joint_moments.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, ctypes.c_int, _P]
         lib.lf_joint_moments.restype = None
         lib.lf_grid_curves.argtypes = [_I, _I, _I, _I, ctypes.c_double, _P, _P, _P, _P, _P]
@@ -152,29 +151,36 @@ def usable(*mats: torch.Tensor) -> Kernels | None:
 
 
 class DenseRows:
-    """The DLF problem of rows whose certified support does not separate, straight from finite raw fp32 logits
-    [R, V] (kernels.c pass 1: targets, E_P[d_t], each delta's range, P up to its row sum). It never builds the
-    [T, R, V] deltas: the one-expert curves come from binned moments (lines), joint's terms from one pass per
-    evaluation (joint_terms), and the fused scores from the logits (fused)."""
+    """One DLF step's rows straight from finite raw fp32 logits [R, V], by kernels.c pass 1: the guard, the targets,
+    E_P[d_t], each delta's range, P up to its row sum, and each row's certified candidate support (counts; the
+    indices of rows with at most ``limit`` candidates). It never builds the [T, R, V] deltas: for the rows solved on
+    the whole vocabulary the one-expert curves come from binned moments (lines) or exact grid sweeps (grid_lines),
+    joint's terms from one pass per evaluation (joint_terms); candidates.native_candidate_problem gathers the
+    others' candidates. ``bad``: how many logits were not finite (then nothing else means anything)."""
 
-    def __init__(self, kern: Kernels, z_large: torch.Tensor, z_small: torch.Tensor, z_experts: Sequence[torch.Tensor]):
+    def __init__(self, kern: Kernels, z_large: torch.Tensor, z_small: torch.Tensor, z_experts: Sequence[torch.Tensor],
+                 *, max_alpha: float = 2.0, slack: float = 0.0, limit: int = 0):
         self.kern = kern
         self.R, self.V = z_large.shape
         self.T = T = len(z_experts)
+        self.zl = z_large.contiguous()
         self.zs = z_small.contiguous()
         self.ze = [x.contiguous() for x in z_experts]
         self._ptrs = (ctypes.c_void_p * T)(*[x.data_ptr() for x in self.ze])
         self.w = torch.empty(self.R, self.V, dtype=torch.float32)  # exp(z_L - max z_L): P up to its row sum
         out = torch.empty(self.R, T + 1, 5, dtype=torch.float64)
-        zl = z_large.contiguous()
-        kern.lib.lf_dlf_pass1(self.R, T, self.V, zl.data_ptr(), self.zs.data_ptr(), self._ptrs, self.w.data_ptr(),
-                              out.data_ptr())
+        self.counts = torch.empty(self.R, dtype=torch.int64)  # certified candidates per row
+        self.limit = limit
+        self.idx = torch.empty(self.R, limit, dtype=torch.int32) if limit > 0 else None  # [R, limit]
+        self.bad = int(kern.lib.lf_dlf_pass1(
+            self.R, T, self.V, self.zl.data_ptr(), self.zs.data_ptr(), self._ptrs, self.w.data_ptr(), out.data_ptr(),
+            max_alpha, slack, limit, self.counts.data_ptr(), None if self.idx is None else self.idx.data_ptr()))
         self.a, self.b = out[:, :T, 0].contiguous(), out[:, :T, 1].contiguous()  # [R, T] targets
         self.mean = out[:, :T, 2].contiguous()  # [R, T]  E_P[d_t]
         self.lo, self.hi = out[:, :T, 3].T.contiguous(), out[:, :T, 4].T.contiguous()  # [T, R] range of d_t
         self.norm = out[:, T, 0].contiguous()  # [R] sum of w
         reach = torch.maximum(self.hi - self.mean.T, self.mean.T - self.lo)  # [T, R] max |Delta_t|
-        self.reach = float(reach.sum(0).max())  # max over rows of sum_t max |Delta_t|
+        self.reach = float(reach.sum(0).max()) if self.R and not self.bad else math.inf
 
     def fits(self, max_alpha: float) -> bool:
         """Whether exp(sum_t alpha_t Delta_t) stays far from float64 overflow for every alpha in the box."""

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from logitfusion.fusion import Recipe, dlf_loss, fuse, presets
 from logitfusion.fusion import candidates as C
 from logitfusion.fusion import dlf as D
+from logitfusion.fusion import native
 from logitfusion.fusion import recipe as recipe_module
 
 pytestmark = pytest.mark.timeout(120)
@@ -153,8 +154,10 @@ def test_auto_and_candidates_agree_with_dense_on_random_problems(seed, B, V, T, 
 
 
 def exact_curves_only(monkeypatch) -> None:
-    """Make binned line curves never pay, so the dense fallback is the reference's arithmetic op for op."""
+    """Make binned line curves never pay and keep the native kernels out (test_fusion_native.py checks those), so
+    the dense fallback is the reference's arithmetic op for op."""
     monkeypatch.setattr(D, "_BIN_PAYS", 1 << 40)
+    monkeypatch.setattr(native, "kernels", lambda: None)
 
 
 @pytest.mark.parametrize("binned", [False, True])

@@ -146,27 +146,33 @@ def test_joint_terms_from_the_kernels_match_joint_terms(T):
             torch.testing.assert_close(got.hess, want.hess, rtol=1e-5, atol=1e-7 * float(want.hess.abs().max()))
 
 
-def test_candidate_counts_match_the_torch_mask_and_guard_every_model():
+def test_candidate_counts_and_indices_match_the_torch_mask_and_pass1_guards_every_model():
     z = flat_logits(7, 6, 4000, 2, scale=6.0)
     g = torch.Generator().manual_seed(8)
     z["large"][:3] *= 4.0  # peaked rows: some tokens are certified negligible
     z["large"][1, torch.randint(0, 4000, (5,), generator=g)] += 60.0
     zl, zs, ze = z["large"], z["small"], experts(z)
     tau = C.tau_for(4000, 1e-9)
-    dense = C.native_split(zl, zs, ze, 2.0, tau, limit=1000)
+    kern = native.kernels()
+    rows = native.DenseRows(kern, zl, zs, ze, max_alpha=2.0, slack=tau + C._ROUNDING_MARGIN, limit=1000)
+    assert rows.bad == 0
     maxes = {n: x.amax(-1) for n, x in z.items()}
     d = torch.empty(2, 6, 4000)
     scratch = [torch.empty(6, 4000) for _ in range(3)]
     C.dlf_dense_pass(zs, ze, maxes["small"], [maxes["e0"], maxes["e1"]], d, scratch)
-    counts = C.candidate_mask(zl, d, 2.0, tau, scratch).sum(-1)
-    assert torch.equal(dense, counts > 1000), (counts,)
-    assert bool(dense.any()) and not bool(dense.all())
+    keep = C.candidate_mask(zl, d, 2.0, tau, scratch)
+    assert torch.equal(rows.counts, keep.sum(-1)), (rows.counts, keep.sum(-1))
+    small = (rows.counts <= 1000).nonzero().squeeze(-1)
+    assert 0 < small.numel() < 6  # both kinds of rows
+    for r in small.tolist():
+        assert torch.equal(rows.idx[r, : rows.counts[r]].long(), keep[r].nonzero().squeeze(-1))
     for name in z:
         for bad in (float("nan"), float("inf"), float("-inf")):
             broken = dict(z)
             broken[name] = z[name].clone()
             broken[name][4, 17] = bad
-            assert C.native_split(broken["large"], broken["small"], experts(broken), 2.0, tau, 1000) is False
+            checked = native.DenseRows(kern, broken["large"], broken["small"], experts(broken), limit=1000)
+            assert checked.bad >= 1, (name, bad)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,12 +208,17 @@ def test_a_batch_of_dense_and_candidate_rows_is_split_and_reassembled():
         z["large"][row] = torch.randn(6000, generator=g) * 2.0
         z["large"][row, torch.randint(0, 6000, (6,), generator=g)] += 80.0
     recipe = presets.dlf("large", "small", ["e0", "e1"], solver="newton")
+    peaked = fuse({n: x[[1, 4]] for n, x in z.items()}, recipe)  # every row on its candidates
+    assert (peaked.support_size < 1500).all()
     res = fuse(z, recipe)
     ref = fuse({n: x.double() for n, x in z.items()}, recipe, support="dense")
     assert res.support_size[1] < 1500 and res.support_size[4] < 1500
     assert all(int(res.support_size[r]) == 6000 for r in (0, 2, 3, 5))
     torch.testing.assert_close(res.alphas.double(), ref.alphas, atol=1e-4, rtol=0)
     assert torch.equal(res.logprobs.argmax(-1), ref.logprobs.argmax(-1))
+    torch.testing.assert_close(res.logprobs.exp().double(), ref.logprobs.exp(), atol=2e-6, rtol=1e-4)
+    torch.testing.assert_close(peaked.alphas, res.alphas[[1, 4]], atol=1e-6, rtol=0)
+    torch.testing.assert_close(peaked.logprobs, res.logprobs[[1, 4]], atol=1e-6, rtol=0)
 
 
 def test_joint_falls_back_to_torch_where_exp_could_overflow():
