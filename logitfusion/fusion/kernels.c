@@ -16,7 +16,7 @@
 #define LF_BLOCK 1024 /* elements per inner block: every block buffer stays in L1 */
 #define LF_COPIES 4   /* interleaved bin tables: consecutive tokens in one bin do not wait on each other's store */
 
-int lf_abi_version(void) { return 7; }
+int lf_abi_version(void) { return 8; }
 int lf_moments(void) { return LF_MOMENTS; }
 
 /* exp(x) in float64 for |x| <= 700, relative error below 1e-15, written so that the compiler vectorises it (glibc's
@@ -392,4 +392,40 @@ void lf_grid_curves(int64_t R, int64_t T, int64_t V, int64_t G, double h, const 
   free(ratio);
   free(e);
   free(acc);
+}
+
+/* A static recipe in one read of each model (docs/algorithms.md §2, "How a static step is computed"): per row,
+     out = log_softmax(sum_m weights[m] (z_m - max z_m))
+   in float, as candidates.static_log_probs computes it (a weight of exactly 0 adds nothing; every model is still
+   guarded). out is [R, V] float32. Returns the number of non-finite logits read (then out means nothing). */
+int64_t lf_static_fuse(int64_t R, int64_t M, int64_t V, const float* const* z, const double* weights, float* out) {
+  int64_t bad = 0;
+  float* top = (float*)malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
+  for (int64_t r = 0; r < R && !bad; ++r) {
+    for (int64_t m = 0; m < M; ++m) {
+      bad += non_finite(z[m] + r * V, V);
+      top[m] = row_max(z[m] + r * V, V);
+    }
+    if (bad) break;
+    float* o = out + r * V;
+    for (int64_t i = 0; i < V; ++i) o[i] = 0.f;
+    for (int64_t m = 0; m < M; ++m) {
+      const float wm = (float)weights[m], c = top[m];
+      if (wm == 0.f) continue;
+      const float* x = z[m] + r * V;
+      for (int64_t i = 0; i < V; ++i) o[i] += wm * (x[i] - c);
+    }
+    const float mx = row_max(o, V);
+    double sum = 0.0;
+    for (int64_t i0 = 0; i0 < V; i0 += LF_BLOCK) {
+      const int64_t n = V - i0 < LF_BLOCK ? V - i0 : LF_BLOCK;
+      float block = 0.f;
+      for (int64_t i = 0; i < n; ++i) block += expf(o[i0 + i] - mx);
+      sum += block;
+    }
+    const float shift = mx + (float)log(sum);
+    for (int64_t i = 0; i < V; ++i) o[i] -= shift;
+  }
+  free(top);
+  return bad;
 }

@@ -230,3 +230,23 @@ def test_joint_falls_back_to_torch_where_exp_could_overflow():
     assert torch.isfinite(res.alphas).all() and torch.isfinite(res.logprobs).all()
     ref = fuse({n: x.double() for n, x in z.items()}, recipe, support="dense")
     assert torch.equal(res.logprobs.argmax(-1), ref.logprobs.argmax(-1))
+
+
+def test_static_fusion_on_the_kernels_matches_the_torch_pass_and_guards_every_model(monkeypatch):
+    z = flat_logits(40, 5, 7000, 3, scale=4.0)
+    weights = {"large": 1.0, "small": -2.0, "e0": 1.0, "e1": 0.5, "e2": 0.0}  # e2: read and guarded, adds nothing
+    fast = C.static_log_probs(z, weights)
+    exact = torch.log_softmax(sum(w * torch.log_softmax(z[n].double(), -1) for n, w in weights.items()), -1)
+    torch.testing.assert_close(fast.double(), exact, atol=2e-5, rtol=0)
+    with monkeypatch.context() as m:
+        m.setattr(native, "kernels", lambda: None)
+        torch.testing.assert_close(fast, C.static_log_probs(z, weights), atol=1e-6, rtol=0)
+    recipe = presets.static("large", "small", ["e0", "e1", "e2"], [1.0, 0.5, 0.0])
+    assert torch.equal(fuse(z, recipe).logprobs.argmax(-1), fuse(z, recipe, support="dense").logprobs.argmax(-1))
+    for name in z:
+        broken = dict(z)
+        broken[name] = z[name].clone()
+        broken[name][3, 5] = float("nan")
+        assert C.static_log_probs(broken, weights) is None, name
+    with pytest.raises(ValueError, match=r"logits\['e2'\]: row 3 holds NaN or \+inf"):
+        fuse(broken, recipe)  # the dense path names the model

@@ -66,26 +66,25 @@ def test_logits_come_through_shared_memory_bit_identical_and_files_go_with_their
     assert not probe.exists()  # and the probe with the server
 
 
+def _in_the_messages(srv: WorkerServer, reference, seq_id: str) -> None:
+    """One step through a fresh client: identical logits, none of them through shared memory."""
+    rr = RemoteRunner("large", lambda: srv.address)
+    try:
+        plan = StepPlan(extends=(_ext(seq_id, [1, 2, 3]),))
+        assert torch.equal(rr.step(plan)[0], reference.step(plan)[0])
+        assert srv.servicer.shared_steps == 0
+    finally:
+        rr.close()
+
+
 def test_without_the_probe_or_with_shared_memory_off_the_logits_stay_in_the_messages(pair, monkeypatch):
     srv, reference = pair
     monkeypatch.setattr(shm, "probe_ok", lambda path, token: False)  # a client on another host
-    rr = RemoteRunner("large", lambda: srv.address)
-    try:
-        plan = StepPlan(extends=(_ext("a", [1, 2, 3]),))
-        assert torch.equal(rr.step(plan)[0], reference.step(plan)[0])
-        assert srv.servicer.shared_steps == 0
-    finally:
-        rr.close()
+    _in_the_messages(srv, reference, "a")
     monkeypatch.undo()
     monkeypatch.setenv("LOGITFUSION_SHM", "0")
     assert not shm.enabled()
-    rr = RemoteRunner("large", lambda: srv.address)
-    try:
-        plan = StepPlan(extends=(_ext("b", [1, 2, 3]),))
-        assert torch.equal(rr.step(plan)[0], reference.step(plan)[0])
-        assert srv.servicer.shared_steps == 0
-    finally:
-        rr.close()
+    _in_the_messages(srv, reference, "b")
 
 
 def test_at_most_two_shared_requests_are_out_at_once(pair):
