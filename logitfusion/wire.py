@@ -10,6 +10,7 @@ message naming the field and the limit; nothing in a decoded message is trusted.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import warnings
@@ -34,6 +35,7 @@ _ITEMSIZE_BYTES: dict[int, int] = {pb.Tensor.DTYPE_FLOAT32: 4, pb.Tensor.DTYPE_B
 _NUMPY_VIEW: dict[torch.dtype, torch.dtype] = {torch.bfloat16: torch.int16}
 _LOGITS_DTYPES: dict[str, int] = {"float32": pb.Tensor.DTYPE_FLOAT32, "bfloat16": pb.Tensor.DTYPE_BFLOAT16}
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
+logger = logging.getLogger(__name__)
 
 
 class WireError(ValueError):
@@ -201,10 +203,16 @@ def logits_response(
     else:
         joined = torch.empty(0, vocab_size)  # [0, V]
     rows = [int(t.shape[0]) for t in logits]
+    path = ""
     if shared is not None and joined.numel() and dtype in _TO_PROTO and not _BIG_ENDIAN_HOST:
         t = joined.detach().to(device="cpu", dtype=dtype)
+        try:
+            path = shared(t)
+        except OSError as exc:  # e.g. a full memory filesystem: this response carries its logits itself
+            logger.warning("shared memory unavailable for a step's logits (%s); sending them in the message", exc)
+    if path:
         header = pb.Tensor(dtype=_TO_PROTO[dtype], shape=list(t.shape))
-        msg = pb.StepLogits(logits=header, rows_per_extend=rows, shared_memory_path=shared(t))
+        msg = pb.StepLogits(logits=header, rows_per_extend=rows, shared_memory_path=path)
     else:
         msg = pb.StepLogits(logits=encode_tensor(joined, dtype), rows_per_extend=rows)
     if feats:

@@ -45,9 +45,11 @@ def enabled() -> bool:
 
 
 def _create(path: Path, size: int) -> tuple[int, mmap.mmap]:
+    """A new file of `size` bytes, its pages reserved: on a full memory filesystem this raises OSError (ENOSPC)
+    here, where a sparse file would kill the writer with SIGBUS on its first store past the limit."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)
         return fd, mmap.mmap(fd, size)
     except BaseException:
         os.close(fd)

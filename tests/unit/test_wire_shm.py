@@ -169,3 +169,19 @@ def test_files_of_dead_processes_are_swept_and_live_ones_kept():
     finally:
         stale.unlink(missing_ok=True)
         live.unlink(missing_ok=True)
+
+
+def test_a_full_memory_filesystem_sends_the_logits_in_the_message(pair, monkeypatch):
+    srv, reference = pair
+
+    def full(path, size):
+        raise OSError(28, "No space left on device")  # what posix_fallocate says on a full tmpfs
+
+    monkeypatch.setattr(shm, "_create", full)
+    rr = RemoteRunner("large", lambda: srv.address)
+    try:
+        plan = StepPlan(extends=(_ext("a", [1, 2, 3], "all"),))
+        assert torch.equal(rr.step(plan)[0], reference.step(plan)[0])
+        assert srv.servicer.shared_steps == 0
+    finally:
+        rr.close()
