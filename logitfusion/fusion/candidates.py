@@ -220,6 +220,13 @@ def fused_from_logits(
     """log_softmax(z_L + sum_t alpha_t (z_E,t - z_S)) [R, V] from raw logits (every per-model normalisation is a
     row constant), in cache-sized row chunks; an expert at alpha 0 in every row of a chunk costs nothing."""
     R, V = z_large.shape
+    kern = native.usable(z_large, z_small, *z_experts)
+    if kern is not None:  # one read of each model (kernels.c lf_static_fuse with per-row weights)
+        al = alphas.to(torch.float64)
+        weights = torch.cat([torch.ones(R, 1, dtype=torch.float64), -al.sum(-1, keepdim=True), al], dim=1)
+        fused = native.static_log_probs(kern, [z_large, z_small, *z_experts], weights)
+        assert fused is not None  # the caller's guard passed
+        return fused
     fused = torch.empty_like(z_large)
     (buf,) = _scratch(z_large, 1)
     al = alphas.to(z_large.dtype)

@@ -16,7 +16,7 @@
 #define LF_BLOCK 1024 /* elements per inner block: every block buffer stays in L1 */
 #define LF_COPIES 4   /* interleaved bin tables: consecutive tokens in one bin do not wait on each other's store */
 
-int lf_abi_version(void) { return 8; }
+int lf_abi_version(void) { return 9; }
 int lf_moments(void) { return LF_MOMENTS; }
 
 /* exp(x) in float64 for |x| <= 700, relative error below 1e-15, written so that the compiler vectorises it (glibc's
@@ -395,10 +395,13 @@ void lf_grid_curves(int64_t R, int64_t T, int64_t V, int64_t G, double h, const 
 }
 
 /* A static recipe in one read of each model (docs/algorithms.md §2, "How a static step is computed"): per row,
-     out = log_softmax(sum_m weights[m] (z_m - max z_m))
+     out = log_softmax(sum_m weights[r * row_stride + m] (z_m - max z_m))
    in float, as candidates.static_log_probs computes it (a weight of exactly 0 adds nothing; every model is still
-   guarded). out is [R, V] float32. Returns the number of non-finite logits read (then out means nothing). */
-int64_t lf_static_fuse(int64_t R, int64_t M, int64_t V, const float* const* z, const double* weights, float* out) {
+   guarded). row_stride 0: one weight per model for every row (static recipes); M: per-row weights (a DLF step's
+   fused scores: 1 on the large base, -sum_t alpha_t on the small one, alpha_t on expert t). out is [R, V] float32.
+   Returns the number of non-finite logits read (then out means nothing). */
+int64_t lf_static_fuse(int64_t R, int64_t M, int64_t V, const float* const* z, const double* weights,
+                       int64_t row_stride, float* out) {
   int64_t bad = 0;
   float* top = (float*)malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
   for (int64_t r = 0; r < R && !bad; ++r) {
@@ -410,7 +413,7 @@ int64_t lf_static_fuse(int64_t R, int64_t M, int64_t V, const float* const* z, c
     float* o = out + r * V;
     for (int64_t i = 0; i < V; ++i) o[i] = 0.f;
     for (int64_t m = 0; m < M; ++m) {
-      const float wm = (float)weights[m], c = top[m];
+      const float wm = (float)weights[r * row_stride + m], c = top[m];
       if (wm == 0.f) continue;
       const float* x = z[m] + r * V;
       for (int64_t i = 0; i < V; ++i) o[i] += wm * (x[i] - c);

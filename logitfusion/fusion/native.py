@@ -38,7 +38,7 @@ from .dlf import GRID_STEP, BinnedLines, Curve, Joint, LineProblem, grid_points,
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
-ABI_VERSION = 8  # lf_abi_version() of the source this module binds
+ABI_VERSION = 9  # lf_abi_version() of the source this module binds
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC")  # compiling
 LINK = ("-shared",)  # linking: no -ffast-math (see build)
 _P = ctypes.c_void_p
@@ -115,7 +115,7 @@ class Kernels:
         lib.lf_joint_moments.restype = None
         lib.lf_grid_curves.argtypes = [_I, _I, _I, _I, ctypes.c_double, _P, _P, _P, _P, _P]
         lib.lf_grid_curves.restype = None
-        lib.lf_static_fuse.argtypes = [_I, _I, _I, _P, _P, _P]
+        lib.lf_static_fuse.argtypes = [_I, _I, _I, _P, _P, _I, _P]
         lib.lf_static_fuse.restype = ctypes.c_int64
         lib.lf_exp_check.argtypes = [_I, _P, _P]
         lib.lf_exp_check.restype = ctypes.c_int
@@ -265,13 +265,17 @@ class DenseRows:
         return Joint(loss, grad, hess)
 
 
-def static_log_probs(kern: Kernels, mats: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor | None:
+def static_log_probs(
+    kern: Kernels, mats: Sequence[torch.Tensor], weights: Sequence[float] | torch.Tensor
+) -> torch.Tensor | None:
     """log_softmax(sum_m w_m (z_m - max z_m)) [B, V] of finite fp32 CPU logits in one read of each model
-    (kernels.c lf_static_fuse); None when a logit is not finite."""
+    (kernels.c lf_static_fuse); weights: one per model, or a [B, M] tensor of per-row weights. None when a logit
+    is not finite."""
     zs = [x.contiguous() for x in mats]
     B, V = zs[0].shape
     ptrs = (ctypes.c_void_p * len(zs))(*[x.data_ptr() for x in zs])
-    w = torch.tensor(list(weights), dtype=torch.float64)
+    per_row = isinstance(weights, torch.Tensor)
+    w = (weights.to(torch.float64).contiguous() if per_row else torch.tensor(list(weights), dtype=torch.float64))
     out = torch.empty(B, V, dtype=torch.float32)
-    bad = kern.lib.lf_static_fuse(B, len(zs), V, ptrs, w.data_ptr(), out.data_ptr())
+    bad = kern.lib.lf_static_fuse(B, len(zs), V, ptrs, w.data_ptr(), len(zs) if per_row else 0, out.data_ptr())
     return None if bad else out
