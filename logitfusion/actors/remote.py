@@ -115,7 +115,7 @@ class _Connection:
     stream_id: str
     requests: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # StepRequest, or None to half-close
     call: Any = None  # the Step call: an iterator of StepResponse, also a grpc.Future (cancel())
-    shared: bool = False  # the worker's probe was readable here: its logits may come in shared memory (shm.py)
+    shared: bool = False  # the worker's memory filesystem is this process's: logits may come in shared memory
 
     def send(self, request: pb.StepRequest, in_flight: Iterable[pb.StepRequest]) -> None:
         """Queue a step request, asking for shared memory when this connection can use it and fewer than the
@@ -168,7 +168,7 @@ class RemoteRunner(ModelRunner):
     halve traffic (the Decoder still gets fp32 tensors). info: the RunnerInfo to expect; None asks the worker now.
     max_breaks_per_step: a plan whose in-flight stream broke this many times fails with RunnerError (a plan that
     crashes its worker every time must not loop until the timeout). tls: dial the worker over TLS (actors.tls).
-    shared_memory: take the logits from the worker's shared memory when its probe is readable here (same host and
+    shared_memory: take the logits from the worker's shared memory when it is this process's too (same host and
     memory filesystem: actors/shm.py), instead of in the messages; LOGITFUSION_SHM=0 turns it off everywhere.
     """
 
@@ -334,7 +334,7 @@ class RemoteRunner(ModelRunner):
                 elif (diff := same_model(self._info, info)) is not None:
                     channel.close()
                     raise RunnerUnavailable(f"{self.name}: the worker at {address} serves another model ({diff})")
-                shared = self._shared_memory and shm.probe_ok(described.shm_probe_path, described.shm_probe_token)
+                shared = self._shared_memory and shm.same_memory(described.shm_dir, described.shm_identity)
                 return _Connection(address, channel, stub, stream_id=uuid.uuid4().hex, shared=shared)
             except RunnerUnavailable:
                 raise

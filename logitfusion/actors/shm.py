@@ -4,22 +4,23 @@ At V = 128k and 16 rows a step's fp32 logits are 8 MB per model. Through protobu
 five times (tensor -> bytes, serialisation, the socket both ways, parsing) and framed by HTTP/2. When the worker and
 its client share a memory filesystem (/dev/shm: the same host, and the same container or pod), the worker writes
 them once into a file of its stream's ring and the message carries only the file's name; the client copies them
-out once. Across hosts, or where the client cannot read the worker's probe file, everything stays in the message.
+out once. Across hosts, or between containers with their own /dev/shm, everything stays in the message.
 
-- **Probe** (worker): a file ``lf-<pid>-probe-<random>`` holding a random token, named in RunnerInfo. A client that
-  reads the same token shares the worker's filesystem (a same-named file elsewhere cannot hold the token).
+- **Identity** (no file): ``boot_id:st_dev:st_ino:uid`` of the shared directory, which the worker reports in
+  RunnerInfo. The kernel's boot id names the host, the directory's device and inode name the mounted filesystem
+  (two tmpfs mounts never share a device number while mounted), and the uid makes sure the client may open the
+  worker's 0600 files. A client that computes the same identity sees the worker's files.
 - **Ring** (worker, one per Step stream): two files ``lf-<pid>-<stream>-<slot>-<generation>``, used in turn, grown
   (as a new generation) when a step's logits do not fit. The client copies a response's logits out before it sends
-  the next request of the stream, and the worker writes a slot only while serving a request, so a slot is never
-  written while it is read. Files are created 0600 and unlinked when the stream closes or the worker stops; files
-  of processes that no longer exist are swept when a worker starts.
+  the next request of the stream, and keeps at most SLOTS shared requests out, so a slot is never written while it
+  is read. Files are created 0600 with their pages reserved and unlinked when the stream closes; files of
+  processes that no longer exist (a worker killed mid-stream) are swept when a worker starts.
 - **Reader** (client): maps each file once (read-only), checks that the name is a worker's file in the shared
   directory and that the file holds the bytes the message claims, and copies the rows out.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import mmap
 import os
@@ -34,7 +35,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SHM_DIR = Path(os.environ.get("LOGITFUSION_SHM_DIR", "/dev/shm"))
-_NAME = re.compile(r"lf-(\d+)-(probe-[0-9a-f]{32}|[0-9a-f]{1,64}-[01]-\d{1,9})")
+_NAME = re.compile(r"lf-(\d+)-[0-9a-f]{1,64}-[01]-\d{1,9}")
 SLOTS = 2  # slots per stream's ring; a client keeps at most this many shared-memory requests out
 
 
@@ -85,32 +86,22 @@ def sweep_stale() -> int:
     return removed
 
 
-class Probe:
-    """The worker's probe file (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self.token = secrets.token_hex(16)
-        self.path = SHM_DIR / f"lf-{os.getpid()}-probe-{secrets.token_hex(16)}"
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.token)
-        atexit.register(self.close)  # a process that exits without stopping its server leaves no probe
-
-    def close(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-def probe_ok(path: str, token: str) -> bool:
-    """Whether the worker's probe is readable here with its token: the client shares the worker's filesystem."""
-    if not path or not token or not _NAME.fullmatch(os.path.basename(path)):
-        return False
-    if os.path.dirname(path) != str(SHM_DIR):
-        return False
+def identity() -> str:
+    """This process's view of the shared directory: ``boot_id:st_dev:st_ino:uid``, or "" where shared memory is off
+    or the host's boot id cannot be read (then it is never used)."""
+    if not enabled():
+        return ""
     try:
-        with open(path) as f:
-            return secrets.compare_digest(f.read(64), token)
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        st = os.stat(SHM_DIR)
     except OSError:
-        return False
+        return ""
+    return f"{boot}:{st.st_dev}:{st.st_ino}:{os.getuid()}" if boot else ""
+
+
+def same_memory(directory: str, worker_identity: str) -> bool:
+    """Whether a worker that reported (directory, worker_identity) writes files this process can read."""
+    return bool(worker_identity) and directory == str(SHM_DIR) and worker_identity == identity()
 
 
 class Ring:
@@ -180,7 +171,7 @@ class Reader:
         """A tensor owning its memory, copied from the first prod(shape) elements of the worker's file. Raises
         ValueError naming the problem (a path outside the shared directory, a missing or short file)."""
         name = os.path.basename(path)
-        if os.path.dirname(path) != str(SHM_DIR) or not _NAME.fullmatch(name) or "probe" in name:
+        if os.path.dirname(path) != str(SHM_DIR) or not _NAME.fullmatch(name):
             raise ValueError(f"shared_memory_path {path!r}: not a worker's logits file in {SHM_DIR}")
         out = torch.empty(shape, dtype=dtype)
         nbytes = out.numel() * out.element_size()

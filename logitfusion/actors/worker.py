@@ -117,26 +117,16 @@ class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._streams: dict[str, _Stream] = {}
         self.steps_served = 0
         self.shared_steps = 0  # steps whose logits went back in shared memory
-        self.probe = self._make_probe()
+        self.shm_identity = self._shared_memory()
 
-    def _make_probe(self) -> shm.Probe | None:
-        """The shared-memory probe (actors/shm.py), or None where shared memory is off or unavailable."""
-        if not shm.enabled():
-            return None
-        try:
+    def _shared_memory(self) -> str:
+        """The identity of the shared directory logits may go through (actors/shm.py), "" where it is off."""
+        ident = shm.identity()
+        if ident:
             swept = shm.sweep_stale()
             if swept:
                 logger.info("worker %s: removed %d shared-memory files of dead processes", self._info.name, swept)
-            return shm.Probe()
-        except OSError as exc:
-            logger.warning("worker %s: no shared memory for logits (%s); they travel in the messages",
-                           self._info.name, exc)
-            return None
-
-    def close(self) -> None:
-        """Remove the probe (streams remove their own files when they close)."""
-        if self.probe is not None:
-            self.probe.close()
+        return ident
 
     # ------------------------------------------------------------------------------------------- streams
 
@@ -207,8 +197,8 @@ class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.RunnerInfo:
         msg = wire.info_to_proto(self._info, pid=os.getpid())
-        if self.probe is not None:
-            msg.shm_probe_path, msg.shm_probe_token = str(self.probe.path), self.probe.token
+        if self.shm_identity:
+            msg.shm_dir, msg.shm_identity = str(shm.SHM_DIR), self.shm_identity
         return msg
 
     def Sequences(self, request: pb.SequencesRequest, context: grpc.ServicerContext) -> pb.SequencesResponse:
@@ -228,7 +218,7 @@ class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def _step(self, stream: _Stream, request: pb.StepRequest) -> pb.StepResponse:
         step_id = request.step_id
         vocab = self._info.vocab_size
-        shared = request.shared_memory and self.probe is not None  # then the logits are not in the message
+        shared = request.shared_memory and bool(self.shm_identity)  # then the logits are not in the message
         try:
             plan, dtype = wire.request_to_plan(request)
             wire.check_plan_limits(plan, vocab)
@@ -341,7 +331,6 @@ class WorkerServer:
         self._stopped = True
         self._health.enter_graceful_shutdown()
         done = self._server.stop(grace).wait(timeout=wait_s)
-        self.servicer.close()
         if not done:
             logger.warning("worker server %s: handlers still running %.1f s after stop", self.address, wait_s)
         return done

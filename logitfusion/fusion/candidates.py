@@ -22,7 +22,6 @@ returns None and fuse() takes the dense path, which handles masks and raises the
 
 from __future__ import annotations
 
-import ctypes
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass

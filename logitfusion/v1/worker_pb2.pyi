@@ -120,7 +120,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RunnerInfo(_message.Message):
-    __slots__ = ("name", "vocab_size", "vocab_fingerprint", "max_length_tokens", "dtype", "device", "num_parameters", "pid", "shm_probe_path", "shm_probe_token")
+    __slots__ = ("name", "vocab_size", "vocab_fingerprint", "max_length_tokens", "dtype", "device", "num_parameters", "pid", "shm_dir", "shm_identity")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -129,8 +129,8 @@ class RunnerInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
-    SHM_PROBE_PATH_FIELD_NUMBER: _ClassVar[int]
-    SHM_PROBE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SHM_DIR_FIELD_NUMBER: _ClassVar[int]
+    SHM_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     name: str
     vocab_size: int
     vocab_fingerprint: str
@@ -139,9 +139,9 @@ class RunnerInfo(_message.Message):
     device: str
     num_parameters: int
     pid: int
-    shm_probe_path: str
-    shm_probe_token: str
-    def __init__(self, name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., vocab_fingerprint: _Optional[str] = ..., max_length_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_parameters: _Optional[int] = ..., pid: _Optional[int] = ..., shm_probe_path: _Optional[str] = ..., shm_probe_token: _Optional[str] = ...) -> None: ...
+    shm_dir: str
+    shm_identity: str
+    def __init__(self, name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., vocab_fingerprint: _Optional[str] = ..., max_length_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_parameters: _Optional[int] = ..., pid: _Optional[int] = ..., shm_dir: _Optional[str] = ..., shm_identity: _Optional[str] = ...) -> None: ...
 
 class SequencesRequest(_message.Message):
     __slots__ = ("stream_id",)

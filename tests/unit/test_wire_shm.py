@@ -1,7 +1,7 @@
 """Logits in shared memory between a WorkerServer and a RemoteRunner on the same host (actors/shm.py), over real
-gRPC on loopback: bit-identical to the in-message path, used only where the worker's probe is readable, at most
-shm.SLOTS requests out per stream, files removed with their stream and worker, and every path a peer sends
-checked."""
+gRPC on loopback: bit-identical to the in-message path, used only where the client's view of the memory filesystem
+is the worker's, at most shm.SLOTS requests out per stream, files removed with their stream and no file left by a
+worker, and every path a peer sends checked."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def pair():
 def test_logits_come_through_shared_memory_bit_identical_and_files_go_with_their_stream(pair):
     srv, reference = pair
     before = _ours()
-    assert srv.servicer.probe is not None and srv.servicer.probe.path.name in before
+    assert srv.servicer.shm_identity == shm.identity() != ""
     rr = RemoteRunner("large", lambda: srv.address)
     try:
         for tokens in ([1, 2, 3], [4], [5]):
@@ -60,10 +60,18 @@ def test_logits_come_through_shared_memory_bit_identical_and_files_go_with_their
     finally:
         rr.close()
     assert srv.wait_idle(10)
-    assert _ours() == before  # the slots went with the stream
-    probe = srv.servicer.probe.path
-    srv.stop(0)
-    assert not probe.exists()  # and the probe with the server
+    assert _ours() == before  # the slots went with the stream, and the worker keeps no other file
+
+
+def test_the_identity_names_host_filesystem_and_owner():
+    boot, dev, ino, uid = shm.identity().rsplit(":", 3)
+    st = os.stat(shm.SHM_DIR)
+    assert (int(dev), int(ino), int(uid)) == (st.st_dev, st.st_ino, os.getuid()) and len(boot) >= 32
+    assert shm.same_memory(str(shm.SHM_DIR), shm.identity())
+    assert not shm.same_memory("/tmp", shm.identity())  # another directory
+    assert not shm.same_memory(str(shm.SHM_DIR), f"{boot}:{int(dev) + 1}:{ino}:{uid}")  # another tmpfs mount
+    assert not shm.same_memory(str(shm.SHM_DIR), f"{'0' * 36}:{dev}:{ino}:{uid}")  # another host
+    assert not shm.same_memory(str(shm.SHM_DIR), "")  # not offered
 
 
 def _in_the_messages(srv: WorkerServer, reference, seq_id: str) -> None:
@@ -77,9 +85,9 @@ def _in_the_messages(srv: WorkerServer, reference, seq_id: str) -> None:
         rr.close()
 
 
-def test_without_the_probe_or_with_shared_memory_off_the_logits_stay_in_the_messages(pair, monkeypatch):
+def test_on_another_host_or_with_shared_memory_off_the_logits_stay_in_the_messages(pair, monkeypatch):
     srv, reference = pair
-    monkeypatch.setattr(shm, "probe_ok", lambda path, token: False)  # a client on another host
+    monkeypatch.setattr(shm, "same_memory", lambda directory, ident: False)  # a client on another host
     _in_the_messages(srv, reference, "a")
     monkeypatch.undo()
     monkeypatch.setenv("LOGITFUSION_SHM", "0")
