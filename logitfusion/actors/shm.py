@@ -122,7 +122,7 @@ class Ring:
         nbytes = data.numel() * data.element_size()
         with self._lock:
             if self._closed:
-                raise RuntimeError("the stream's shared memory is closed")
+                raise OSError("the stream's shared memory is closed")  # the caller answers in the message
             i = self._next
             self._next = (i + 1) % SLOTS
             slot = self._slots[i]

@@ -166,11 +166,12 @@ class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     self._runner.submit(StepPlan(releases=tuple(leftover))).result()
         except Exception:  # noqa: BLE001 - a closed runner has nothing left to release; never kill the server
             logger.warning("worker %s: releasing stream %s failed", self._info.name, stream.stream_id, exc_info=True)
-        if stream.ring is not None:
-            stream.ring.close()
         with self._streams_lock:
+            ring, stream.ring = stream.ring, None  # stream.closed is set: no step makes a new one
             self._streams.pop(stream.stream_id, None)
             self._streams_lock.notify_all()
+        if ring is not None:
+            ring.close()  # a step still writing into it gets an error and answers in the message
         logger.info("worker %s: stream %s closed, released %d sequences", self._info.name, stream.stream_id,
                     len(leftover))
 
@@ -245,14 +246,21 @@ class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.steps_served += 1
         try:
             # encoding runs outside the runner lock; entries past the extends are feature vectors
-            if shared and stream.ring is None:
-                stream.ring = shm.Ring(stream.stream_id)
+            ring = self._ring(stream) if shared else None
             response = wire.logits_response(step_id, logits, dtype, vocab, n_extends=len(plan.extends),
-                                            shared=stream.ring.write if shared else None)
+                                            shared=ring.write if ring is not None else None)
             self.shared_steps += bool(response.logits.shared_memory_path)
             return response
         except Exception as exc:  # noqa: BLE001 - a runner answered the wrong shape: the step ran, its logits are lost
             return self._failure(stream, step_id, exc, changed=True)
+
+    def _ring(self, stream: _Stream) -> shm.Ring | None:
+        """The stream's shared-memory slots, made on first use; None once the stream is closing (a ring made then
+        would outlive it)."""
+        with self._streams_lock:
+            if stream.ring is None and not stream.closed:
+                stream.ring = shm.Ring(stream.stream_id)
+            return stream.ring
 
     def _failure(self, stream: _Stream, step_id: int, exc: Exception, changed: bool) -> pb.StepResponse:
         message = str(exc).replace(stream.prefix, "")  # the client knows its seq ids without our scope
