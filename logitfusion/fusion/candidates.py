@@ -307,9 +307,14 @@ def native_candidate_problem(rows: native.DenseRows, which: torch.Tensor) -> Pro
     assert rows.idx is not None and K <= rows.limit
     valid = torch.arange(K).unsqueeze(0) < counts.unsqueeze(1)  # [R, K]
     ids = rows.idx[which, :K].long().masked_fill(~valid, 0)  # [R, K]
-    z = rows.zl[which].gather(1, ids).double().masked_fill(~valid, float("-inf"))  # [R, K]
-    zs = rows.zs[which].gather(1, ids).double()
-    d = torch.stack([x[which].gather(1, ids).double() - zs for x in rows.ze]).masked_fill(~valid, 0.0)  # [T, R, K]
+    flat = (ids + (which * rows.V).unsqueeze(-1)).view(-1)  # [R*K] positions in a [B*V] matrix: no row copies
+
+    def take(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1)[flat].view(ids.shape).double()  # [R, K]
+
+    z = take(rows.zl).masked_fill(~valid, float("-inf"))
+    zs = take(rows.zs)
+    d = torch.stack([take(x) - zs for x in rows.ze]).masked_fill(~valid, 0.0)  # [T, R, K]
     return _problem(torch.log_softmax(z, dim=-1), d, rows.a[which], rows.b[which])
 
 
