@@ -214,29 +214,18 @@ def candidate_problem(z_large: torch.Tensor, part: DensePart, rows: torch.Tensor
 
 
 def fused_from_logits(
-    z_large: torch.Tensor, z_small: torch.Tensor, z_experts: Sequence[torch.Tensor], alphas: torch.Tensor
+    kern: native.Kernels, z_large: torch.Tensor, z_small: torch.Tensor, z_experts: Sequence[torch.Tensor],
+    alphas: torch.Tensor,
 ) -> torch.Tensor:
-    """log_softmax(z_L + sum_t alpha_t (z_E,t - z_S)) [R, V] from raw logits (every per-model normalisation is a
-    row constant), in cache-sized row chunks; an expert at alpha 0 in every row of a chunk costs nothing."""
-    R, V = z_large.shape
-    kern = native.usable(z_large, z_small, *z_experts)
-    if kern is not None:  # one read of each model (kernels.c lf_static_fuse with per-row weights)
-        al = alphas.to(torch.float64)
-        weights = torch.cat([torch.ones(R, 1, dtype=torch.float64), -al.sum(-1, keepdim=True), al], dim=1)
-        fused = native.static_log_probs(kern, [z_large, z_small, *z_experts], weights)
-        assert fused is not None  # the caller's guard passed
-        return fused
-    fused = torch.empty_like(z_large)
-    (buf,) = _scratch(z_large, 1)
-    al = alphas.to(z_large.dtype)
-    for rows in row_chunks(R, V, z_large.element_size()):
-        out, b = fused[rows], buf[: rows.stop - rows.start]
-        torch.sub(z_large[rows], z_large[rows].amax(-1, keepdim=True), out=out)
-        for t, z_e in enumerate(z_experts):
-            a = al[rows, t : t + 1]
-            if bool(a.any()):
-                out.addcmul_(torch.sub(z_e[rows], z_small[rows], out=b), a)
-        log_softmax_(out, b)
+    """log_softmax(z_L + sum_t alpha_t (z_E,t - z_S)) [R, V] from finite raw fp32 logits (every per-model
+    normalisation is a row constant) in one read of each model: kernels.c lf_static_fuse with per-row weights
+    (1 on the large base, -sum_t alpha_t on the small one, alpha_t on expert t). The torch path's fused scores are
+    fuse_dlf_fast's pass 2 (candidates) and dense_rows' reference arithmetic."""
+    R = z_large.shape[0]
+    al = alphas.to(torch.float64)
+    weights = torch.cat([torch.ones(R, 1, dtype=torch.float64), -al.sum(-1, keepdim=True), al], dim=1)
+    fused = native.static_log_probs(kern, [z_large, z_small, *z_experts], weights)
+    assert fused is not None  # the caller's guard (pass 1) passed
     return fused
 
 
@@ -272,7 +261,7 @@ def dense_rows(
                 if solver == "joint":
                     al, lo = joint_from(dense.joint_terms, al, max_alpha)
             dtype = z_large.dtype
-            return al.to(dtype), lo.to(dtype), fused_from_logits(z_large, z_small, z_experts, al)
+            return al.to(dtype), lo.to(dtype), fused_from_logits(kern, z_large, z_small, z_experts, al)
     step = max(1, _DENSE_SOLVE_BYTES // (T * V * z_large.element_size()))
     alphas, losses, fused = [], [], []
     for i in range(0, R, step):
@@ -347,9 +336,9 @@ def _fuse_native(
     al, lo = solve_problem(native_candidate_problem(rows, which), solver, max_alpha)
     alphas[which], loss[which] = al.to(z_l.dtype), lo.to(z_l.dtype)
     if n_dense:
-        fused[which] = fused_from_logits(z_l[which], z_s[which], [x[which] for x in z_e], al)
+        fused[which] = fused_from_logits(kern, z_l[which], z_s[which], [x[which] for x in z_e], al)
     else:
-        fused = fused_from_logits(z_l, z_s, z_e, al)
+        fused = fused_from_logits(kern, z_l, z_s, z_e, al)
     return fused, DlfStep(alphas, loss, size)
 
 

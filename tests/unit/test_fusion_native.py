@@ -250,3 +250,14 @@ def test_static_fusion_on_the_kernels_matches_the_torch_pass_and_guards_every_mo
         assert C.static_log_probs(broken, weights) is None, name
     with pytest.raises(ValueError, match=r"logits\['e2'\]: row 3 holds NaN or \+inf"):
         fuse(broken, recipe)  # the dense path names the model
+
+
+def test_the_kernels_exp_is_accurate_to_float64_over_its_range():
+    kern = native.kernels()
+    assert kern is not None
+    x = torch.cat([torch.linspace(-700, 700, 200001, dtype=torch.float64),
+                   torch.randn(100000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3])
+    out = torch.empty_like(x)
+    kern.lib.lf_exp_check(x.numel(), x.data_ptr(), out.data_ptr())
+    rel = ((out - x.exp()) / x.exp()).abs()
+    assert float(rel.max()) < 1e-13 and float(rel[200001:].max()) < 1e-15, (float(rel.max()), float(rel[200001:].max()))
